@@ -1,0 +1,1 @@
+"""LSTM sequence-to-sequence translation with PyTorch Lightning and Hydra."""

@@ -1,0 +1,17 @@
+"""Data: corpus readers, batching and the LightningDataModule."""
+
+from seq2seq.data.batching import Batch, EncodedSplit, TokenBucketBatchSampler
+from seq2seq.data.corpora import Corpus, ParallelText, load_bible, load_files, load_synthetic
+from seq2seq.data.datamodule import TranslationDataModule
+
+__all__ = [
+    "Batch",
+    "Corpus",
+    "EncodedSplit",
+    "ParallelText",
+    "TokenBucketBatchSampler",
+    "TranslationDataModule",
+    "load_bible",
+    "load_files",
+    "load_synthetic",
+]

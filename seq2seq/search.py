@@ -1,0 +1,166 @@
+"""Batched greedy and beam search over the model's single-step decoder API.
+
+Both work on any model with ``encode(src, src_lengths) -> state`` and
+``decode_step(tokens, state) -> (log_probs, state)``, where the state has ``select(index)``.
+Sentences that are finished leave the batch, so the remaining work shrinks as decoding goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from seq2seq.model import Seq2Seq
+from seq2seq.tokenization import BOS_ID, EOS_ID
+
+
+@dataclass
+class Hypothesis:
+    """tokens: output ids without BOS/EOS; log_prob: model log-probability (EOS included);
+    score: what the search ranked by (``log_prob`` over the length penalty)."""
+
+    tokens: list[int]
+    log_prob: float
+    score: float
+
+
+def output_limits(src_lengths: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
+    """Most output tokens (EOS excluded) per sentence: ``a * source_length + b``, at least 1."""
+    return (src_lengths.float() * max_len_a + max_len_b).floor().long().clamp(min=1)
+
+
+def length_penalty(length: int | Tensor, alpha: float) -> float | Tensor:
+    """GNMT length penalty ((5 + length) / 6) ** alpha (Wu et al. 2016); 1 when alpha is 0."""
+    return ((5 + length) / 6) ** alpha
+
+
+@torch.no_grad()
+def greedy_search(
+    model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_a: float = 1.5, max_len_b: int = 10
+) -> list[Hypothesis]:
+    """The most probable next token at each step, for a whole batch at once.
+
+    src: (batch, src_len) ids; src_lengths: (batch,). Returns one hypothesis per sentence, in order.
+    """
+    batch = src.size(0)
+    limits = output_limits(src_lengths, max_len_a, max_len_b).to(src.device)
+    state = model.encode(src, src_lengths)
+    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
+    alive = torch.arange(batch, device=src.device)  # sentence of each row still decoding
+    outputs = torch.zeros(batch, int(limits.max()) + 1, dtype=torch.long, device=src.device)
+    log_probs_sum = torch.zeros(batch, device=src.device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=src.device)
+    step = 0
+    while alive.numel():
+        log_probs, state = model.decode_step(tokens, state)  # (n, V)
+        best_log_prob, tokens = log_probs.max(dim=-1)
+        at_limit = limits[alive] <= step
+        tokens = torch.where(at_limit, EOS_ID, tokens)
+        best_log_prob = torch.where(at_limit, log_probs[:, EOS_ID], best_log_prob)
+        outputs[alive, step] = tokens
+        log_probs_sum[alive] += best_log_prob
+        ended = tokens == EOS_ID
+        lengths[alive[ended]] = step
+        if ended.any():
+            keep = (~ended).nonzero().squeeze(1)
+            alive, tokens, state = alive[keep], tokens[keep], state.select(keep)
+        step += 1
+    return [
+        Hypothesis(outputs[i, : lengths[i]].tolist(), float(log_probs_sum[i]), float(log_probs_sum[i]))
+        for i in range(batch)
+    ]
+
+
+@torch.no_grad()
+def beam_search(
+    model: Seq2Seq,
+    src: Tensor,
+    src_lengths: Tensor,
+    beam_size: int = 5,
+    alpha: float = 0.6,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    min_len: int = 0,
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
+    """Batched beam search with GNMT length normalization.
+
+    All sentences and their ``beam_size`` beams are decoded together. A sentence is done once it has
+    ``beam_size`` finished hypotheses, or once it has ``nbest`` and no open hypothesis can still beat
+    them (log-probabilities only fall, so an open hypothesis scores at most its log-probability over
+    the penalty of the longest allowed output). Done sentences leave the batch.
+
+    Returns, per sentence in input order, its ``nbest`` hypotheses, best first.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam size must be at least 1, got {beam_size}")
+    if not 1 <= nbest <= beam_size:
+        raise ValueError(f"nbest must be between 1 and the beam size {beam_size}, got {nbest}")
+    device, batch, k = src.device, src.size(0), beam_size
+    limits = output_limits(src_lengths, max_len_a, max_len_b).to(device)
+    # An open hypothesis's best possible score: its log-prob over the longest output's penalty.
+    best_penalty = length_penalty(limits + 1, alpha).float()
+
+    state = model.encode(src, src_lengths).select(torch.arange(batch, device=device).repeat_interleave(k))
+    scores = torch.full((batch, k), -math.inf, device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    tokens = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
+    prefixes = torch.empty(batch * k, 0, dtype=torch.long, device=device)
+    active = torch.arange(batch, device=device)  # sentence of each group of k rows
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    nth_best = torch.full((batch,), -math.inf, device=device)  # score of the nbest-th finished one
+
+    step = 0
+    while active.numel():
+        n = active.numel()
+        log_probs, state = model.decode_step(tokens, state)
+        log_probs = log_probs.view(n, k, -1)  # (n, k, V)
+        vocab = log_probs.size(-1)
+        if step < min_len:
+            log_probs[..., EOS_ID] = -math.inf
+        at_limit = (limits[active] <= step).view(n, 1, 1)
+        if at_limit.any():
+            only_eos = torch.full_like(log_probs, -math.inf)
+            only_eos[..., EOS_ID] = log_probs[..., EOS_ID]
+            log_probs = torch.where(at_limit, only_eos, log_probs)
+
+        candidates = (scores.unsqueeze(-1) + log_probs).view(n, k * vocab)
+        top_scores, top_ids = candidates.topk(min(2 * k, k * vocab), dim=1)  # (n, 2k), best first
+        top_beams, top_tokens = top_ids // vocab, top_ids % vocab
+        is_eos = top_tokens == EOS_ID
+
+        # EOS among the k best candidates ends a hypothesis.
+        ends = is_eos[:, :k] & top_scores[:, :k].isfinite()
+        if ends.any():
+            penalty = length_penalty(step + 1, alpha)
+            for row, col in ends.nonzero().tolist():
+                sentence = int(active[row])
+                log_prob = float(top_scores[row, col])
+                prefix = prefixes[row * k + int(top_beams[row, col])].tolist()
+                finished[sentence].append(Hypothesis(prefix, log_prob, log_prob / penalty))
+                if len(finished[sentence]) >= nbest:
+                    ranked = sorted((h.score for h in finished[sentence]), reverse=True)
+                    nth_best[sentence] = ranked[nbest - 1]
+
+        # The k best candidates that do not end go on; new row j continues old row reorder[j].
+        order_key = is_eos.long() * top_ids.size(1) + torch.arange(top_ids.size(1), device=device)
+        pick = order_key.topk(k, dim=1, largest=False).indices  # (n, k)
+        scores = top_scores.gather(1, pick)
+        tokens = top_tokens.gather(1, pick).view(-1)
+        reorder = (torch.arange(n, device=device).unsqueeze(1) * k + top_beams.gather(1, pick)).view(-1)
+
+        num_finished = torch.tensor([len(finished[s]) for s in active.tolist()], device=device)
+        cannot_improve = scores.max(dim=1).values / best_penalty[active] <= nth_best[active]
+        done = (num_finished >= k) | ((num_finished >= nbest) & cannot_improve)
+        if done.any():
+            keep = (~done).nonzero().squeeze(1)
+            keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            active, scores, tokens, reorder = active[keep], scores[keep], tokens[keep_rows], reorder[keep_rows]
+        prefixes = torch.cat([prefixes.index_select(0, reorder), tokens.unsqueeze(1)], dim=1)
+        state = state.select(reorder)
+        step += 1
+
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

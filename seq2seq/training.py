@@ -1,0 +1,65 @@
+"""A training run from a composed Hydra config: fit, then score the best checkpoint on the test split."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from seq2seq.data import TranslationDataModule
+from seq2seq.metrics import corpus_scores
+from seq2seq.module import TranslationModule
+from seq2seq.translator import SearchSettings, Translator
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> float:
+    """Train as ``cfg`` says, print the test scores of the best checkpoint, return its validation BLEU."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule: TranslationDataModule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    tokenizer = datamodule.tokenizer
+    module: TranslationModule = instantiate(
+        cfg.module, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size, _convert_="all"
+    )
+    module.tokenizer = tokenizer
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    log.info("Model: %s parameters", f"{sum(p.numel() for p in module.parameters()):,}")
+
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    log.info("Training took %.1f minutes", (time.perf_counter() - started) / 60)
+
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is None or not checkpoint.best_model_path:
+        raise RuntimeError("Training ended before any validation: no best checkpoint to evaluate")
+    best_bleu = float(checkpoint.best_model_score)
+    log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
+    if trainer.is_global_zero and "test" in datamodule.texts:
+        evaluate_test(cfg, checkpoint.best_model_path, datamodule, output_dir)
+    return best_bleu
+
+
+def evaluate_test(cfg: DictConfig, checkpoint_path: str, datamodule: TranslationDataModule, output_dir: Path) -> None:
+    """Translate the test split with the checkpoint alone, print sacrebleu scores, keep the output."""
+    test = datamodule.texts["test"]
+    translator = Translator.from_checkpoint(checkpoint_path)
+    settings = OmegaConf.to_container(cfg.evaluate, resolve=True)
+    batch_tokens = settings.pop("batch_tokens")
+    started = time.perf_counter()
+    hypotheses = translator.translate(test.src, batch_tokens=batch_tokens, **settings)
+    seconds = time.perf_counter() - started
+    (output_dir / "test.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    scores = corpus_scores(hypotheses, test.tgt)
+    search = SearchSettings(**settings)
+    print(f"Test ({test.origin}, {len(test)} pairs, beam {search.beam}, {len(test) / seconds:.1f} sentences/s):")
+    print(scores)
