@@ -16,7 +16,8 @@ class CorpusScores:
     chrf_signature: str
 
     def __str__(self) -> str:
-        return f"BLEU = {self.bleu:.2f}  ({self.bleu_signature})\nchrF = {self.chrf:.2f}  ({self.chrf_signature})"
+        bleu = f"BLEU = {self.bleu:.2f}  ({self.bleu_signature})"
+        return f"{bleu}\nchrF = {self.chrf:.2f}  ({self.chrf_signature})"
 
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> CorpusScores:

@@ -44,7 +44,9 @@ class TranslationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if scheduler.get("name") not in SCHEDULERS:
-            raise ValueError(f"module.scheduler.name must be one of {SCHEDULERS}, got {scheduler.get('name')!r}")
+            raise ValueError(
+                f"module.scheduler.name must be one of {SCHEDULERS}, got {scheduler.get('name')!r}"
+            )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"module.label_smoothing must be in [0, 1), got {label_smoothing}")
         if optimizer.get("lr", 1e-3) <= 0:
@@ -109,7 +111,10 @@ class TranslationModule(L.LightningModule):
         settings = self.hparams.scheduler
         if settings["name"] == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=settings.get("factor", 0.5), patience=settings.get("patience", 2)
+                optimizer,
+                mode="max",
+                factor=settings.get("factor", 0.5),
+                patience=settings.get("patience", 2),
             )
             return {
                 "optimizer": optimizer,

@@ -158,7 +158,12 @@ def beam_search(
         if done.any():
             keep = (~done).nonzero().squeeze(1)
             keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            active, scores, tokens, reorder = active[keep], scores[keep], tokens[keep_rows], reorder[keep_rows]
+            active, scores, tokens, reorder = (
+                active[keep],
+                scores[keep],
+                tokens[keep_rows],
+                reorder[keep_rows],
+            )
         prefixes = torch.cat([prefixes.index_select(0, reorder), tokens.unsqueeze(1)], dim=1)
         state = state.select(reorder)
         step += 1

@@ -11,9 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.data import TranslationDataModule
-from seq2seq.metrics import corpus_scores
 from seq2seq.module import TranslationModule
-from seq2seq.translator import SearchSettings, Translator
+from seq2seq.translator import SearchSettings, Translator, translate_file
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +21,16 @@ def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says, print the test scores of the best checkpoint, return its validation BLEU."""
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
     datamodule: TranslationDataModule = instantiate(cfg.data)
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
     module: TranslationModule = instantiate(
-        cfg.module, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size, _convert_="all"
+        cfg.module,
+        src_vocab_size=tokenizer.src_vocab_size,
+        tgt_vocab_size=tokenizer.tgt_vocab_size,
+        _convert_="all",
     )
     module.tokenizer = tokenizer
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
@@ -49,17 +53,26 @@ def train(cfg: DictConfig) -> float:
     return best_bleu
 
 
-def evaluate_test(cfg: DictConfig, checkpoint_path: str, datamodule: TranslationDataModule, output_dir: Path) -> None:
-    """Translate the test split with the checkpoint alone, print sacrebleu scores, keep the output."""
+def evaluate_test(
+    cfg: DictConfig, checkpoint_path: str, datamodule: TranslationDataModule, output_dir: Path
+) -> None:
+    """Score the checkpoint on the test split exactly as ``translate.py ... ref=...`` would.
+
+    The run directory keeps test.src, test.ref and test.hyp, so the figures can be reproduced.
+    """
     test = datamodule.texts["test"]
-    translator = Translator.from_checkpoint(checkpoint_path)
+    source, reference, hypothesis = (output_dir / f"test.{ext}" for ext in ("src", "ref", "hyp"))
+    source.write_text("".join(line + "\n" for line in test.src), encoding="utf-8")
+    reference.write_text("".join(line + "\n" for line in test.tgt), encoding="utf-8")
     settings = OmegaConf.to_container(cfg.evaluate, resolve=True)
     batch_tokens = settings.pop("batch_tokens")
-    started = time.perf_counter()
-    hypotheses = translator.translate(test.src, batch_tokens=batch_tokens, **settings)
-    seconds = time.perf_counter() - started
-    (output_dir / "test.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    scores = corpus_scores(hypotheses, test.tgt)
-    search = SearchSettings(**settings)
-    print(f"Test ({test.origin}, {len(test)} pairs, beam {search.beam}, {len(test) / seconds:.1f} sentences/s):")
-    print(scores)
+    report = translate_file(
+        Translator.from_checkpoint(checkpoint_path),
+        str(source),
+        str(hypothesis),
+        SearchSettings(**settings),
+        batch_tokens=batch_tokens,
+        ref_path=str(reference),
+        progress=False,
+    )
+    print(f"Test split ({test.origin}), beam {settings['beam']}, checkpoint {checkpoint_path}:\n{report}")

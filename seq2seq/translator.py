@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import pickle
+import sys
+import tempfile
+import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+from tqdm import tqdm
 
 from seq2seq.data.batching import TokenBucketBatchSampler, pad
+from seq2seq.data.corpora import read_lines
+from seq2seq.metrics import CorpusScores, corpus_scores
 from seq2seq.model import Seq2Seq
 from seq2seq.search import Hypothesis, beam_search, greedy_search
 from seq2seq.tokenization import Tokenizer
@@ -65,13 +74,21 @@ class Translator:
         try:
             module = TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
         except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-            raise ValueError(f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})") from None
+            raise ValueError(
+                f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})"
+            ) from None
         run_config = module.run_config or {}
         max_src_len = run_config.get("data", {}).get("max_len", 256)
         return cls(module.model, module.tokenizer, max_src_len, device)
 
-    def translate(self, sentences: Sequence[str], beam: int = 5, batch_tokens: int = 4000, first_line: int = 1,
-                  **options: float) -> list[str]:
+    def translate(
+        self,
+        sentences: Sequence[str],
+        beam: int = 5,
+        batch_tokens: int = 4000,
+        first_line: int = 1,
+        **options: float,
+    ) -> list[str]:
         """Translate ``sentences`` into as many strings, in order.
 
         ``options`` are the other :class:`SearchSettings` fields (``alpha``, ``max_len_a``, ...).
@@ -79,8 +96,13 @@ class Translator:
         settings = SearchSettings(beam=beam, **options)
         return [hyps[0][0] for hyps in self.translate_nbest(sentences, settings, batch_tokens, first_line)]
 
-    def translate_nbest(self, sentences: Sequence[str], settings: SearchSettings, batch_tokens: int = 4000,
-                        first_line: int = 1) -> list[list[tuple[str, Hypothesis]]]:
+    def translate_nbest(
+        self,
+        sentences: Sequence[str],
+        settings: SearchSettings,
+        batch_tokens: int = 4000,
+        first_line: int = 1,
+    ) -> list[list[tuple[str, Hypothesis]]]:
         """Per sentence, its ``settings.nbest`` best (text, hypothesis) pairs, best first.
 
         ``first_line`` is the line number of ``sentences[0]`` in its file, for warnings.
@@ -89,8 +111,9 @@ class Translator:
         texts = iter(self.tokenizer.decode_tgt([h.tokens for hyps in results for h in hyps]))
         return [[(next(texts), h) for h in hyps] for hyps in results]
 
-    def _hypotheses(self, sentences: Sequence[str], settings: SearchSettings, batch_tokens: int,
-                    first_line: int) -> list[list[Hypothesis]]:
+    def _hypotheses(
+        self, sentences: Sequence[str], settings: SearchSettings, batch_tokens: int, first_line: int
+    ) -> list[list[Hypothesis]]:
         ids = self.tokenizer.encode_src([s.strip() for s in sentences])
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] * settings.nbest for _ in sentences]
         todo = [i for i, seq in enumerate(ids) if seq]
@@ -112,7 +135,9 @@ class Translator:
                 results[row] = hyps
         return results
 
-    def _search(self, src: torch.Tensor, lengths: torch.Tensor, settings: SearchSettings) -> list[list[Hypothesis]]:
+    def _search(
+        self, src: torch.Tensor, lengths: torch.Tensor, settings: SearchSettings
+    ) -> list[list[Hypothesis]]:
         limits = {"max_len_a": settings.max_len_a, "max_len_b": settings.max_len_b}
         if settings.beam == 1 and settings.min_len == 0:
             return [[h] for h in greedy_search(self.model, src, lengths, **limits)]
@@ -120,3 +145,118 @@ class Translator:
             self.model, src, lengths, settings.beam, settings.alpha, min_len=settings.min_len,
             nbest=settings.nbest, **limits,
         )  # fmt: skip
+
+
+@dataclass
+class FileReport:
+    """What :func:`translate_file` did: counts, timing and, given references, the scores."""
+
+    sentences: int
+    output_tokens: int
+    seconds: float
+    scores: CorpusScores | None = None
+
+    def __str__(self) -> str:
+        seconds = max(self.seconds, 1e-9)
+        rate = f"{self.sentences / seconds:.1f} sentences/s, {self.output_tokens / seconds:.0f} tokens/s"
+        text = f"Translated {self.sentences} lines in {self.seconds:.1f} s ({rate})"
+        return text if self.scores is None else f"{text}\n{self.scores}"
+
+
+def read_text_lines(stream: BinaryIO, name: str) -> Iterator[str]:
+    """Lines of a UTF-8 byte stream, split on newline only (a stray CR or U+2028 never splits a line).
+
+    Line endings, a trailing CR and a leading byte-order mark are removed; invalid UTF-8 raises
+    ValueError naming ``name`` and the line number.
+    """
+    for line_no, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{name}, line {line_no}: invalid UTF-8 ({err.reason})") from None
+        if line_no == 1:
+            line = line.removeprefix("\ufeff")
+        yield line.removesuffix("\n").removesuffix("\r")
+
+
+def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def translate_file(
+    translator: Translator,
+    input_path: str,
+    output_path: str,
+    settings: SearchSettings,
+    batch_tokens: int = 4000,
+    chunk_lines: int = 5000,
+    ref_path: str | None = None,
+    progress: bool = True,
+) -> FileReport:
+    """Translate a file (``-`` is stdin/stdout) line by line, streaming ``chunk_lines`` at a time.
+
+    Writes exactly one output line per input line, in order (with ``nbest > 1``, ``nbest`` lines of
+    ``index ||| translation ||| score`` per input line, index counted from 0). A file output appears
+    only when complete (written to a temporary file, then renamed). With ``ref_path``, scores the
+    translations against it with sacrebleu.
+    """
+    if input_path != "-" and not Path(input_path).is_file():
+        raise FileNotFoundError(f"Input file not found: {input_path}")
+    references = read_lines(ref_path) if ref_path is not None else None
+    total = None
+    if input_path != "-":
+        with open(input_path, "rb") as f:
+            total = sum(1 for _ in f)
+        if references is not None and len(references) != total:
+            raise ValueError(f"{ref_path} has {len(references)} lines but {input_path} has {total}")
+
+    with contextlib.ExitStack() as stack:
+        source = sys.stdin.buffer if input_path == "-" else stack.enter_context(open(input_path, "rb"))
+        if output_path == "-":
+            sink, temporary = sys.stdout, None
+        else:
+            out_dir = Path(output_path).resolve().parent
+            if not out_dir.is_dir():
+                raise FileNotFoundError(f"Output folder not found: {out_dir}")
+            sink = stack.enter_context(
+                tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out_dir, delete=False, suffix=".part")
+            )
+            temporary = Path(sink.name)
+            stack.callback(lambda: temporary.unlink(missing_ok=True))
+        bar = stack.enter_context(
+            tqdm(total=total, unit="line", file=sys.stderr, disable=not progress, desc="Translating")
+        )
+        started = time.perf_counter()
+        count = tokens = 0
+        kept: list[str] = []
+        for chunk in _chunks(read_text_lines(source, input_path), chunk_lines):
+            results = translator.translate_nbest(chunk, settings, batch_tokens, first_line=count + 1)
+            for offset, hyps in enumerate(results):
+                tokens += len(hyps[0][1].tokens)
+                if settings.nbest == 1:
+                    sink.write(hyps[0][0] + "\n")
+                else:
+                    sink.writelines(f"{count + offset} ||| {text} ||| {h.score:.4f}\n" for text, h in hyps)
+                if references is not None:
+                    kept.append(hyps[0][0])
+            sink.flush()
+            count += len(chunk)
+            bar.update(len(chunk))
+        seconds = time.perf_counter() - started
+        if temporary is not None:
+            sink.close()
+            os.replace(temporary, output_path)
+
+    scores = None
+    if references is not None:
+        if len(references) != count:
+            raise ValueError(f"{ref_path} has {len(references)} lines but the input had {count}")
+        scores = corpus_scores(kept, references)
+    return FileReport(count, tokens, seconds, scores)

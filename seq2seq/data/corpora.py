@@ -146,7 +146,9 @@ def load_synthetic(
     if task not in ("copy", "reverse"):
         raise ValueError(f"data.task must be 'copy' or 'reverse', got {task!r}")
     if not 1 <= min_len <= max_len:
-        raise ValueError(f"data.min_len/max_len must satisfy 1 <= min_len <= max_len, got {min_len}, {max_len}")
+        raise ValueError(
+            f"data.min_len/max_len must satisfy 1 <= min_len <= max_len, got {min_len}, {max_len}"
+        )
     words = [f"w{i}" for i in range(vocab_size)]
     rng = random.Random(seed)
     splits = {}

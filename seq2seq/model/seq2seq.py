@@ -37,7 +37,11 @@ class Seq2Seq(nn.Module):
         tie_embeddings: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("embed_size", embed_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        for name, value in (
+            ("embed_size", embed_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+        ):
             if value < 1:
                 raise ValueError(f"model.{name} must be positive, got {value}")
         if not 0.0 <= dropout < 1.0:
@@ -49,7 +53,7 @@ class Seq2Seq(nn.Module):
         self.decoder = Decoder(tgt_vocab_size, embed_size, hidden_size, num_layers, dropout, tie_embeddings)
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> DecoderState:
-        """src: (batch, src_len), src_lengths: (batch,) -> the decoder's initial state (the context vector)."""
+        """src: (batch, src_len), src_lengths: (batch,) -> initial decoder state (context vector)."""
         encoded = self.encoder(src, src_lengths)
         hidden, cell = encoded.hidden, encoded.cell
         if self.bridge is not None:

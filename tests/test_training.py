@@ -1,0 +1,143 @@
+"""End to end on the synthetic task: learning, train.py, checkpoints, translate.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seq2seq.training import train
+from seq2seq.translator import SearchSettings, Translator
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.enable_progress_bar=false"]
+
+
+def run_script(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, input=stdin, timeout=600,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )  # fmt: skip
+
+
+def test_tiny_model_learns_the_reverse_task(compose_config, tmp_path):
+    cfg = compose_config(
+        "experiment=smoke", "trainer.max_steps=500", "trainer.val_check_interval=100", *QUIET
+    )
+    best_bleu = train(cfg)
+    assert best_bleu >= 90
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "test.hyp").read_text().count("\n") == 200
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """Run ``python train.py experiment=smoke`` once; return its run directory."""
+    root = tmp_path_factory.mktemp("smoke")
+    result = run_script(
+        "train.py",
+        "experiment=smoke",
+        f"hydra.run.dir={root / 'run'}",
+        f"paths.cache_dir={root / 'cache'}",
+        *QUIET,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (root / "run" / "stdout.txt").write_text(result.stdout)
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_train_py_runs_end_to_end(smoke_run):
+    stdout = (smoke_run / "stdout.txt").read_text()
+    assert "BLEU = " in stdout and "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in stdout
+    assert "chrF = " in stdout and "nc:6|nw:0|space:no" in stdout
+    for name in (".hydra/config.yaml", "config_resolved.yaml", "logs/metrics.csv", "checkpoints/last.ckpt"):
+        assert (smoke_run / name).is_file(), name
+    assert "val_bleu" in (smoke_run / "logs" / "metrics.csv").read_text().splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def lone_checkpoint(smoke_run, tmp_path_factory) -> Path:
+    """The best checkpoint copied alone into an empty folder, with the tokenizer cache deleted."""
+    best = next((smoke_run / "checkpoints").glob("best-*.ckpt"))
+    shutil.rmtree(smoke_run.parent / "cache")
+    alone = tmp_path_factory.mktemp("alone") / "model.ckpt"
+    shutil.copy(best, alone)
+    return alone
+
+
+@pytest.mark.slow
+def test_checkpoint_alone_loads_and_translates(lone_checkpoint):
+    translator = Translator.from_checkpoint(lone_checkpoint)
+    sources = ["w1 w2 w3 w4", "w5 w6 w7", "", "w8 w9 w10 w11 w12"]
+    for beam in (1, 3):
+        outputs = translator.translate(sources, beam=beam)
+        assert len(outputs) == 4 and outputs[2] == ""
+    nbest = translator.translate_nbest(sources, SearchSettings(beam=3, nbest=3))
+    assert [len(hyps) for hyps in nbest] == [3, 3, 3, 3]
+
+
+@pytest.mark.slow
+def test_translate_py_keeps_every_line_in_order(lone_checkpoint, tmp_path, caplog):
+    lines = ["w1 w2 w3", "", "   ", "w4 " * 2500, "Über den Wassern — 神の霊 🙂", "w5 w6", ""]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    output = tmp_path / "out.txt"
+    result = run_script(
+        "translate.py", f"ckpt={lone_checkpoint}", f"input={source}", f"output={output}", "beam=3"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    translated = output.read_text(encoding="utf-8").split("\n")
+    assert translated[-1] == "" and len(translated) - 1 == len(lines)
+    assert [t == "" for t in translated[:-1]] == [line.strip() == "" for line in lines]
+    assert "input line 4:" in result.stderr and "truncated" in result.stderr
+    assert "sentences/s" in result.stderr
+
+    # stdin to stdout gives the same lines; stdout carries nothing else
+    piped = run_script("translate.py", f"ckpt={lone_checkpoint}", "beam=3", stdin=source.read_text())
+    assert piped.returncode == 0 and piped.stdout == output.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_translate_py_scores_against_references_and_writes_nbest(lone_checkpoint, tmp_path):
+    source, reference = tmp_path / "test.src", tmp_path / "test.ref"
+    source.write_text("w1 w2 w3\nw4 w5 w6 w7\n")
+    reference.write_text("w3 w2 w1\nw7 w6 w5 w4\n")
+    result = run_script(
+        "translate.py", f"ckpt={lone_checkpoint}", f"input={source}", f"ref={reference}", "beam=2", "nbest=2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BLEU = " in result.stderr and "|tok:13a|smooth:exp|" in result.stderr
+    rows = [line.split(" ||| ") for line in result.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["0", "0", "1", "1"]
+    assert all(float(row[2]) <= 0 for row in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda tmp, ckpt: [f"ckpt={tmp / 'nope.ckpt'}", "input=x"], "Checkpoint not found: {tmp}/nope.ckpt"),
+        (lambda tmp, ckpt: [f"ckpt={_corrupt(tmp, ckpt)}"], "Cannot load checkpoint {tmp}/corrupt.ckpt"),
+        (
+            lambda tmp, ckpt: [f"ckpt={ckpt}", f"input={tmp / 'missing.de'}"],
+            "Input file not found: {tmp}/missing.de",
+        ),
+    ],
+)
+def test_translate_py_bad_input_names_the_path(lone_checkpoint, tmp_path, make_args, message):
+    result = run_script("translate.py", *make_args(tmp_path, lone_checkpoint))
+    assert result.returncode != 0
+    assert message.format(tmp=tmp_path) in result.stderr
+
+
+def _corrupt(tmp: Path, checkpoint: Path) -> Path:
+    """The first half of a real checkpoint: a truncated file."""
+    data = checkpoint.read_bytes()
+    (tmp / "corrupt.ckpt").write_bytes(data[: len(data) // 2])
+    return tmp / "corrupt.ckpt"
