@@ -75,6 +75,8 @@ class TranslationModule(L.LightningModule):
         nll, uniform = self.token_losses(batch)
         eps = self.hparams.label_smoothing
         loss = ((1.0 - eps) * nll + eps * uniform).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Non-finite training loss ({loss.item()}) at step {self.global_step}")
         self.log("train_loss", loss, prog_bar=True, batch_size=batch.src.size(0))
         self.log("train_ppl", nll.detach().mean().exp(), batch_size=batch.src.size(0))
         return loss

@@ -12,9 +12,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.data import TranslationDataModule
 from seq2seq.module import TranslationModule
+from seq2seq.sweep import write_result
 from seq2seq.translator import SearchSettings, Translator, translate_file
 
 log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> float:
+    """:func:`train` for the entry point: a failure is logged with its traceback and recorded as failed
+    in the run's result.json (which sweep summaries read), then raised again."""
+    started = time.perf_counter()
+    try:
+        return train(cfg)
+    except Exception as err:
+        log.exception("The run failed")
+        minutes = (time.perf_counter() - started) / 60
+        write_result(
+            cfg.paths.output_dir, status="failed", error=f"{type(err).__name__}: {err}", train_minutes=minutes
+        )
+        raise
 
 
 def train(cfg: DictConfig) -> float:
@@ -34,22 +50,29 @@ def train(cfg: DictConfig) -> float:
     )
     module.tokenizer = tokenizer
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    log.info("Model: %s parameters", f"{sum(p.numel() for p in module.parameters()):,}")
+    parameters = sum(p.numel() for p in module.parameters())
+    log.info("Model: %s parameters", f"{parameters:,}")
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    log.info("Training took %.1f minutes", (time.perf_counter() - started) / 60)
+    train_minutes = (time.perf_counter() - started) / 60
+    log.info("Training took %.1f minutes", train_minutes)
 
     checkpoint = trainer.checkpoint_callback
     if checkpoint is None or not checkpoint.best_model_path:
         raise RuntimeError("Training ended before any validation: no best checkpoint to evaluate")
     best_bleu = float(checkpoint.best_model_score)
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
-    if trainer.is_global_zero and "test" in datamodule.texts:
-        evaluate_test(cfg, checkpoint.best_model_path, datamodule, output_dir)
+    if trainer.is_global_zero:
+        if "test" in datamodule.texts:
+            evaluate_test(cfg, checkpoint.best_model_path, datamodule, output_dir)
+        write_result(
+            output_dir, status="ok", val_bleu=best_bleu, train_minutes=train_minutes, parameters=parameters,
+            checkpoint=checkpoint.best_model_path,
+        )  # fmt: skip
     return best_bleu
 
 

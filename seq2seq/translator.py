@@ -62,6 +62,7 @@ class Translator:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.max_src_len = max_src_len
+        self.run_config: dict = {}  # the training run's resolved configuration, when loaded from a checkpoint
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Translator:
@@ -79,7 +80,9 @@ class Translator:
             ) from None
         run_config = module.run_config or {}
         max_src_len = run_config.get("data", {}).get("max_len", 256)
-        return cls(module.model, module.tokenizer, max_src_len, device)
+        translator = cls(module.model, module.tokenizer, max_src_len, device)
+        translator.run_config = run_config
+        return translator
 
     def translate(
         self,

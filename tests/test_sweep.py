@@ -1,0 +1,64 @@
+"""Hydra multirun sweeps on the smoke experiment: a grid, an Optuna search, and a failing trial."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from .test_training import QUIET, run_script
+
+pytestmark = pytest.mark.slow
+
+
+def sweep(tmp_path: Path, *overrides: str):
+    result = run_script(
+        "train.py", "--multirun", "experiment=smoke", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, *overrides,
+    )  # fmt: skip
+    summary = tmp_path / "sweep" / "summary.csv"
+    rows = list(csv.DictReader(summary.open())) if summary.exists() else []
+    return result, rows
+
+
+def test_grid_sweep_writes_a_summary_best_first(tmp_path):
+    result, rows = sweep(tmp_path, "model.dropout=0.0,0.2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+    assert sorted(r["overrides"] for r in rows) == ["model.dropout=0.0", "model.dropout=0.2"]
+    bleus = [float(r["val_bleu"]) for r in rows]
+    assert bleus == sorted(bleus, reverse=True)
+    for row in rows:
+        assert (
+            Path(row["checkpoint"]).is_file()
+            and int(row["parameters"]) > 0
+            and float(row["train_minutes"]) > 0
+        )
+    assert "Sweep summary" in result.stdout
+
+
+def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path):
+    result, rows = sweep(tmp_path, "model.hidden_size=-1,128")
+    assert len(rows) == 2
+    ok, failed = rows
+    assert ok["status"] == "ok" and ok["overrides"] == "model.hidden_size=128" and float(ok["val_bleu"]) >= 0
+    assert failed["status"] == "failed" and failed["overrides"] == "model.hidden_size=-1"
+    assert "model.hidden_size must be positive" in failed["error"]
+    # Hydra's grid sweeper reports the failure once every trial has run.
+    assert result.returncode != 0
+
+
+def test_optuna_search_two_trials_in_sqlite(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result, rows = sweep(
+        tmp_path, "hparams_search=bible_optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
+        "trainer.max_steps=30",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+    assert all("module.optimizer.lr=" in r["overrides"] for r in rows)
+    study = optuna.load_study(study_name="bible_de_en", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert max(t.value for t in study.trials) == pytest.approx(float(rows[0]["val_bleu"]))
