@@ -34,7 +34,7 @@ def write_result(output_dir: str | Path, **fields: Any) -> None:
 
 
 def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every trial's record under ``sweep_dir``, completed ones by validation BLEU (best first), then failed."""
+    """Trial records under ``sweep_dir``: completed ones by validation BLEU, best first, then failed."""
     rows = []
     for path in Path(sweep_dir).glob(f"*/{RESULT_FILE}"):
         record = json.loads(path.read_text(encoding="utf-8"))
