@@ -42,7 +42,11 @@ def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path):
     result, rows = sweep(tmp_path, "model.hidden_size=-1,128")
     assert len(rows) == 2
     ok, failed = rows
-    assert ok["status"] == "ok" and ok["overrides"].endswith("model.hidden_size=128") and float(ok["val_bleu"]) >= 0
+    assert (
+        ok["status"] == "ok"
+        and ok["overrides"].endswith("model.hidden_size=128")
+        and float(ok["val_bleu"]) >= 0
+    )
     assert failed["status"] == "failed" and failed["overrides"].endswith("model.hidden_size=-1")
     assert "model.hidden_size must be positive" in failed["error"]
     # Hydra's grid sweeper reports the failure once every trial has run.
