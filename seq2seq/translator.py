@@ -13,13 +13,12 @@ import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from tqdm import tqdm
 
 from seq2seq.data.batching import TokenBucketBatchSampler, pad
-from seq2seq.data.corpora import read_lines
+from seq2seq.data.corpora import read_lines, read_text_lines
 from seq2seq.metrics import CorpusScores, corpus_scores
 from seq2seq.model import Seq2Seq
 from seq2seq.search import Hypothesis, beam_search, greedy_search
@@ -164,22 +163,6 @@ class FileReport:
         rate = f"{self.sentences / seconds:.1f} sentences/s, {self.output_tokens / seconds:.0f} tokens/s"
         text = f"Translated {self.sentences} lines in {self.seconds:.1f} s ({rate})"
         return text if self.scores is None else f"{text}\n{self.scores}"
-
-
-def read_text_lines(stream: BinaryIO, name: str) -> Iterator[str]:
-    """Lines of a UTF-8 byte stream, split on newline only (a stray CR or U+2028 never splits a line).
-
-    Line endings, a trailing CR and a leading byte-order mark are removed; invalid UTF-8 raises
-    ValueError naming ``name`` and the line number.
-    """
-    for line_no, raw in enumerate(stream, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{name}, line {line_no}: invalid UTF-8 ({err.reason})") from None
-        if line_no == 1:
-            line = line.removeprefix("\ufeff")
-        yield line.removesuffix("\n").removesuffix("\r")
 
 
 def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import random
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 SPLITS = ("train", "valid", "test")
 
@@ -37,24 +39,32 @@ class Corpus:
     test: ParallelText | None
 
 
+def read_text_lines(stream: BinaryIO, name: str) -> Iterator[str]:
+    """Lines of a UTF-8 byte stream, split on newline only (a stray CR or U+2028 never splits a line).
+
+    Line endings, a trailing CR and a leading byte-order mark are removed; invalid UTF-8 raises
+    ValueError naming ``name`` and the line number.
+    """
+    for line_no, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{name}, line {line_no}: invalid UTF-8 ({err.reason})") from None
+        if line_no == 1:
+            line = line.removeprefix("\ufeff")
+        yield line.removesuffix("\n").removesuffix("\r")
+
+
 def read_lines(path: str | Path) -> list[str]:
-    """Read a UTF-8 text file as a list of lines without their line endings.
+    """All lines of a UTF-8 text file (see :func:`read_text_lines`).
 
     Raises FileNotFoundError or ValueError naming the file (and the line, for bad UTF-8).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Corpus file not found: {path}")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line_no = data[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line_no}: invalid UTF-8 ({err.reason})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":  # the newline that ends the last line
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    with path.open("rb") as stream:
+        return list(read_text_lines(stream, str(path)))
 
 
 def read_parallel_files(src_path: str | Path, tgt_path: str | Path) -> ParallelText:
