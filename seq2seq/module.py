@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -15,7 +16,10 @@ from seq2seq.model import Seq2Seq
 from seq2seq.search import greedy_search
 from seq2seq.tokenization import PAD_ID, Tokenizer
 
+log = logging.getLogger(__name__)
+
 SCHEDULERS = ("inverse_sqrt", "constant", "plateau")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class TranslationModule(L.LightningModule):
@@ -30,6 +34,13 @@ class TranslationModule(L.LightningModule):
             (multiply by ``factor`` after ``patience`` validations without a better BLEU).
         label_smoothing: mass spread uniformly over the vocabulary in the training loss.
         decoding: ``max_len_a`` and ``max_len_b`` of the greedy decoding used for validation BLEU.
+        nonfinite_loss: what a step with a NaN or infinite loss does: ``stop`` raises an error naming
+            the step; ``skip`` leaves the weights untouched, logs a warning and counts the step in
+            ``train_skipped_steps``. Either way no update is made from a non-finite loss.
+
+    Under data parallelism the loss is the mean over all target tokens of all processes, and the
+    validation scores are those of the whole validation set: the per-sentence results of all processes
+    are gathered before BLEU, chrF and the token-weighted loss are computed.
     """
 
     def __init__(
@@ -41,8 +52,13 @@ class TranslationModule(L.LightningModule):
         scheduler: dict[str, Any],
         label_smoothing: float = 0.1,
         decoding: dict[str, Any] | None = None,
+        nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"module.nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}"
+            )
         if scheduler.get("name") not in SCHEDULERS:
             raise ValueError(
                 f"module.scheduler.name must be one of {SCHEDULERS}, got {scheduler.get('name')!r}"
@@ -56,8 +72,9 @@ class TranslationModule(L.LightningModule):
         self.decoding = decoding or {}
         self.tokenizer: Tokenizer | None = None  # set by the trainer script or restored from a checkpoint
         self.run_config: dict[str, Any] | None = None  # the resolved run configuration, kept in checkpoints
-        self._val_nll = self._val_tokens = 0.0
-        self._val_hypotheses: dict[int, str] = {}
+        self.skipped_steps = 0
+        # Per validation sentence index: (greedy translation, summed target NLL, target tokens).
+        self._val_sentences: dict[int, tuple[str, float, int]] = {}
 
     def token_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Per-token negative log-likelihood and mean negative log-prob over the vocabulary.
@@ -71,33 +88,57 @@ class TranslationModule(L.LightningModule):
         nll = -log_probs.gather(1, batch.tgt_out[real].unsqueeze(1)).squeeze(1)
         return nll, -log_probs.mean(dim=-1)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         nll, uniform = self.token_losses(batch)
         eps = self.hparams.label_smoothing
-        loss = ((1.0 - eps) * nll + eps * uniform).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Non-finite training loss ({loss.item()}) at step {self.global_step}")
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch.src.size(0))
-        self.log("train_ppl", nll.detach().mean().exp(), batch_size=batch.src.size(0))
-        return loss
+        losses = (1.0 - eps) * nll + eps * uniform
+        # Sums over all processes: their batches hold different numbers of target tokens.
+        loss_sum, nll_sum, tokens = self.trainer.strategy.reduce(
+            torch.stack([losses.detach().sum(), nll.detach().sum(), losses.new_tensor(nll.numel())]),
+            reduce_op="sum",
+        )
+        if not torch.isfinite(loss_sum):
+            return self._on_nonfinite_loss(float(loss_sum))
+        self.log("train_loss", loss_sum / tokens, prog_bar=True, batch_size=batch.src.size(0))
+        self.log("train_ppl", (nll_sum / tokens).exp(), batch_size=batch.src.size(0))
+        # DDP averages gradients over processes; scaling by their number makes that a token mean.
+        return losses.sum() * self.trainer.world_size / tokens
+
+    def _on_nonfinite_loss(self, value: float) -> None:
+        batch = self.trainer.fit_loop.epoch_loop.batch_idx
+        where = f"at step {self.global_step} (epoch {self.current_epoch}, batch {batch})"
+        if self.hparams.nonfinite_loss == "stop":
+            raise FloatingPointError(
+                f"Non-finite training loss ({value}) {where}; module.nonfinite_loss=skip skips such steps"
+            )
+        self.skipped_steps += 1
+        log.warning("Skipped a step with a non-finite training loss (%s) %s", value, where)
+        self.log("train_skipped_steps", float(self.skipped_steps), reduce_fx="max")
+        return None  # Lightning makes no backward pass and no update for this batch
 
     def on_validation_epoch_start(self) -> None:
-        self._val_nll = self._val_tokens = 0.0
-        self._val_hypotheses = {}
+        self._val_sentences = {}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         nll, _ = self.token_losses(batch)
-        self._val_nll += float(nll.sum())
-        self._val_tokens += nll.numel()
+        real = batch.tgt_out != PAD_ID  # (B, T)
+        rows = torch.arange(real.size(0), device=real.device).unsqueeze(1).expand_as(real)[real]
+        sentence_nll = torch.zeros(real.size(0), device=nll.device).index_add_(0, rows, nll.float())
         hypotheses = greedy_search(self.model, batch.src, batch.src_lengths, **self.decoding)
         texts = self.tokenizer.decode_tgt([h.tokens for h in hypotheses])
-        self._val_hypotheses.update(zip(batch.indices.tolist(), texts, strict=True))
+        for index, text, nll_sum, tokens in zip(
+            batch.indices.tolist(), texts, sentence_nll.tolist(), real.sum(dim=1).tolist(), strict=True
+        ):
+            # A sentence seen twice (batches repeated to balance processes) counts once.
+            self._val_sentences[index] = (text, nll_sum, tokens)
 
     def on_validation_epoch_end(self) -> None:
+        sentences = gather_dicts(self._val_sentences)
         references = self.trainer.datamodule.texts["valid"].tgt
-        indices = sorted(self._val_hypotheses)
-        scores = corpus_scores([self._val_hypotheses[i] for i in indices], [references[i] for i in indices])
-        val_loss = self._val_nll / max(self._val_tokens, 1)
+        indices = sorted(sentences)
+        scores = corpus_scores([sentences[i][0] for i in indices], [references[i] for i in indices])
+        val_loss = sum(sentences[i][1] for i in indices) / max(sum(sentences[i][2] for i in indices), 1)
+        # Every process computed the same values from the gathered sentences: nothing to reduce.
         self.log_dict(
             {
                 "val_loss": val_loss,
@@ -144,3 +185,12 @@ class TranslationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokenizer = Tokenizer.from_state_dict(checkpoint["tokenizer"])
         self.run_config = checkpoint.get("run_config")
+
+
+def gather_dicts(local: dict[int, Any]) -> dict[int, Any]:
+    """The union of every process's ``local`` dict (just ``local`` when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    parts: list[dict[int, Any] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, local)
+    return {key: value for part in parts for key, value in part.items()}

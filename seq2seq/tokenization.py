@@ -6,6 +6,7 @@ A trained :class:`Tokenizer` serializes to bytes, so checkpoints carry it and ne
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -128,14 +129,17 @@ def train_or_load(
     folder = Path(cache_dir) / "sentencepiece" / cache_key(src_lines, tgt_lines, settings)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "joint.model"] if settings.joint else [folder / "src.model", folder / "tgt.model"]
-    if all(path.exists() for path in paths):
-        log.info("Reusing cached sentencepiece model(s) from %s", folder)
-    else:
-        log.info("Training sentencepiece (%s) into %s", settings, folder)
-        if settings.joint:
-            _train_one([*src_lines, *tgt_lines], settings, paths[0])
+    # Processes started together (DDP ranks under torchrun or SLURM) train once: the others wait here.
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all(path.exists() for path in paths):
+            log.info("Reusing cached sentencepiece model(s) from %s", folder)
         else:
-            _train_one(src_lines, settings, paths[0])
-            _train_one(tgt_lines, settings, paths[1])
-    models = [path.read_bytes() for path in paths]
+            log.info("Training sentencepiece (%s) into %s", settings, folder)
+            if settings.joint:
+                _train_one([*src_lines, *tgt_lines], settings, paths[0])
+            else:
+                _train_one(src_lines, settings, paths[0])
+                _train_one(tgt_lines, settings, paths[1])
+        models = [path.read_bytes() for path in paths]
     return Tokenizer(models[0], None if settings.joint else models[1])

@@ -27,12 +27,21 @@ from seq2seq.tokenization import Tokenizer
 log = logging.getLogger(__name__)
 
 
+# What loading a truncated, corrupt or foreign checkpoint raises.
+UNLOADABLE_CHECKPOINT = (
+    RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+)  # fmt: skip
+
+# Padded source tokens x beam per batch. Bigger batches decode faster on CPU until about this size.
+DEFAULT_BATCH_TOKENS = 24_000
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """How to decode. ``beam=1`` is greedy search; ``nbest`` needs ``nbest <= beam``."""
 
     beam: int = 5
-    alpha: float = 0.6
+    alpha: float = 1.5
     max_len_a: float = 1.5
     max_len_b: int = 10
     min_len: int = 0
@@ -73,7 +82,7 @@ class Translator:
             raise FileNotFoundError(f"Checkpoint not found: {path}")
         try:
             module = TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
-        except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        except UNLOADABLE_CHECKPOINT as err:
             raise ValueError(
                 f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})"
             ) from None
@@ -87,7 +96,7 @@ class Translator:
         self,
         sentences: Sequence[str],
         beam: int = 5,
-        batch_tokens: int = 4000,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         first_line: int = 1,
         **options: float,
     ) -> list[str]:
@@ -102,7 +111,7 @@ class Translator:
         self,
         sentences: Sequence[str],
         settings: SearchSettings,
-        batch_tokens: int = 4000,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         first_line: int = 1,
     ) -> list[list[tuple[str, Hypothesis]]]:
         """Per sentence, its ``settings.nbest`` best (text, hypothesis) pairs, best first.
@@ -181,7 +190,7 @@ def translate_file(
     input_path: str,
     output_path: str,
     settings: SearchSettings,
-    batch_tokens: int = 4000,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     chunk_lines: int = 5000,
     ref_path: str | None = None,
     progress: bool = True,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,11 @@ def test_train_py_runs_end_to_end(smoke_run):
     for name in (".hydra/config.yaml", "config_resolved.yaml", "logs/metrics.csv", "checkpoints/last.ckpt"):
         assert (smoke_run / name).is_file(), name
     assert "val_bleu" in (smoke_run / "logs" / "metrics.csv").read_text().splitlines()[0]
+    record = json.loads((smoke_run / "run.json").read_text())
+    assert record["seed"] == 1234 and "experiment=smoke" in record["command"]
+    assert record["packages"]["torch"] == version("torch")
+    if (REPO / ".git").exists():
+        assert len(record["git"]["commit"]) == 40
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,12 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     source lengths, so its source needs no padding and the encoder no packing (much faster on CPU).
     The order is a pure function of ``seed`` and the epoch, read from ``epoch_fn`` when iteration
     starts, so a run resumed at an epoch sees that epoch's order.
+
+    Under data parallelism every rank builds the same global batches and takes every
+    ``num_replicas``-th one from ``rank`` on. The list is first padded with repeats of its first batches
+    to a multiple of ``num_replicas``, so every rank gets the same number of batches (a rank with one
+    batch fewer would wait forever in the gradient all-reduce). :meth:`resume` skips the batches that
+    a resumed run has already trained on in the current epoch.
     """
 
     def __init__(
@@ -108,9 +114,13 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         epoch_fn: Callable[[], int] = lambda: 0,
         equal_source_length: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.src_lengths = list(src_lengths)
         self.tgt_lengths = list(tgt_lengths) if tgt_lengths is not None else [0] * len(self.src_lengths)
         self.batch_tokens = batch_tokens
@@ -118,8 +128,11 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.epoch_fn = epoch_fn
         self.equal_source_length = equal_source_length
+        self.num_replicas = num_replicas
+        self.rank = rank
         # Every epoch sorts the same lengths, so the number of batches never changes.
-        self._num_batches = len(self.batches(0))
+        self.num_global_batches = len(self.batches(0))
+        self._skip = 0  # batches of the next epoch to skip, set by resume()
 
     def batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 100_003 + epoch)
@@ -146,11 +159,27 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
             rng.shuffle(batches)
         return batches
 
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's share of the epoch's batches, ``len(self)`` of them."""
+        batches = self.batches(epoch)
+        padded = batches + batches[: len(self) * self.num_replicas - len(batches)]
+        return padded[self.rank :: self.num_replicas]
+
+    @property
+    def repeated_batches(self) -> int:
+        """Batches repeated per epoch so that every rank gets the same number."""
+        return len(self) * self.num_replicas - self.num_global_batches
+
+    def resume(self, batches_done: int) -> None:
+        """Make the next iteration start after the first ``batches_done`` batches of its epoch."""
+        self._skip = batches_done
+
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch_fn())
+        skip, self._skip = self._skip, 0
+        yield from self.rank_batches(self.epoch_fn())[skip:]
 
     def __len__(self) -> int:
-        return self._num_batches
+        return -(-self.num_global_batches // self.num_replicas)
 
 
 def batch_size(batch: Batch) -> int:

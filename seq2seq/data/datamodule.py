@@ -115,6 +115,7 @@ class TranslationDataModule(L.LightningDataModule):
 
     def _batch_sampler(self, split: EncodedSplit, name: str) -> TokenBucketBatchSampler:
         is_train = name == "train"
+        trainer = self.trainer
         return TokenBucketBatchSampler(
             split.src_lengths(),
             split.tgt_lengths(),
@@ -123,19 +124,34 @@ class TranslationDataModule(L.LightningDataModule):
             seed=self.seed,
             epoch_fn=self._current_epoch,
             equal_source_length=is_train and self.equal_source_length,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
         )
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch that went through a training step."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def _loader(self, name: str) -> DataLoader:
         split = self.splits[name]
-        return DataLoader(
+        sampler = self._batch_sampler(split, name)
+        if sampler.repeated_batches:
+            log.info(
+                "%s: %d of %d batches repeat each epoch so that each of the %d processes gets %d",
+                name, sampler.repeated_batches, sampler.num_global_batches, sampler.num_replicas,
+                len(sampler),
+            )  # fmt: skip
+        loader_class = ResumableDataLoader if name == "train" else DataLoader
+        return loader_class(
             split,
-            batch_sampler=self._batch_sampler(split, name),
+            batch_sampler=sampler,
             collate_fn=split.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **({"batches_done_fn": self._batches_done} if name == "train" else {}),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -143,3 +159,24 @@ class TranslationDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid")
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch goes into checkpoints.
+
+    Lightning saves ``state_dict()`` with each checkpoint and, on resuming, calls ``load_state_dict``
+    before iterating; the batch sampler then skips the batches already trained on, so a run stopped
+    mid-epoch goes on with the next batch of the same epoch order. The position is the trainer's count
+    of processed batches, not the loader's: the loader runs ahead of training by its prefetching.
+    """
+
+    def __init__(self, *args: Any, batches_done_fn: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done_fn = batches_done_fn
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self.batches_done_fn()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        batches_done = state_dict["batches_done"]
+        self.batch_sampler.resume(batches_done if batches_done < len(self.batch_sampler) else 0)

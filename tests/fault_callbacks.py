@@ -1,0 +1,55 @@
+"""Callbacks that tests add to real training runs through the config (``+callbacks.NAME._target_=...``).
+
+``python train.py`` runs from the repository root, so ``tests.fault_callbacks`` is importable there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class RecordBatches(L.Callback):
+    """Appends, per process, one JSON line per training batch: rank, step, epoch and pair indices."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        record = {
+            "rank": trainer.global_rank,
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "indices": batch.indices.tolist(),
+        }
+        with open(f"{self.path}.rank{trainer.global_rank}", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_records(path: str | Path, rank: int = 0) -> list[dict[str, Any]]:
+    lines = Path(f"{path}.rank{rank}").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+class NanAtBatch(L.Callback):
+    """Makes the decoder output NaN for the ``batch``-th training batch only: a non-finite loss."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self._hook: Any = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.batch:
+            # The decoder returns (outputs, state): poison the outputs.
+            self._hook = pl_module.model.decoder.register_forward_hook(
+                lambda module, args, output: (torch.full_like(output[0], float("nan")), *output[1:])
+            )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

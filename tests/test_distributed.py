@@ -1,0 +1,198 @@
+"""Data parallelism and resuming: sharded batches, DDP on CPU with exact validation scores, resume
+after SIGKILL and after Ctrl-C."""
+
+from __future__ import annotations
+
+import csv
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from seq2seq.data import TokenBucketBatchSampler
+from seq2seq.module import TranslationModule
+from tests.fault_callbacks import read_records
+from tests.test_training import QUIET, REPO, run_script
+
+RECORD = "+callbacks.record._target_=tests.fault_callbacks.RecordBatches"
+
+
+def sampler(rank: int = 0, replicas: int = 1, lengths: list[int] | None = None) -> TokenBucketBatchSampler:
+    rng = random.Random(0)
+    lengths = lengths or [rng.randint(1, 30) for _ in range(500)]
+    return TokenBucketBatchSampler(
+        lengths, lengths, 200, shuffle=True, seed=3, num_replicas=replicas, rank=rank
+    )
+
+
+@pytest.mark.parametrize("replicas", [3, 5])
+def test_every_rank_gets_an_equal_disjoint_share_of_the_batches(replicas):
+    whole = sampler().batches(epoch=4)
+    assert len(whole) % replicas != 0  # the uneven case
+    shares = [sampler(rank, replicas).rank_batches(epoch=4) for rank in range(replicas)]
+    assert len({len(share) for share in shares}) == 1
+    assert len(shares[0]) == len(sampler(0, replicas))
+    # Interleaved back, the shares are the whole epoch's batches, then repeats of its first ones.
+    interleaved = [batch for step in zip(*shares, strict=True) for batch in step]
+    assert interleaved[: len(whole)] == whole
+    assert interleaved[len(whole) :] == whole[: len(interleaved) - len(whole)]
+    # At every step the ranks hold different pairs.
+    for step in zip(*shares, strict=True):
+        pairs = [index for batch in step for index in batch]
+        assert len(pairs) == len(set(pairs))
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    assert sampler(1, 2).rank_batches(2) == sampler(1, 2).rank_batches(2)
+    assert sampler(1, 2).rank_batches(2) != sampler(1, 2).rank_batches(3)
+
+
+def test_resume_skips_the_batches_already_trained_on():
+    resumed = sampler(1, 2)
+    resumed.resume(5)
+    assert list(resumed) == resumed.rank_batches(0)[5:]
+    assert list(resumed) == resumed.rank_batches(0)  # only the first epoch after resuming is cut
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path, compose_config):
+    """Two gloo processes: disjoint batches, no hang on an uneven batch count, exact validation scores."""
+    odd = "data.batch_tokens=700"  # 31 training batches
+    cfg = compose_config("experiment=smoke", odd)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    whole_epoch = datamodule._batch_sampler(datamodule.splits["train"], "train")
+    assert whole_epoch.num_global_batches % 2 == 1  # one rank would be a batch short without padding
+
+    run, record_path = tmp_path / "ddp", tmp_path / "batches"
+    steps = whole_epoch.num_global_batches // 2 + 6  # the whole first epoch and some of the second
+    result = run_script(
+        "train.py", "experiment=smoke", odd, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", f"hydra.run.dir={run}",
+        f"paths.cache_dir={tmp_path / 'cache'}", "logger=[csv,tensorboard]", *record(record_path), *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [read_records(record_path, rank) for rank in (0, 1)]
+    assert [len(records) for records in ranks] == [steps, steps]
+    for first, second in zip(*ranks, strict=True):
+        assert first["step"] == second["step"]
+        assert not set(first["indices"]) & set(second["indices"])
+    first_epoch = {i for records in ranks for r in records if r["epoch"] == 0 for i in r["indices"]}
+    assert first_epoch == set(range(len(datamodule.splits["train"])))
+
+    # Only the first process writes the run directory's files.
+    assert result.stdout.count("Test split") == 1 and (run / "config_resolved.yaml").is_file()
+    assert (result.stdout + result.stderr).count("Training took") == 2  # both log to the console...
+    assert (run / "train.log").read_text().count("Training took") == 1  # ...one to the file
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+    # The logged validation scores are those of the whole validation set, as one process finds them.
+    logged = [row for row in csv.DictReader((run / "logs" / "metrics.csv").open()) if row.get("val_bleu")]
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    module = TranslationModule.load_from_checkpoint(best, weights_only=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    (single,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    assert float(logged[-1]["val_bleu"]) == pytest.approx(single["val_bleu"], abs=1e-6)
+    assert float(logged[-1]["val_loss"]) == pytest.approx(single["val_loss"], rel=1e-5)
+
+
+def smoke(run: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python train.py experiment=smoke`` into ``run``; must succeed."""
+    result = run_script(
+        "train.py", "experiment=smoke", f"hydra.run.dir={run}", f"paths.cache_dir={cache}", *QUIET, *overrides
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def record(path: Path) -> list[str]:
+    return [RECORD, f"+callbacks.record.path={path}"]
+
+
+def start_training(run: Path, cache: Path, *overrides: str) -> subprocess.Popen:
+    """``python train.py experiment=smoke`` in the background, with Ctrl-C delivered as in a terminal."""
+    return subprocess.Popen(
+        [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={run}", f"paths.cache_dir={cache}",
+         *QUIET, *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+
+
+def wait_for_checkpoint(process: subprocess.Popen, path: Path, min_step: int, timeout: float = 300) -> int:
+    """Wait until ``path`` holds a checkpoint of at least ``min_step`` steps; return its step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"training exited early ({process.returncode}): {process.stderr.read()[-3000:]}")
+        if path.is_file():  # written under a temporary name and renamed: always complete
+            step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+            if step >= min_step:
+                return step
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"no checkpoint of {min_step} steps at {path} after {timeout} s")
+
+
+def checkpoint_state(path: Path) -> tuple[int, int, float]:
+    """Global step, scheduler step and learning rate stored in a checkpoint."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    scheduler = checkpoint["lr_schedulers"][0]
+    return checkpoint["global_step"], scheduler["last_epoch"], scheduler["_last_lr"][0]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_same_steps_schedule_and_batches(tmp_path):
+    cache, every = tmp_path / "cache", "callbacks.last_checkpoint.every_n_train_steps=10"
+    killed = start_training(
+        tmp_path / "killed", cache, every, "trainer.max_steps=100000", *record(tmp_path / "k")
+    )
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    wait_for_checkpoint(killed, last, min_step=25)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    step = checkpoint_state(last)[0]  # the run may have saved again before it died
+    total = step + 15
+
+    resumed, reference = tmp_path / "resumed", tmp_path / "reference"
+    same = [every, f"trainer.max_steps={total}", "trainer.val_check_interval=5"]
+    smoke(resumed, cache, f"ckpt_path={last}", *same, *record(tmp_path / "r"))
+    smoke(reference, cache, *same, *record(tmp_path / "ref"))
+
+    # Same step count and learning-rate schedule as a run that was never stopped...
+    final = [checkpoint_state(run / "checkpoints" / "last.ckpt") for run in (resumed, reference)]
+    assert final[0] == pytest.approx(final[1]) and final[0][:2] == (total, total)
+    # ...and the same batches from the step it resumed at, mid-epoch included.
+    expected = [(r["step"], r["epoch"], r["indices"]) for r in read_records(tmp_path / "ref")]
+    got = [(r["step"], r["epoch"], r["indices"]) for r in read_records(tmp_path / "r")]
+    assert got == [e for e in expected if e[0] >= step]
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_last_checkpoint_to_resume_from(tmp_path):
+    cache, checkpoints = tmp_path / "cache", tmp_path / "run" / "checkpoints"
+    every = "callbacks.last_checkpoint.every_n_train_steps=10"
+    process = start_training(tmp_path / "run", cache, every, "trainer.max_steps=100000")
+    seen = wait_for_checkpoint(process, checkpoints / "last.ckpt", min_step=10)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
+    step = checkpoint_state(checkpoints / "last.ckpt")[0]
+    assert step >= seen
+    # Saved at the interruption, unless the step had just been saved.
+    assert {p.name for p in checkpoints.glob("interrupted-*")} <= {f"interrupted-step{step}.ckpt"}
+
+    resume = [
+        f"ckpt_path={checkpoints / 'last.ckpt'}",
+        f"trainer.max_steps={step + 5}",
+        "trainer.val_check_interval=5",
+    ]
+    smoke(tmp_path / "resumed", cache, *resume)
+    assert checkpoint_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")[0] == step + 5

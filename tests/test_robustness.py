@@ -1,0 +1,156 @@
+"""Bad input, faults and mistakes: each fails clearly, naming what is at fault, and loses nothing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seq2seq.data import load_synthetic
+from seq2seq.tokenization import SubwordSettings, train_or_load
+from seq2seq.training import train
+from seq2seq.translator import SearchSettings, Translator, translate_file
+from tests.conftest import tiny_model
+from tests.test_training import QUIET, run_script
+
+NAN_AT_BATCH_3 = ["+callbacks.nan._target_=tests.fault_callbacks.NanAtBatch", "+callbacks.nan.batch=3"]
+
+
+@pytest.fixture(scope="module")
+def random_translator(tmp_path_factory) -> Translator:
+    """An untrained model with a real sentencepiece model: what it outputs does not matter here."""
+    corpus = load_synthetic("copy", 8, 2, 6, {"train": 300, "valid": 5, "test": 5}, seed=1)
+    tokenizer = train_or_load(
+        corpus.train.src,
+        corpus.train.tgt,
+        SubwordSettings(vocab_size=12, model_type="word"),
+        tmp_path_factory.mktemp("spm"),
+    )
+    return Translator(tiny_model(), tokenizer, max_src_len=16)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
+    return path
+
+
+any_char = st.characters(blacklist_characters="\n", blacklist_categories=("Cs",))  # Cs: lone surrogates
+tricky = st.sampled_from(["🙂", "👍🏽", "e\u0301", "\u0300", "\u200d", "\x00", "\x1b[31m", "\t", "\r"])
+a_line = st.one_of(
+    st.text(any_char, max_size=40),
+    st.lists(tricky).map("".join),
+    st.sampled_from(["", "   "]),
+    # very long lines: a random piece repeated (a random 3,000 characters is more than hypothesis draws)
+    st.builds(str.__mul__, st.text(any_char, min_size=1, max_size=12), st.integers(300, 600)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(a_line, max_size=12))
+def test_translate_keeps_every_line_in_order(random_translator, tmp_path, lines):
+    source = write_lines(tmp_path / "in.txt", lines)
+    output = tmp_path / "out.txt"
+    translate_file(random_translator, str(source), str(output), SearchSettings(beam=2), progress=False)
+    translated = output.read_bytes().decode("utf-8").split("\n")
+    assert translated.pop() == ""  # every line ends with a newline, the last one too
+    assert len(translated) == len(lines)
+    # In order: each line is what translating it alone gives.
+    assert translated == [random_translator.translate([line], beam=2)[0] for line in lines]
+
+
+def test_interrupted_translation_leaves_no_output_file(random_translator, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"w1 w2\nw3\nbroken \xff\nw4\n")
+    output = tmp_path / "out.txt"
+    with pytest.raises(ValueError, match=r"in\.txt, line 3: invalid UTF-8"):
+        translate_file(random_translator, str(source), str(output), SearchSettings(beam=1), chunk_lines=1)
+    assert list(tmp_path.iterdir()) == [source]  # neither out.txt nor its temporary file
+
+
+def test_control_characters_in_training_files_are_kept_or_counted(tmp_path, compose_config, caplog):
+    src = write_lines(tmp_path / "train.de", ["a\x00b", "\x07", "c\x1b[31md", "e\tf", "g\u200bh", "i j"])
+    tgt = write_lines(tmp_path / "train.en", ["A B", "X", "C D", "E F", "G H", "I J"])
+    valid = write_lines(tmp_path / "valid.de", ["a b"])
+    cfg = compose_config(
+        "data=files", f"data.corpus.train_src={src}", f"data.corpus.train_tgt={tgt}",
+        f"data.corpus.valid_src={valid}", f"data.corpus.valid_tgt={valid}",
+        "data.subword.vocab_size=24", "data.subword.model_type=char",
+    )  # fmt: skip
+    caplog.set_level(logging.INFO, logger="seq2seq.data.datamodule")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    kept = len(datamodule.splits["train"])
+    (line,) = [m for m in caplog.messages if m.startswith("train split")]
+    assert f"6 pairs read, {6 - kept} dropped ({6 - kept} with an empty side" in line
+    assert kept >= 4  # only a line of nothing but control characters may become empty
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_stops_naming_the_step_or_skips_it(compose_config, tmp_path, caplog, policy):
+    cfg = compose_config(
+        "experiment=smoke", "trainer.max_steps=10", "trainer.val_check_interval=10", "evaluate.beam=1",
+        f"module.nonfinite_loss={policy}", *NAN_AT_BATCH_3, *QUIET,
+    )  # fmt: skip
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match=r"Non-finite training loss \(nan\) at step 3 "):
+            train(cfg)
+        return
+    caplog.set_level(logging.WARNING, logger="seq2seq.module")
+    train(cfg)
+    assert "Skipped a step with a non-finite training loss (nan) at step 3" in caplog.text
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(weights.isfinite().all() for weights in checkpoint["state_dict"].values())
+    metrics = (tmp_path / "run" / "logs" / "metrics.csv").read_text()
+    assert "train_skipped_steps" in metrics.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ("model=huge", MissingConfigException, "Could not find 'model/huge'"),
+        ("trainer.no_such_key=1", ConfigCompositionException, "Could not override 'trainer.no_such_key'"),
+    ],
+)
+def test_config_mistakes_fail_in_composition(compose_config, override, error, message):
+    with pytest.raises(error, match=message):
+        compose_config(override)
+
+
+def test_unknown_option_fails_before_any_data_is_read(tmp_path):
+    run = tmp_path / "run"
+    result = run_script("train.py", "model=huge", f"paths.cache_dir={tmp_path}", f"hydra.run.dir={run}")
+    assert result.returncode != 0 and "Could not find 'model/huge'" in result.stderr
+    assert not run.exists() and not (tmp_path / "sentencepiece").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["evaluate.beam=0"], "evaluate: beam must be at least 1, got 0"),
+        (["evaluate.max_len_a=-1"], "evaluate: min_len and max_len_a must not be negative"),
+        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path: checkpoint not found: /nonexistent/last.ckpt"),
+    ],
+)
+def test_impossible_values_fail_before_any_data_is_read(compose_config, tmp_path, overrides, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train(compose_config("experiment=smoke", *overrides))
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign"])
+def test_truncated_or_foreign_checkpoint_fails_clearly(compose_config, tmp_path, kind):
+    path = tmp_path / f"{kind}.ckpt"
+    torch.save({"weights": torch.zeros(1000), "note": "not ours"}, path)
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=f"Cannot load checkpoint {path}"):
+        Translator.from_checkpoint(path)
+    expected = "truncated or not a checkpoint" if kind == "truncated" else "is not a training checkpoint"
+    with pytest.raises(ValueError, match=f"ckpt_path: .*{kind}.ckpt.*{expected}"):
+        train(compose_config("experiment=smoke", f"ckpt_path={path}"))
