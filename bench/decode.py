@@ -2,7 +2,8 @@
 
     python bench/decode.py --ckpt outputs/.../checkpoints/best-....ckpt [--limit N] [--threads T]
 
-Prints sentences/s and output tokens/s of each (batched: the median of ``--repeats`` runs), the
+Prints sentences/s, output tokens/s and GFLOP/s (against the CPU's peak and against plain training
+steps of the same model, measured in the same run) of each (batched: the median of ``--repeats`` runs), the
 speed-up of batching for beam search, and whether batched and one-at-a-time beam search gave
 identical translations. The test split is rebuilt from the checkpoint's own data configuration, so it
 is the split the model was scored on.
@@ -11,27 +12,55 @@ is the split the model was scored on.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import torch
+from flops import FlopCounter, peak_flops, training_flops
 
-from seq2seq.data import load_bible
+from seq2seq.data import EncodedSplit, TokenBucketBatchSampler, load_bible
+from seq2seq.tokenization import PAD_ID
 from seq2seq.translator import DEFAULT_BATCH_TOKENS, SearchSettings, Translator
 
 
 def timed(
     translator: Translator, sources: list[str], settings: SearchSettings, batch_tokens: int, repeats: int = 1
-) -> tuple[list[str], float, int]:
-    """Translations, the median seconds over ``repeats`` runs, and the output tokens."""
+) -> tuple[list[str], float, int, int]:
+    """Translations, the median seconds over ``repeats`` runs, the output tokens and the FLOPs of a run."""
     times = []
+    counter = FlopCounter(translator.model)
     for _ in range(repeats):
         started = time.perf_counter()
         results = translator.translate_nbest(sources, settings, batch_tokens)
         times.append(time.perf_counter() - started)
+    counter.remove()
     texts = [hyps[0][0] for hyps in results]
     tokens = sum(len(hyps[0][1].tokens) for hyps in results)
-    return texts, statistics.median(times), tokens
+    return texts, statistics.median(times), tokens, counter.flops // repeats
+
+
+def training_flop_rate(translator: Translator, src: list[str], tgt: list[str], steps: int = 10) -> float:
+    """FLOP/s of plain training steps (forward, backward, AdamW) of a copy of the model, on batches of
+    the given pairs as training builds them (3,000 tokens, one source length per batch)."""
+    tokenizer = translator.tokenizer
+    split = EncodedSplit(tokenizer.encode_src(src), tokenizer.encode_tgt(tgt))
+    sampler = TokenBucketBatchSampler(
+        split.src_lengths(), split.tgt_lengths(), 3000, shuffle=True, equal_source_length=True
+    )
+    batches = [split.collate(b) for b in sampler.batches(epoch=0)[: steps + 2]]
+    model = copy.deepcopy(translator.model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    started = 0.0
+    for step, batch in enumerate(batches):
+        if step == 2:  # after two warm-up steps
+            started = time.perf_counter()
+        real = batch.tgt_out != PAD_ID
+        outputs = model(batch.src, batch.src_lengths, batch.tgt_in)
+        torch.nn.functional.cross_entropy(model.logits(outputs[real]), batch.tgt_out[real]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return sum(training_flops(model, b) for b in batches[2:]) / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -45,9 +74,12 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS)
     parser.add_argument("--repeats", type=int, default=3, help="batched runs, the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--ghz", type=float, default=2.6, help="core clock for the peak")
+    parser.add_argument("--flops-per-cycle", type=int, default=32, help="fp32 FLOP per cycle and core")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    peak, how = peak_flops(args.ghz, args.flops_per_cycle)
 
     translator = Translator.from_checkpoint(args.ckpt)
     corpus_config = translator.run_config.get("data", {}).get("corpus", {})
@@ -57,28 +89,36 @@ def main() -> None:
     sources = corpus.test.src[: args.limit]
     print(
         f"{len(sources)} test sentences ({corpus.test.origin}); beam {args.beam}, alpha {args.alpha};"
-        f" torch threads: {torch.get_num_threads()}"
+        f" torch threads: {torch.get_num_threads()}; fp32 peak: {how}"
     )
 
     greedy = SearchSettings(beam=1)
     beam = SearchSettings(beam=args.beam, alpha=args.alpha)
     rows = []
-    _, seconds, tokens = timed(translator, sources, greedy, args.batch_tokens, args.repeats)
-    rows.append(("greedy, batched", seconds, tokens))
-    batched, seconds, tokens = timed(translator, sources, beam, args.batch_tokens, args.repeats)
-    rows.append((f"beam {args.beam}, batched", seconds, tokens))
-    one_by_one, seconds_single, tokens_single = [], 0.0, 0
+    _, seconds, tokens, flops = timed(translator, sources, greedy, args.batch_tokens, args.repeats)
+    rows.append(("greedy, batched", seconds, tokens, flops))
+    batched, seconds, tokens, flops = timed(translator, sources, beam, args.batch_tokens, args.repeats)
+    rows.append((f"beam {args.beam}, batched", seconds, tokens, flops))
+    one_by_one, totals = [], [0.0, 0, 0]
     for sentence in sources:
-        texts, seconds, tokens = timed(translator, [sentence], beam, args.batch_tokens)
+        texts, *figures = timed(translator, [sentence], beam, args.batch_tokens)
         one_by_one += texts
-        seconds_single += seconds
-        tokens_single += tokens
-    rows.append((f"beam {args.beam}, one sentence at a time", seconds_single, tokens_single))
+        totals = [total + figure for total, figure in zip(totals, figures, strict=True)]
+    rows.append((f"beam {args.beam}, one sentence at a time", *totals))
+    train_rate = training_flop_rate(translator, corpus.test.src, corpus.test.tgt)
 
-    print(f"{'mode':<34}{'seconds':>10}{'sentences/s':>14}{'tokens/s':>12}")
-    for name, seconds, tokens in rows:
-        print(f"{name:<34}{seconds:>10.1f}{len(sources) / seconds:>14.1f}{tokens / seconds:>12.0f}")
-    print(f"batched beam {args.beam} vs one at a time: {seconds_single / rows[1][1]:.1f}x faster")
+    print(
+        f"{'mode':<34}{'seconds':>9}{'sentences/s':>13}{'tokens/s':>10}"
+        f"{'GFLOP/s':>9}{'of peak':>9}{'of training':>13}"
+    )
+    for name, seconds, tokens, flops in rows:
+        rate = flops / seconds
+        print(
+            f"{name:<34}{seconds:>9.1f}{len(sources) / seconds:>13.1f}{tokens / seconds:>10.0f}"
+            f"{rate / 1e9:>9.1f}{rate / peak:>9.1%}{rate / train_rate:>13.1%}"
+        )
+    print(f"{'training steps (plain loop)':<66}{train_rate / 1e9:>9.1f}{train_rate / peak:>9.1%}")
+    print(f"batched beam {args.beam} vs one at a time: {totals[0] / rows[1][1]:.1f}x faster")
     same = sum(a == b for a, b in zip(batched, one_by_one, strict=True))
     print(f"identical translations, batched vs one at a time: {same} of {len(sources)}")
 

@@ -88,10 +88,14 @@ class TranslationModule(L.LightningModule):
         nll = -log_probs.gather(1, batch.tgt_out[real].unsqueeze(1)).squeeze(1)
         return nll, -log_probs.mean(dim=-1)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+    def smoothed_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The label-smoothed training loss and the NLL of each target token: two (N,) tensors."""
         nll, uniform = self.token_losses(batch)
         eps = self.hparams.label_smoothing
-        losses = (1.0 - eps) * nll + eps * uniform
+        return (1.0 - eps) * nll + eps * uniform, nll
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        losses, nll = self.smoothed_losses(batch)
         # Sums over all processes: their batches hold different numbers of target tokens.
         loss_sum, nll_sum, tokens = self.trainer.strategy.reduce(
             torch.stack([losses.detach().sum(), nll.detach().sum(), losses.new_tensor(nll.numel())]),

@@ -1,0 +1,165 @@
+"""Training speed: the Lightning Trainer against a plain PyTorch loop, same model, batches and optimizer.
+
+    python bench/train_throughput.py [--models small base] [--steps 20] [--precisions 32-true bf16-mixed]
+
+For each model and precision, the first ``--warmup + --steps`` training batches of the Bible split's
+first epoch are run through (1) this project's TranslationModule driven by ``lightning.Trainer`` and
+(2) a plain loop calling the same module's loss, ``backward``, gradient clipping, AdamW and the
+learning-rate schedule. Prints target tokens/s of the timed steps of each and their ratio, the padding
+efficiency of a whole epoch's batches, and the achieved GFLOP/s against the CPU's peak (see flops.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from flops import peak_flops, training_flops
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from seq2seq.data import TranslationDataModule
+from seq2seq.data.batching import Batch
+from seq2seq.module import TranslationModule
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StepTimer(L.Callback):
+    """Wall time from the start of batch ``warmup`` to the end of the last batch."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.started = self.ended = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.warmup:
+            self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self.ended = time.perf_counter()
+
+
+def build(model_name: str, overrides: list[str]) -> tuple[TranslationDataModule, dict, float]:
+    cache = os.environ.get("SEQ2SEQ_CACHE_DIR", str(REPO / ".cache"))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"model={model_name}",
+                "paths.output_dir=/tmp/bench",
+                f"paths.cache_dir={cache}",
+                *overrides,
+            ],
+        )
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    return datamodule, cfg, float(cfg.trainer.gradient_clip_val)
+
+
+def new_module(cfg, datamodule: TranslationDataModule) -> TranslationModule:
+    torch.manual_seed(0)
+    tokenizer = datamodule.tokenizer
+    module = instantiate(
+        cfg.module,
+        src_vocab_size=tokenizer.src_vocab_size,
+        tgt_vocab_size=tokenizer.tgt_vocab_size,
+        _convert_="all",
+    )
+    module.tokenizer = tokenizer
+    return module
+
+
+def run_lightning(cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float) -> float:
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision=precision, max_steps=len(batches), gradient_clip_val=clip,
+        callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(new_module(cfg, datamodule), train_dataloaders=DataLoader(batches, batch_size=None))
+    return timer.ended - timer.started
+
+
+def run_plain(cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float) -> float:
+    module = new_module(cfg, datamodule)
+    if precision == "bf16-true":  # as Lightning's bf16-true: weights and activations in bf16
+        module.to(torch.bfloat16)
+    module.train()
+    optimizers = module.configure_optimizers()
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    )
+    started = 0.0
+    for step, batch in enumerate(batches):
+        if step == warmup:
+            started = time.perf_counter()
+        with autocast:
+            losses, _ = module.smoothed_losses(batch)
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["small", "base"])
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], help="also: bf16-true")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--ghz", type=float, default=2.6, help="core clock for the peak")
+    parser.add_argument("--flops-per-cycle", type=int, default=32, help="fp32 FLOP per cycle and core")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_tokens=6000")
+    args = parser.parse_args()
+    peak, how = peak_flops(args.ghz, args.flops_per_cycle)
+    print(f"fp32 peak: {how}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    for model_name in args.models:
+        datamodule, cfg, clip = build(model_name, args.overrides)
+        split = datamodule.splits["train"]
+        epoch = datamodule._batch_sampler(split, "train").batches(epoch=0)
+        src_efficiency, tgt_efficiency = split.padding_efficiency(epoch)
+        batches = [split.collate(indices) for indices in epoch[: args.warmup + args.steps]]
+        timed = batches[args.warmup :]
+        tokens = sum(b.num_target_tokens for b in timed)
+        model = new_module(cfg, datamodule).model
+        flops = sum(training_flops(model, b) for b in timed)
+        parameters = sum(p.numel() for p in model.parameters())
+        print(
+            f"\nmodel={model_name} ({parameters / 1e6:.1f}M parameters),"
+            f" data.batch_tokens={cfg.data.batch_tokens}:"
+            f" padding efficiency (real / padded tokens) over an epoch's {len(epoch)} batches:"
+            f" source {src_efficiency:.3f}, target {tgt_efficiency:.3f}; {args.steps} timed steps,"
+            f" {tokens} target tokens, {flops / 1e12:.2f} TFLOP"
+        )
+        print(f"{'precision':<12}{'loop':<11}{'tokens/s':>10}{'GFLOP/s':>10}{'of peak':>9}")
+        for precision in args.precisions:
+            seconds = {}
+            for name, run in (("plain", run_plain), ("Lightning", run_lightning)):
+                try:
+                    seconds[name] = run(cfg, datamodule, batches, args.warmup, precision, clip)
+                except RuntimeError as err:
+                    print(f"{precision:<12}{name:<11}failed: {str(err).splitlines()[0][:100]}")
+                    continue
+                rate, speed = flops / seconds[name], tokens / seconds[name]
+                print(f"{precision:<12}{name:<11}{speed:>10.0f}{rate / 1e9:>10.1f}{rate / peak:>9.1%}")
+            if len(seconds) == 2:
+                ratio = seconds["plain"] / seconds["Lightning"]
+                print(f"{precision:<12}Lightning / plain tokens/s: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
