@@ -11,7 +11,9 @@ from seq2seq.translator import SearchSettings, Translator, translate_file
 @hydra.main(version_base="1.3", config_path="conf", config_name="translate")
 def main(cfg: DictConfig) -> None:
     settings = SearchSettings(cfg.beam, cfg.alpha, cfg.max_len_a, cfg.max_len_b, cfg.min_len, cfg.nbest)
-    translator = Translator.from_checkpoint(cfg.ckpt, cfg.device)
+    # ckpt=PATH, or ckpt=[PATH,PATH,...]: an ensemble
+    paths = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
+    translator = Translator.from_checkpoints(paths, cfg.device)
     report = translate_file(
         translator, cfg.input, cfg.output, settings, cfg.batch_tokens, cfg.chunk_lines, cfg.ref, cfg.progress
     )

@@ -13,15 +13,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from seq2seq.checkpoints import read_checkpoint
 from seq2seq.data import TranslationDataModule
 from seq2seq.module import TranslationModule
 from seq2seq.sweep import write_result
-from seq2seq.translator import UNLOADABLE_CHECKPOINT, FileReport, SearchSettings, Translator, translate_file
+from seq2seq.translator import FileReport, SearchSettings, Translator, translate_file
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> float:
     if rank_zero_only.rank != 0:
         for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
             logging.getLogger().removeHandler(handler)
+            handler.close()
     started = time.perf_counter()
     try:
         return train(cfg)
@@ -122,15 +123,10 @@ def evaluation_settings(cfg: DictConfig) -> tuple[SearchSettings, int]:
 
 def check_resume_checkpoint(path: str) -> None:
     """Fail clearly, before training starts, if ``ckpt_path`` is not a training checkpoint of ours."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"ckpt_path: checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except UNLOADABLE_CHECKPOINT as err:
-        raise ValueError(f"ckpt_path: cannot load {path}: truncated or not a checkpoint ({err})") from None
-    missing = [key for key in ("state_dict", "loops", "tokenizer") if key not in checkpoint]
-    if missing:
-        raise ValueError(f"ckpt_path: {path} is not a training checkpoint of this toolkit (no {missing})")
+        read_checkpoint(path, required=("state_dict", "tokenizer", "loops"))
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"ckpt_path: {err}") from None
 
 
 def evaluate_test(

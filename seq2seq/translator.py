@@ -5,32 +5,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
+from seq2seq.checkpoints import UNLOADABLE_CHECKPOINT
 from seq2seq.data.batching import TokenBucketBatchSampler, pad
 from seq2seq.data.corpora import read_lines, read_text_lines
 from seq2seq.metrics import CorpusScores, corpus_scores
-from seq2seq.model import Seq2Seq
+from seq2seq.model import Ensemble, Seq2Seq
 from seq2seq.search import Hypothesis, beam_search, greedy_search
-from seq2seq.tokenization import Tokenizer
+from seq2seq.tokenization import BOS_ID, Tokenizer
+
+if TYPE_CHECKING:
+    from seq2seq.module import TranslationModule
 
 log = logging.getLogger(__name__)
 
-
-# What loading a truncated, corrupt or foreign checkpoint raises.
-UNLOADABLE_CHECKPOINT = (
-    RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
-)  # fmt: skip
 
 # Padded source tokens x beam per batch. Bigger batches decode faster on CPU until about this size.
 DEFAULT_BATCH_TOKENS = 24_000
@@ -64,7 +62,11 @@ class Translator:
     """
 
     def __init__(
-        self, model: Seq2Seq, tokenizer: Tokenizer, max_src_len: int, device: str | torch.device = "cpu"
+        self,
+        model: Seq2Seq | Ensemble,
+        tokenizer: Tokenizer,
+        max_src_len: int,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -75,21 +77,24 @@ class Translator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Translator:
         """Load a ``.ckpt`` written by training; it holds the weights, tokenizer and configuration."""
-        from seq2seq.module import TranslationModule  # the Lightning side stays out of plain use
+        return cls.from_checkpoints([path], device)
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Checkpoint not found: {path}")
-        try:
-            module = TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
-        except UNLOADABLE_CHECKPOINT as err:
-            raise ValueError(
-                f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})"
-            ) from None
-        run_config = module.run_config or {}
-        max_src_len = run_config.get("data", {}).get("max_len", 256)
-        translator = cls(module.model, module.tokenizer, max_src_len, device)
-        translator.run_config = run_config
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu") -> Translator:
+        """One checkpoint, or several of one vocabulary that decode as an ensemble: at each step, the
+        next-token log-probabilities of the models are averaged."""
+        modules = [load_module(path, device) for path in paths]
+        first = modules[0]
+        for path, module in zip(paths[1:], modules[1:], strict=True):
+            if module.tokenizer.state_dict() != first.tokenizer.state_dict():
+                raise ValueError(
+                    f"An ensemble needs one vocabulary: {path} has another sentencepiece model"
+                    f" than {paths[0]}"
+                )
+        max_src_len = min((m.run_config or {}).get("data", {}).get("max_len", 256) for m in modules)
+        model = first.model if len(modules) == 1 else Ensemble([m.model for m in modules])
+        translator = cls(model, first.tokenizer, max_src_len, device)
+        translator.run_config = first.run_config or {}
         return translator
 
     def translate(
@@ -121,6 +126,29 @@ class Translator:
         results = self._hypotheses(sentences, settings, batch_tokens, first_line)
         texts = iter(self.tokenizer.decode_tgt([h.tokens for hyps in results for h in hyps]))
         return [[(next(texts), h) for h in hyps] for hyps in results]
+
+    @torch.no_grad()
+    def align(self, sentence: str, settings: SearchSettings | None = None) -> Alignment:
+        """Translate one sentence and return the attention of each output subword over the source.
+
+        Needs a model with attention. The weights are those of the model re-reading its own best
+        translation, the way it produced it.
+        """
+        if not isinstance(self.model, Seq2Seq) or self.model.decoder.attention is None:
+            raise ValueError("align needs a single model trained with attention (model.attention)")
+        settings = settings or SearchSettings()
+        (hypothesis,) = [hyps[0][1] for hyps in self.translate_nbest([sentence], settings)]
+        source = self.tokenizer.encode_src([sentence.strip()])[0][: self.max_src_len]
+        if not source:
+            return Alignment([], [], torch.zeros(0, 0))
+        src = torch.tensor([source], device=self.device)
+        tgt_in = torch.tensor([[BOS_ID, *hypothesis.tokens]], device=self.device)
+        _, weights = self.model.forward_with_attention(src, torch.tensor([len(source)]), tgt_in)
+        return Alignment(
+            source=[self.tokenizer.src.id_to_piece(i) for i in source],
+            target=[self.tokenizer.tgt.id_to_piece(i) for i in hypothesis.tokens] + ["</s>"],
+            weights=weights[0].cpu(),
+        )
 
     def _hypotheses(
         self, sentences: Sequence[str], settings: SearchSettings, batch_tokens: int, first_line: int
@@ -156,6 +184,32 @@ class Translator:
             self.model, src, lengths, settings.beam, settings.alpha, min_len=settings.min_len,
             nbest=settings.nbest, **limits,
         )  # fmt: skip
+
+
+def load_module(path: str | Path, device: str | torch.device = "cpu") -> TranslationModule:
+    """The TranslationModule of a checkpoint, with a clear error for a missing or unusable file."""
+    from seq2seq.module import TranslationModule  # the Lightning side stays out of plain use
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        return TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
+    except UNLOADABLE_CHECKPOINT as err:
+        raise ValueError(
+            f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})"
+        ) from None
+
+
+@dataclass
+class Alignment:
+    """Attention of a translation over its source: ``weights[i, j]`` is how much output subword
+    ``target[i]`` (the last one is the end of sentence) attended to source subword ``source[j]``;
+    each row sums to 1."""
+
+    source: list[str]
+    target: list[str]
+    weights: torch.Tensor
 
 
 @dataclass

@@ -91,6 +91,7 @@ def test_ddp_on_two_cpu_processes(tmp_path, compose_config):
     assert result.stdout.count("Test split") == 1 and (run / "config_resolved.yaml").is_file()
     assert (result.stdout + result.stderr).count("Training took") == 2  # both log to the console...
     assert (run / "train.log").read_text().count("Training took") == 1  # ...one to the file
+    assert all(p.stat().st_size == 0 for p in run.glob("*.log") if p.name != "train.log")
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
     # The logged validation scores are those of the whole validation set, as one process finds them.
@@ -196,3 +197,12 @@ def test_ctrl_c_leaves_a_last_checkpoint_to_resume_from(tmp_path):
     ]
     smoke(tmp_path / "resumed", cache, *resume)
     assert checkpoint_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")[0] == step + 5
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_steps_once_per_k_batches(tmp_path):
+    run = tmp_path / "run"
+    accumulate = ["trainer.accumulate_grad_batches=3", "trainer.max_steps=5", "trainer.val_check_interval=15"]
+    smoke(run, tmp_path / "cache", *accumulate, *record(tmp_path / "b"))
+    assert len(read_records(tmp_path / "b")) == 15  # batches
+    assert checkpoint_state(run / "checkpoints" / "last.ckpt")[:2] == (5, 5)  # optimizer and scheduler steps

@@ -134,7 +134,7 @@ def test_unknown_option_fails_before_any_data_is_read(tmp_path):
     [
         (["evaluate.beam=0"], "evaluate: beam must be at least 1, got 0"),
         (["evaluate.max_len_a=-1"], "evaluate: min_len and max_len_a must not be negative"),
-        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path: checkpoint not found: /nonexistent/last.ckpt"),
+        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path: Checkpoint not found: /nonexistent/last.ckpt"),
     ],
 )
 def test_impossible_values_fail_before_any_data_is_read(compose_config, tmp_path, overrides, message):
@@ -151,6 +151,17 @@ def test_truncated_or_foreign_checkpoint_fails_clearly(compose_config, tmp_path,
         path.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(ValueError, match=f"Cannot load checkpoint {path}"):
         Translator.from_checkpoint(path)
-    expected = "truncated or not a checkpoint" if kind == "truncated" else "is not a training checkpoint"
+    expected = (
+        "truncated or not a checkpoint" if kind == "truncated" else "is not a checkpoint of this toolkit"
+    )
     with pytest.raises(ValueError, match=f"ckpt_path: .*{kind}.ckpt.*{expected}"):
         train(compose_config("experiment=smoke", f"ckpt_path={path}"))
+
+
+EXPERIMENTS = sorted(path.stem for path in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_config_composes_into_a_model(compose_config, experiment):
+    cfg = compose_config(f"experiment={experiment}")
+    tiny_model(**{k: v for k, v in cfg.model.items() if k not in ("embed_size", "hidden_size")})

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from seq2seq.data.batching import pad
+from seq2seq.model import Ensemble
 from seq2seq.search import beam_search, greedy_search, length_penalty
 from seq2seq.tokenization import BOS_ID, EOS_ID
 
@@ -28,9 +29,17 @@ def sequence_log_prob(model, src, lengths, tokens):
     return total
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_beam_size_one_is_greedy(seed):
-    model = tiny_model(seed=seed, bidirectional=True, bridge=True)
+# The search runs on any model with the single-step API: context vector, attention, an ensemble.
+MODELS = [
+    {"bidirectional": True, "bridge": True},
+    {"attention": "bahdanau", "bidirectional": True, "bridge": True},
+    {"attention": "luong_general", "input_feeding": False},
+]
+
+
+@pytest.mark.parametrize(("seed", "options"), [(0, MODELS[0]), (1, MODELS[1]), (2, MODELS[2])])
+def test_beam_size_one_is_greedy(seed, options):
+    model = tiny_model(seed=seed, **options)
     src, lengths = batch()
     greedy = greedy_search(model, src, lengths, max_len_a=1.0, max_len_b=3)
     beam = beam_search(model, src, lengths, beam_size=1, alpha=0.6, max_len_a=1.0, max_len_b=3)
@@ -63,8 +72,9 @@ def test_beam_five_never_scores_below_greedy(seed):
         assert hyps[0].log_prob >= g.log_prob - 1e-5
 
 
-def test_batched_beam_equals_one_sentence_at_a_time():
-    model = tiny_model(seed=1, bidirectional=True, bridge=True)
+@pytest.mark.parametrize("options", MODELS)
+def test_batched_beam_equals_one_sentence_at_a_time(options):
+    model = tiny_model(seed=1, **options)
     src, lengths = batch()
     batched = beam_search(model, src, lengths, beam_size=4, nbest=2, max_len_a=1.0, max_len_b=4)
     for i, sentence in enumerate(SOURCES):
@@ -101,3 +111,22 @@ def test_bad_search_settings_fail_clearly():
         beam_search(model, src, lengths, beam_size=0)
     with pytest.raises(ValueError, match="nbest"):
         beam_search(model, src, lengths, beam_size=2, nbest=3)
+
+
+def test_an_ensemble_of_a_model_with_itself_searches_as_the_model():
+    model = tiny_model(seed=2, attention="bahdanau")
+    src, lengths = batch()
+    ensemble = Ensemble([model, model])
+    for beam in (1, 4):
+        single = beam_search(model, src, lengths, beam_size=beam, max_len_a=1.0, max_len_b=4)
+        both = beam_search(ensemble, src, lengths, beam_size=beam, max_len_a=1.0, max_len_b=4)
+        assert [[h.tokens for h in hyps] for hyps in both] == [[h.tokens for h in hyps] for hyps in single]
+
+
+def test_an_ensemble_averages_log_probabilities():
+    first, second = tiny_model(seed=3), tiny_model(seed=4)
+    src, lengths = batch()
+    bos = torch.full((len(SOURCES),), BOS_ID)
+    expected = sum(model.decode_step(bos, model.encode(src, lengths))[0] for model in (first, second)) / 2
+    ensemble = Ensemble([first, second])
+    torch.testing.assert_close(ensemble.decode_step(bos, ensemble.encode(src, lengths))[0], expected)

@@ -11,9 +11,14 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
 
+from seq2seq.averaging import average_checkpoints
+from seq2seq.data import load_synthetic
+from seq2seq.tokenization import SubwordSettings, train_or_load
 from seq2seq.training import train
 from seq2seq.translator import SearchSettings, Translator
+from tests.conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false"]
@@ -35,6 +40,19 @@ def test_tiny_model_learns_the_reverse_task(compose_config, tmp_path):
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "test.hyp").read_text().count("\n") == 200
+
+
+def test_attention_model_trains_translates_and_aligns(compose_config, tmp_path):
+    cfg = compose_config("experiment=smoke", "model.attention=bahdanau", "evaluate.beam=3", *QUIET)
+    train(cfg)
+    best = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    translator = Translator.from_checkpoint(best)
+    alignment = translator.align("w1 w2 w3 w4", SearchSettings(beam=3))
+    assert alignment.source == ["▁w1", "▁w2", "▁w3", "▁w4"]
+    assert alignment.weights.shape == (len(alignment.target), 4) and alignment.target[-1] == "</s>"
+    torch.testing.assert_close(alignment.weights.sum(dim=1), torch.ones(len(alignment.target)))
+    with pytest.raises(ValueError, match="needs a single model trained with attention"):
+        Translator(tiny_model(), translator.tokenizer, 16).align("w1")
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +166,51 @@ def _corrupt(tmp: Path, checkpoint: Path) -> Path:
     data = checkpoint.read_bytes()
     (tmp / "corrupt.ckpt").write_bytes(data[: len(data) // 2])
     return tmp / "corrupt.ckpt"
+
+
+@pytest.mark.slow
+def test_averaging_identical_checkpoints_gives_the_same_weights(lone_checkpoint, tmp_path):
+    averaged = tmp_path / "averaged.ckpt"
+    average_checkpoints([lone_checkpoint] * 3, averaged)
+    original = torch.load(lone_checkpoint, weights_only=False)
+    result = torch.load(averaged, weights_only=False)
+    assert result["state_dict"].keys() == original["state_dict"].keys()
+    for name, weights in original["state_dict"].items():
+        torch.testing.assert_close(result["state_dict"][name], weights, rtol=0, atol=0)
+    assert "optimizer_states" not in result and result["tokenizer"] == original["tokenizer"]
+    sources = ["w1 w2 w3", "w4 w5"]
+    assert Translator.from_checkpoint(averaged).translate(sources) == Translator.from_checkpoint(
+        lone_checkpoint
+    ).translate(sources)
+
+
+@pytest.mark.slow
+def test_ensemble_of_a_checkpoint_with_itself_translates_as_the_checkpoint(lone_checkpoint, tmp_path):
+    sources = ["w1 w2 w3", "", "w4 w5 w6 w7", "w8"]
+    single = Translator.from_checkpoint(lone_checkpoint)
+    pair = Translator.from_checkpoints([lone_checkpoint, lone_checkpoint])
+    for beam in (1, 3):
+        assert pair.translate(sources, beam=beam) == single.translate(sources, beam=beam)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(sources) + "\n")
+    results = [
+        run_script("translate.py", f"ckpt={ckpt}", f"input={source}", "beam=3")
+        for ckpt in (lone_checkpoint, f"[{lone_checkpoint},{lone_checkpoint}]")
+    ]
+    assert all(r.returncode == 0 for r in results), results[1].stderr[-2000:]
+    assert results[0].stdout == results[1].stdout and results[0].stdout.count("\n") == 4
+
+
+@pytest.mark.slow
+def test_ensembles_and_averages_need_one_vocabulary(lone_checkpoint, tmp_path):
+    corpus = load_synthetic("copy", 30, 2, 6, {"train": 300, "valid": 5, "test": 5}, seed=3)
+    settings = SubwordSettings(vocab_size=40, model_type="word")
+    other = train_or_load(corpus.train.src, corpus.train.tgt, settings, tmp_path)
+    checkpoint = torch.load(lone_checkpoint, weights_only=False)
+    checkpoint["tokenizer"] = other.state_dict()
+    foreign = tmp_path / "other_vocabulary.ckpt"
+    torch.save(checkpoint, foreign)
+    with pytest.raises(ValueError, match=r"An ensemble needs one vocabulary: .*other_vocabulary\.ckpt"):
+        Translator.from_checkpoints([lone_checkpoint, foreign])
+    with pytest.raises(ValueError, match=r"other_vocabulary\.ckpt has another sentencepiece model"):
+        average_checkpoints([lone_checkpoint, foreign], tmp_path / "averaged.ckpt")

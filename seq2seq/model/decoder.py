@@ -2,33 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor, nn
 
+from seq2seq.model.attention import Attention
+from seq2seq.model.encoder import EncoderOutput
 from seq2seq.tokenization import PAD_ID
 
 
 @dataclass
 class DecoderState:
-    """The decoder's recurrent state, one column per hypothesis.
+    """The decoder's state, one row (or column) per hypothesis.
 
-    hidden, cell: (num_layers, batch, hidden_size).
+    hidden, cell: (num_layers, batch, hidden_size) LSTM states.
+    With attention: memory (batch, src_len, memory_size) the encoder outputs, keys (batch, src_len,
+    hidden_size) their projection for the attention scores, mask (batch, src_len) True at real source
+    tokens, and feed (batch, hidden_size) the previous attentional vector (input feeding). None without.
     """
 
     hidden: Tensor
     cell: Tensor
+    memory: Tensor | None = None
+    keys: Tensor | None = None
+    mask: Tensor | None = None
+    feed: Tensor | None = None
 
     def select(self, index: Tensor) -> DecoderState:
-        """Keep, repeat or reorder hypotheses: column i of the result is column ``index[i]`` of this state."""
-        return DecoderState(self.hidden.index_select(1, index), self.cell.index_select(1, index))
+        """Keep, repeat or reorder hypotheses: hypothesis i of the result is ``index[i]`` of this state."""
+
+        def rows(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, index)
+
+        return DecoderState(
+            self.hidden.index_select(1, index), self.cell.index_select(1, index),
+            rows(self.memory), rows(self.keys), rows(self.mask), rows(self.feed),
+        )  # fmt: skip
 
 
 class Decoder(nn.Module):
-    """Embedding, LSTM and output projection.
+    """Embedding, LSTM, optional attention, and output projection.
 
-    With ``tie_embeddings`` the projection shares its weight with the target embedding (Press & Wolf
-    2017), which needs ``embed_size == hidden_size``.
+    Without attention the LSTM's outputs are projected to the vocabulary. With attention, each LSTM
+    output queries the encoder outputs, and the attentional vector tanh(W_c [h; context]) is projected
+    instead (Luong et al. 2015); with ``input_feeding`` that vector also enters the next step's LSTM
+    input, so teacher forcing then runs step by step. With ``tie_embeddings`` the projection shares its
+    weight with the target embedding (Press & Wolf 2017), which needs ``embed_size == hidden_size``.
     """
 
     def __init__(
@@ -39,6 +59,9 @@ class Decoder(nn.Module):
         num_layers: int = 1,
         dropout: float = 0.0,
         tie_embeddings: bool = False,
+        attention: str | None = None,
+        memory_size: int | None = None,
+        input_feeding: bool = True,
     ) -> None:
         super().__init__()
         if tie_embeddings and embed_size != hidden_size:
@@ -46,24 +69,59 @@ class Decoder(nn.Module):
                 "model.tie_embeddings needs model.embed_size == model.hidden_size,"
                 f" got {embed_size} and {hidden_size}"
             )
+        self.input_feeding = attention is not None and input_feeding
         self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=PAD_ID)
         self.dropout = nn.Dropout(dropout)
+        rnn_input = embed_size + (hidden_size if self.input_feeding else 0)
         self.rnn = nn.LSTM(
-            embed_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+            rnn_input, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
         )
+        self.attention: Attention | None = None
+        if attention is not None:
+            memory_size = memory_size or hidden_size
+            self.attention = Attention(attention, hidden_size, memory_size)
+            self.combine = nn.Linear(hidden_size + memory_size, hidden_size, bias=False)
         self.output = nn.Linear(hidden_size, vocab_size)
         if tie_embeddings:
             self.output.weight = self.embedding.weight
 
-    def forward(self, tgt_in: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        """Teacher forcing: one LSTM call over the whole target.
+    def init_state(self, hidden: Tensor, cell: Tensor, encoded: EncoderOutput) -> DecoderState:
+        """The state before the first target token: (hidden, cell) and, with attention, the memory."""
+        if self.attention is None:
+            return DecoderState(hidden, cell)
+        memory = encoded.outputs
+        feed = memory.new_zeros(memory.size(0), hidden.size(-1)) if self.input_feeding else None
+        return DecoderState(hidden, cell, memory, self.attention.keys(memory), encoded.mask, feed)
 
-        tgt_in: (batch, tgt_len) ids starting with BOS. Returns the top-layer outputs
-        (batch, tgt_len, hidden_size), before the projection (see :meth:`logits`), and the final state.
+    def forward(self, tgt_in: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """Teacher forcing over a whole target.
+
+        tgt_in: (batch, tgt_len) ids starting with BOS. Returns the outputs (batch, tgt_len,
+        hidden_size) before the projection (see :meth:`logits`), the final state, and with attention
+        the weights (batch, tgt_len, src_len) over the source (else None).
         """
         embedded = self.dropout(self.embedding(tgt_in))  # (B, T, E)
-        outputs, (hidden, cell) = self.rnn(embedded, (state.hidden, state.cell))
-        return self.dropout(outputs), DecoderState(hidden, cell)
+        if not self.input_feeding:
+            outputs, (hidden, cell) = self.rnn(embedded, (state.hidden, state.cell))
+            state = replace(state, hidden=hidden, cell=cell)
+            if self.attention is None:
+                return self.dropout(outputs), state, None
+            attentional, weights = self._attend(outputs, state)
+            return self.dropout(attentional), state, weights
+        steps, weights = [], []
+        for t in range(tgt_in.size(1)):
+            rnn_input = torch.cat([embedded[:, t : t + 1], state.feed.unsqueeze(1)], dim=-1)
+            output, (hidden, cell) = self.rnn(rnn_input, (state.hidden, state.cell))
+            attentional, step_weights = self._attend(output, state)  # (B, 1, H), (B, 1, S)
+            state = replace(state, hidden=hidden, cell=cell, feed=attentional.squeeze(1))
+            steps.append(attentional)
+            weights.append(step_weights)
+        return self.dropout(torch.cat(steps, dim=1)), state, torch.cat(weights, dim=1)
+
+    def _attend(self, outputs: Tensor, state: DecoderState) -> tuple[Tensor, Tensor]:
+        """LSTM outputs (B, T, H) -> attentional vectors (B, T, H) and attention weights (B, T, S)."""
+        contexts, weights = self.attention(outputs, state.keys, state.memory, state.mask)
+        return torch.tanh(self.combine(torch.cat([outputs, contexts], dim=-1))), weights
 
     def logits(self, outputs: Tensor) -> Tensor:
         """(..., hidden_size) -> (..., vocab_size) unnormalized scores."""
@@ -71,5 +129,5 @@ class Decoder(nn.Module):
 
     def step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         """One step for search. tokens: (batch,) previous ids -> (batch, vocab_size) log-probs, new state."""
-        outputs, state = self(tokens.unsqueeze(1), state)
+        outputs, state, _ = self(tokens.unsqueeze(1), state)
         return self.logits(outputs.squeeze(1)).log_softmax(dim=-1), state

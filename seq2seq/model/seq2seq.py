@@ -21,6 +21,9 @@ class Seq2Seq(nn.Module):
         bridge: a learned layer between the encoder's final states and the decoder's initial states.
         reverse_source: read the source backwards.
         tie_embeddings: share the target embedding with the output projection.
+        attention: None (the context vector alone), or ``bahdanau``, ``luong_general``, ``luong_dot``:
+            the decoder attends over the encoder outputs (see :class:`Decoder`).
+        input_feeding: with attention, feed each step's attentional vector into the next step.
     """
 
     def __init__(
@@ -35,6 +38,8 @@ class Seq2Seq(nn.Module):
         bridge: bool = False,
         reverse_source: bool = False,
         tie_embeddings: bool = False,
+        attention: str | None = None,
+        input_feeding: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -50,23 +55,33 @@ class Seq2Seq(nn.Module):
             src_vocab_size, embed_size, hidden_size, num_layers, dropout, bidirectional, reverse_source
         )
         self.bridge = Bridge(hidden_size, hidden_size) if bridge else None
-        self.decoder = Decoder(tgt_vocab_size, embed_size, hidden_size, num_layers, dropout, tie_embeddings)
+        self.decoder = Decoder(
+            tgt_vocab_size, embed_size, hidden_size, num_layers, dropout, tie_embeddings,
+            attention=attention, memory_size=hidden_size, input_feeding=input_feeding,
+        )  # fmt: skip
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> DecoderState:
-        """src: (batch, src_len), src_lengths: (batch,) -> initial decoder state (context vector)."""
+        """src: (batch, src_len), src_lengths: (batch,) -> initial decoder state (context vector, and the
+        encoder outputs for attention)."""
         encoded = self.encoder(src, src_lengths)
         hidden, cell = encoded.hidden, encoded.cell
         if self.bridge is not None:
             hidden, cell = self.bridge(hidden, cell)
-        return DecoderState(hidden, cell)
+        return self.decoder.init_state(hidden, cell, encoded)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced pass -> (batch, tgt_len, hidden_size) decoder outputs; see :meth:`logits`.
 
         The projection is left to the caller so that a loss can project only the non-pad positions.
         """
-        outputs, _ = self.decoder(tgt_in, self.encode(src, src_lengths))
-        return outputs
+        return self.forward_with_attention(src, src_lengths, tgt_in)[0]
+
+    def forward_with_attention(
+        self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward`, and the attention weights (batch, tgt_len, src_len), None without attention."""
+        outputs, _, weights = self.decoder(tgt_in, self.encode(src, src_lengths))
+        return outputs, weights
 
     def logits(self, outputs: Tensor) -> Tensor:
         """(..., hidden_size) decoder outputs -> (..., tgt_vocab_size) scores."""

@@ -1,0 +1,69 @@
+"""Checkpoint averaging: one model whose weights are the mean of several checkpoints' weights.
+
+    python -m seq2seq.averaging --output averaged.ckpt outputs/.../checkpoints/best-*.ckpt
+
+Averaging the last or best few checkpoints of one run usually scores a little higher than any one of
+them. The result holds the weights, the tokenizer and the run's configuration, like a checkpoint
+written by training, so ``translate.py`` and :class:`~seq2seq.translator.Translator` use it as any
+other; it carries no optimizer state, so training cannot be resumed from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from seq2seq.checkpoints import read_checkpoint
+
+# Resuming state that means nothing for an average.
+TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+
+
+def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> None:
+    """Write to ``output`` the first checkpoint with every weight replaced by the mean over ``paths``.
+
+    All checkpoints must have the same parameters (names and shapes) and the same tokenizer.
+    """
+    if not paths:
+        raise ValueError("checkpoint averaging needs at least one checkpoint")
+    first = read_checkpoint(paths[0])
+    total = {name: weights.double() for name, weights in first["state_dict"].items()}
+    for path in paths[1:]:
+        checkpoint = read_checkpoint(path)
+        if checkpoint.get("tokenizer") != first.get("tokenizer"):
+            raise ValueError(f"{path} has another sentencepiece model than {paths[0]}: cannot average them")
+        weights = checkpoint["state_dict"]
+        if {n: w.shape for n, w in weights.items()} != {n: w.shape for n, w in total.items()}:
+            raise ValueError(f"{path} has other parameters (names or shapes) than {paths[0]}")
+        for name in total:
+            total[name] += weights[name].double()
+    first["state_dict"] = {
+        name: (weights / len(paths)).to(first["state_dict"][name].dtype) for name, weights in total.items()
+    }
+    for key in TRAINING_STATE:
+        first.pop(key, None)
+    first["averaged_from"] = [str(path) for path in paths]
+    output = Path(output)
+    with tempfile.NamedTemporaryFile(dir=output.resolve().parent, suffix=".part", delete=False) as f:
+        torch.save(first, f)
+    os.replace(f.name, output)  # a file that exists is complete
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoints", nargs="+", help="checkpoints of one model (e.g. one run's)")
+    parser.add_argument("--output", required=True, help="where to write the averaged checkpoint")
+    args = parser.parse_args()
+    average_checkpoints(args.checkpoints, args.output)
+    print(f"Averaged {len(args.checkpoints)} checkpoints into {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Reading checkpoint files with errors that name the file."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# What loading a truncated, corrupt or foreign checkpoint raises.
+UNLOADABLE_CHECKPOINT = (
+    RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+)  # fmt: skip
+
+
+def read_checkpoint(
+    path: str | Path, required: Sequence[str] = ("state_dict", "tokenizer")
+) -> dict[str, Any]:
+    """The checkpoint dict at ``path``; FileNotFoundError or ValueError naming the path if it is missing,
+    unreadable, or lacks the ``required`` entries of this toolkit's checkpoints."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except UNLOADABLE_CHECKPOINT as err:
+        raise ValueError(f"Cannot load checkpoint {path}: truncated or not a checkpoint ({err})") from None
+    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this toolkit (no {missing})")
+    return checkpoint

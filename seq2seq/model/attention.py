@@ -1,0 +1,52 @@
+"""Attention of decoder states over the encoder's outputs: Bahdanau (additive) and Luong (general, dot)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+ATTENTION_KINDS = ("bahdanau", "luong_general", "luong_dot")
+
+
+class Attention(nn.Module):
+    """Scores each decoder query against every source position and averages the memory by the weights.
+
+    Scores (q: decoder state, k: encoder output at one source position):
+    ``bahdanau`` v^T tanh(W_q q + W_k k) (Bahdanau et al. 2015); ``luong_general`` q^T W k and
+    ``luong_dot`` q^T k (Luong et al. 2015; dot needs equal sizes). Padding positions get zero weight.
+    The memory's share of the work (W_k k, or W k) is computed once per sentence by :meth:`keys`.
+    """
+
+    def __init__(self, kind: str, query_size: int, memory_size: int) -> None:
+        super().__init__()
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention must be null or one of {ATTENTION_KINDS}, got {kind!r}")
+        if kind == "luong_dot" and query_size != memory_size:
+            raise ValueError(f"luong_dot attention needs equal sizes, got {query_size} and {memory_size}")
+        self.kind = kind
+        if kind == "bahdanau":
+            self.query_layer = nn.Linear(query_size, query_size, bias=False)
+            self.key_layer = nn.Linear(memory_size, query_size, bias=False)
+            self.energy = nn.Linear(query_size, 1, bias=False)
+        elif kind == "luong_general":
+            self.key_layer = nn.Linear(memory_size, query_size, bias=False)
+
+    def keys(self, memory: Tensor) -> Tensor:
+        """memory: (batch, src_len, memory_size) -> keys (batch, src_len, query_size)."""
+        return memory if self.kind == "luong_dot" else self.key_layer(memory)
+
+    def forward(self, queries: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """queries: (batch, tgt_len, query_size); keys: from :meth:`keys`; memory: (batch, src_len,
+        memory_size); mask: (batch, src_len), True at real tokens.
+
+        Returns the contexts (batch, tgt_len, memory_size) and the weights (batch, tgt_len, src_len),
+        which sum to 1 over the real source positions.
+        """
+        if self.kind == "bahdanau":
+            # (B, T, 1, A) + (B, 1, S, A) -> (B, T, S)
+            hidden = torch.tanh(self.query_layer(queries).unsqueeze(2) + keys.unsqueeze(1))
+            scores = self.energy(hidden).squeeze(-1)
+        else:
+            scores = queries @ keys.transpose(1, 2)  # (B, T, S)
+        weights = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        return weights @ memory, weights
