@@ -150,13 +150,17 @@ def main() -> None:
         print(f"{'precision':<12}{'loop':<11}{'tokens/s':>10}{'GFLOP/s':>10}{'of peak':>9}")
         for precision in args.precisions:
             seconds: dict[str, float] = {}
+            failed: set[str] = set()
             # Alternating rounds, the fastest of each kept, so that neither gains from going second.
             for _ in range(args.rounds):
                 for name, run in (("plain", run_plain), ("Lightning", run_lightning)):
+                    if name in failed:
+                        continue
                     try:
                         elapsed = run(cfg, datamodule, batches, args.warmup, precision, clip)
                     except RuntimeError as err:
                         print(f"{precision:<12}{name:<11}failed: {str(err).splitlines()[0][:100]}")
+                        failed.add(name)
                         continue
                     seconds[name] = min(elapsed, seconds.get(name, elapsed))
             for name, elapsed in seconds.items():

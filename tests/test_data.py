@@ -74,22 +74,37 @@ def test_separate_vocabularies(tmp_path):
     assert tokenizer.src.piece_to_id("▁W3") == tokenizer.src.unk_id()
 
 
-def test_empty_pairs_are_dropped_and_counted(tmp_path, compose_config, caplog):
-    src = write(tmp_path / "train.de", ["a b", "", "c d", "e f", "   "])
-    tgt = write(tmp_path / "train.en", ["A B", "X", "", "E F", "Y"])
-    valid_src = write(tmp_path / "valid.de", ["a b"])
-    valid_tgt = write(tmp_path / "valid.en", ["A B"])
+def files_datamodule(compose_config, tmp_path, src_lines, tgt_lines, vocab_size):
+    """The datamodule of data=files over these training lines (and a one-pair validation split), set up."""
+    src, tgt = write(tmp_path / "train.de", src_lines), write(tmp_path / "train.en", tgt_lines)
+    valid = write(tmp_path / "valid.de", ["a b"])
     cfg = compose_config(
         "data=files", f"data.corpus.train_src={src}", f"data.corpus.train_tgt={tgt}",
-        f"data.corpus.valid_src={valid_src}", f"data.corpus.valid_tgt={valid_tgt}",
-        "data.subword.vocab_size=16", "data.subword.model_type=char",
+        f"data.corpus.valid_src={valid}", f"data.corpus.valid_tgt={valid}",
+        f"data.subword.vocab_size={vocab_size}", "data.subword.model_type=char",
     )  # fmt: skip
-    caplog.set_level(logging.INFO, logger="seq2seq.data.datamodule")
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
+    return datamodule
+
+
+def test_empty_pairs_are_dropped_and_counted(tmp_path, compose_config, caplog):
+    caplog.set_level(logging.INFO, logger="seq2seq.data.datamodule")
+    src, tgt = ["a b", "", "c d", "e f", "   "], ["A B", "X", "", "E F", "Y"]
+    datamodule = files_datamodule(compose_config, tmp_path, src, tgt, vocab_size=16)
     assert len(datamodule.splits["train"]) == 2
     assert datamodule.texts["train"].src == ["a b", "e f"]
     assert "5 pairs read, 3 dropped (3 with an empty side, 0 longer than" in caplog.text
+
+
+def test_control_characters_in_training_files_are_kept_or_counted(tmp_path, compose_config, caplog):
+    caplog.set_level(logging.INFO, logger="seq2seq.data.datamodule")
+    src = ["a\x00b", "\x07", "c\x1b[31md", "e\tf", "g\u200bh", "i j"]
+    tgt = ["A B", "X", "C D", "E F", "G H", "I J"]
+    kept = len(files_datamodule(compose_config, tmp_path, src, tgt, vocab_size=24).splits["train"])
+    (line,) = [m for m in caplog.messages if m.startswith("train split")]
+    assert f"6 pairs read, {6 - kept} dropped ({6 - kept} with an empty side" in line
+    assert kept >= 4  # only a line of nothing but control characters may become empty
 
 
 def test_over_long_training_pairs_are_dropped_and_counted(compose_config, caplog):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,24 +70,6 @@ def test_interrupted_translation_leaves_no_output_file(random_translator, tmp_pa
     with pytest.raises(ValueError, match=r"in\.txt, line 3: invalid UTF-8"):
         translate_file(random_translator, str(source), str(output), SearchSettings(beam=1), chunk_lines=1)
     assert list(tmp_path.iterdir()) == [source]  # neither out.txt nor its temporary file
-
-
-def test_control_characters_in_training_files_are_kept_or_counted(tmp_path, compose_config, caplog):
-    src = write_lines(tmp_path / "train.de", ["a\x00b", "\x07", "c\x1b[31md", "e\tf", "g\u200bh", "i j"])
-    tgt = write_lines(tmp_path / "train.en", ["A B", "X", "C D", "E F", "G H", "I J"])
-    valid = write_lines(tmp_path / "valid.de", ["a b"])
-    cfg = compose_config(
-        "data=files", f"data.corpus.train_src={src}", f"data.corpus.train_tgt={tgt}",
-        f"data.corpus.valid_src={valid}", f"data.corpus.valid_tgt={valid}",
-        "data.subword.vocab_size=24", "data.subword.model_type=char",
-    )  # fmt: skip
-    caplog.set_level(logging.INFO, logger="seq2seq.data.datamodule")
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    kept = len(datamodule.splits["train"])
-    (line,) = [m for m in caplog.messages if m.startswith("train split")]
-    assert f"6 pairs read, {6 - kept} dropped ({6 - kept} with an empty side" in line
-    assert kept >= 4  # only a line of nothing but control characters may become empty
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
