@@ -92,7 +92,7 @@ def train(cfg: DictConfig) -> float:
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
         raise RuntimeError(
             "Training ended before any validation: no best checkpoint to evaluate"
-            f" (validation runs every trainer.val_check_interval={cfg.trainer.val_check_interval} steps)"
+            f" (validation runs every trainer.val_check_interval={cfg.trainer.val_check_interval} batches)"
         )
     best_bleu = float(checkpoint.best_model_score)
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)

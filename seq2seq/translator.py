@@ -11,21 +11,17 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from seq2seq.checkpoints import UNLOADABLE_CHECKPOINT
+from seq2seq.checkpoints import load_module
 from seq2seq.data.batching import TokenBucketBatchSampler, pad
 from seq2seq.data.corpora import read_lines, read_text_lines
 from seq2seq.metrics import CorpusScores, corpus_scores
 from seq2seq.model import Ensemble, Seq2Seq
 from seq2seq.search import Hypothesis, beam_search, greedy_search
 from seq2seq.tokenization import BOS_ID, Tokenizer
-
-if TYPE_CHECKING:
-    from seq2seq.module import TranslationModule
 
 log = logging.getLogger(__name__)
 
@@ -184,21 +180,6 @@ class Translator:
             self.model, src, lengths, settings.beam, settings.alpha, min_len=settings.min_len,
             nbest=settings.nbest, **limits,
         )  # fmt: skip
-
-
-def load_module(path: str | Path, device: str | torch.device = "cpu") -> TranslationModule:
-    """The TranslationModule of a checkpoint, with a clear error for a missing or unusable file."""
-    from seq2seq.module import TranslationModule  # the Lightning side stays out of plain use
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
-    try:
-        return TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
-    except UNLOADABLE_CHECKPOINT as err:
-        raise ValueError(
-            f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})"
-        ) from None
 
 
 @dataclass

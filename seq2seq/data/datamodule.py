@@ -144,15 +144,15 @@ class TranslationDataModule(L.LightningDataModule):
                 name, sampler.repeated_batches, sampler.num_global_batches, sampler.num_replicas,
                 len(sampler),
             )  # fmt: skip
-        loader_class = ResumableDataLoader if name == "train" else DataLoader
-        return loader_class(
-            split,
-            batch_sampler=sampler,
-            collate_fn=split.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **({"batches_done_fn": self._batches_done} if name == "train" else {}),
-        )
+        options = {
+            "batch_sampler": sampler,
+            "collate_fn": split.collate,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if name == "train":
+            return ResumableDataLoader(split, batches_done_fn=self._batches_done, **options)
+        return DataLoader(split, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
