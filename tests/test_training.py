@@ -214,3 +214,21 @@ def test_ensembles_and_averages_need_one_vocabulary(lone_checkpoint, tmp_path):
         Translator.from_checkpoints([lone_checkpoint, foreign])
     with pytest.raises(ValueError, match=r"other_vocabulary\.ckpt has another sentencepiece model"):
         average_checkpoints([lone_checkpoint, foreign], tmp_path / "averaged.ckpt")
+
+
+@pytest.mark.slow
+def test_periodic_checkpoints_average_into_a_translating_checkpoint(compose_config, tmp_path):
+    cfg = compose_config(
+        "experiment=smoke", "trainer.max_steps=40", "callbacks=averaging",
+        "callbacks.periodic_checkpoint.every_n_train_steps=10", "evaluate.beam=1", *QUIET,
+    )  # fmt: skip
+    train(cfg)
+    periodic = sorted((tmp_path / "run" / "checkpoints" / "periodic").glob("*.ckpt"))
+    assert [p.name for p in periodic] == [f"step000{n}.ckpt" for n in (10, 20, 30, 40)]
+    assert "optimizer_states" not in torch.load(periodic[-1], weights_only=False)  # weights only
+    averaged = tmp_path / "averaged.ckpt"
+    average_checkpoints(periodic[-2:], averaged)
+    weights = [torch.load(p, weights_only=False)["state_dict"] for p in (*periodic[-2:], averaged)]
+    for name, mean in weights[2].items():
+        torch.testing.assert_close(mean, (weights[0][name] + weights[1][name]) / 2)
+    assert len(Translator.from_checkpoint(averaged).translate(["w1 w2 w3", "w4"])) == 2
