@@ -29,6 +29,7 @@ VARIANTS = {
     "attn_bahdanau": "+ Bahdanau attention, input feeding",
     "attn_luong": "+ Luong (general) attention, input feeding",
 }
+ATTENTION_RUNS = ("attn_bahdanau", "attn_luong")  # also decoded greedy and averaged by bench/quality.sh
 THROUGHPUT_COLUMN = "train/device/items_per_sec"  # target tokens/s over the last 10 steps
 
 
@@ -80,17 +81,15 @@ def joey_training(folder: Path) -> Training:
 
 def collect_rows(out: Path) -> list[Row]:
     runs = out / "runs"
-    rows = [
-        Row(name, "beam 5", runs / run / "test.hyp", our_training(runs / run))
-        for run, name in VARIANTS.items()
-    ]
-    for run in ("attn_bahdanau", "attn_luong"):
+    training = {run: our_training(runs / run) for run in VARIANTS}  # each run's files read once
+    rows = [Row(name, "beam 5", runs / run / "test.hyp", training[run]) for run, name in VARIANTS.items()]
+    for run in ATTENTION_RUNS:
         if (hyp := runs / run / "greedy.test.hyp").exists():
-            rows.append(Row(VARIANTS[run].removeprefix("+ "), "greedy", hyp, our_training(runs / run)))
-    for run in ("attn_bahdanau", "attn_luong"):
+            rows.append(Row(VARIANTS[run].removeprefix("+ "), "greedy", hyp, training[run]))
+    for run in ATTENTION_RUNS:
         if (hyp := runs / run / "averaged.test.hyp").exists():
             name = f"{VARIANTS[run].removeprefix('+ ').split(',')[0]}, last 4 checkpoints averaged"
-            rows.append(Row(name, "beam 5", hyp, our_training(runs / run)))
+            rows.append(Row(name, "beam 5", hyp, training[run]))
     if (hyp := out / "ensemble.test.hyp").exists():
         rows.append(Row("ensemble of the Bahdanau and Luong runs", "beam 5", hyp, None))
     joey = joey_training(out / "joey")
