@@ -47,6 +47,9 @@ class StepTimer(L.Callback):
         self.ended = time.perf_counter()
 
 
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")  # Lightning's names
+
+
 def build(model_name: str, overrides: list[str]) -> tuple[TranslationDataModule, dict, float]:
     cache = os.environ.get("SEQ2SEQ_CACHE_DIR", str(REPO / ".cache"))
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -118,7 +121,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["small", "base"])
-    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], help="also: bf16-true")
+    # Named choices, so that Hydra overrides written after --precisions fail loudly instead of being
+    # taken as precisions (which measured the unchanged model).
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["32-true", "bf16-mixed"],
+        choices=PRECISIONS,
+        help="also: bf16-true",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest is kept")
