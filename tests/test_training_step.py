@@ -1,0 +1,172 @@
+"""The training step: no waiting on the device between logging steps, the token-mean loss under gradient
+accumulation, and the device the test split is decoded on."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from seq2seq.data.batching import EncodedSplit
+from seq2seq.module import TranslationModule, is_logging_step
+from tests.test_training import QUIET
+
+# What makes the host wait for the device when called on a tensor that lives there.
+SYNCING = {"item", "tolist", "cpu", "__bool__", "nonzero", "__int__", "__float__", "__index__", "numpy"}
+SYNCING |= {"masked_select", "equal", "allclose"}
+
+
+class OnDevice(torch.Tensor):
+    """Marks a tensor as living on the accelerator; everything computed from it inherits the mark.
+
+    On a CPU-only machine this stands in for a GPU: a host-synchronising call on such a tensor is exactly
+    one that would make the host wait for the GPU's queue.
+    """
+
+    calls: list[str] | None = None  # while counting: the synchronising calls seen
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if cls.calls is not None:
+            name = getattr(func, "__name__", "")
+            if name in SYNCING:
+                cls.calls.append(name)
+            elif name == "__getitem__" and any(is_bool_index(i) for i in flatten(args[1])):
+                cls.calls.append("boolean-mask index")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def flatten(index: Any) -> Iterator[Any]:
+    yield from index if isinstance(index, tuple) else (index,)
+
+
+def is_bool_index(index: Any) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype == torch.bool
+
+
+@contextlib.contextmanager
+def moved_tensors_marked(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Inside: ``Tensor.to`` (how a batch reaches the device) returns an :class:`OnDevice` tensor."""
+    to = torch.Tensor.to
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "to", lambda self, *a, **k: to(self, *a, **k).as_subclass(OnDevice))
+        yield
+
+
+def count_syncs_in_training_steps(monkeypatch, module: TranslationModule) -> list[tuple[int, list[str]]]:
+    """Make ``module`` record the synchronising calls of each non-logging training step."""
+    records: list[tuple[int, list[str]]] = []
+    transfer, training_step = module.transfer_batch_to_device, module.training_step
+    synchronize = torch.cuda.synchronize
+
+    def counted_synchronize(*args: Any, **kwargs: Any) -> None:
+        if OnDevice.calls is not None:
+            OnDevice.calls.append("torch.cuda.synchronize")
+        return synchronize(*args, **kwargs)
+
+    def marked_transfer(batch, device, dataloader_idx):
+        with moved_tensors_marked(monkeypatch):
+            return transfer(batch, device, dataloader_idx)
+
+    def counted_step(batch, batch_idx):
+        if is_logging_step(module.trainer):
+            return training_step(batch, batch_idx)
+        OnDevice.calls = []
+        try:
+            return training_step(batch, batch_idx)
+        finally:
+            records.append((module.global_step, OnDevice.calls))
+            OnDevice.calls = None
+
+    monkeypatch.setattr(torch.cuda, "synchronize", counted_synchronize)
+    monkeypatch.setattr(module, "transfer_batch_to_device", marked_transfer)
+    monkeypatch.setattr(module, "training_step", counted_step)
+    return records
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # equal source lengths: no packing
+        # packing, reversed sources, accumulation, skipping non-finite steps
+        [
+            "data.equal_source_length=false", "model.reverse_source=true", "module.nonfinite_loss=skip",
+            "trainer.accumulate_grad_batches=2",
+        ],
+    ],
+)  # fmt: skip
+def test_training_steps_never_wait_for_the_device_between_logging_steps(
+    compose_config, tmp_path, monkeypatch, overrides
+):
+    cfg = compose_config("experiment=smoke", *overrides)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    module = instantiate(
+        cfg.module, src_vocab_size=datamodule.tokenizer.src_vocab_size,
+        tgt_vocab_size=datamodule.tokenizer.tgt_vocab_size, _convert_="all",
+    )  # fmt: skip
+    records = count_syncs_in_training_steps(monkeypatch, module)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=9, log_every_n_steps=4, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, gradient_clip_val=1.0,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 9
+    assert len(records) >= 7 * cfg.trainer.accumulate_grad_batches  # steps 3 and 7 are logging steps
+    assert [calls for _, calls in records if calls] == []
+    # The counting sees what it must: the same calls on the batch's device tensors are counted.
+    OnDevice.calls = []
+    with moved_tensors_marked(monkeypatch):
+        ids = torch.tensor([1, 2]).to("cpu")
+    bool(ids.sum()), ids.tolist(), ids[ids > 1], ids.cpu()
+    assert OnDevice.calls == ["__bool__", "tolist", "boolean-mask index", "cpu"]
+    OnDevice.calls = None
+
+
+
+def gradients_after_one_step(batches: list, accumulate: int) -> dict[str, torch.Tensor]:
+    """The gradients the optimizer step of a fresh tiny module sees, after ``batches``."""
+    torch.manual_seed(0)
+    module = TranslationModule(
+        model={"embed_size": 8, "hidden_size": 16, "dropout": 0.0, "bidirectional": True, "bridge": True},
+        src_vocab_size=12, tgt_vocab_size=12, optimizer={"lr": 1e-3}, scheduler={"name": "constant"},
+    )  # fmt: skip
+    seen: dict[str, torch.Tensor] = {}
+
+    class Grab(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == accumulate - 1:  # after the optimizer step: the gradients it used
+                seen.update({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False, callbacks=[Grab()],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
+    return seen
+
+
+def test_accumulated_gradients_are_those_of_one_batch_holding_the_same_pairs():
+    rng = random.Random(0)
+    lengths = [2, 3, 9, 9, 8, 9, 4, 7]
+    split = EncodedSplit(
+        [[rng.randint(4, 11) for _ in range(n)] for n in lengths],
+        [[rng.randint(4, 11) for _ in range(n + rng.randint(-1, 3))] for n in lengths],
+    )
+    # Micro-batches with very different token counts: a mean of their means is not the token mean.
+    micro = [[0], [1, 6], [2, 3, 4, 5, 7]]
+    accumulated = gradients_after_one_step([split.collate(m) for m in micro], accumulate=3)
+    whole = gradients_after_one_step([split.collate([i for m in micro for i in m])], accumulate=1)
+    assert accumulated.keys() == whole.keys()
+    for name, grad in whole.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=name)
