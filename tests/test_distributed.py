@@ -49,6 +49,15 @@ def test_every_rank_gets_an_equal_disjoint_share_of_the_batches(replicas):
         assert len(pairs) == len(set(pairs))
 
 
+def test_fewer_batches_than_ranks_still_give_every_rank_one():
+    lengths = [5] * 90  # 3 batches of 30 pairs
+    three = TokenBucketBatchSampler(lengths, lengths, 180, shuffle=True, seed=1)
+    assert three.num_global_batches == 3
+    shares = [sampler(rank, 8, lengths).rank_batches(epoch=0) for rank in range(8)]
+    assert [len(share) for share in shares] == [1] * 8 == [len(sampler(r, 8, lengths)) for r in range(8)]
+    assert {tuple(b) for share in shares for b in share} == {tuple(b) for b in three.batches(0)}
+
+
 def test_order_is_a_function_of_seed_and_epoch():
     assert sampler(1, 2).rank_batches(2) == sampler(1, 2).rank_batches(2)
     assert sampler(1, 2).rank_batches(2) != sampler(1, 2).rank_batches(3)
@@ -102,6 +111,52 @@ def test_ddp_on_two_cpu_processes(tmp_path, compose_config):
     (single,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     assert float(logged[-1]["val_bleu"]) == pytest.approx(single["val_bleu"], abs=1e-6)
     assert float(logged[-1]["val_loss"]) == pytest.approx(single["val_loss"], rel=1e-5)
+
+
+DDP_ON_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "+trainer.precision=32-true"]
+
+
+@pytest.mark.slow
+def test_eight_processes_share_three_batches_without_hanging(tmp_path):
+    """8 gloo processes, 3 training batches and 1 validation batch: every process trains one batch per
+    epoch, and validation and test scoring finish (a process with no batch would hang the others)."""
+    tiny = [
+        "data.corpus.sizes={train:60,valid:8,test:8}", "data.equal_source_length=false",
+        "data.batch_tokens=200", "model.embed_size=8", "model.hidden_size=8", "evaluate.beam=1",
+    ]  # fmt: skip
+    steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.devices=8"]
+    result = smoke(tmp_path / "run", tmp_path / "cache", *DDP_ON_CPU, *tiny, *steps, *record(tmp_path / "b"))
+    assert "train: 5 of 3 batches repeat each epoch so that each of the 8 processes gets 1" in result.stderr
+    ranks = [read_records(tmp_path / "b", rank) for rank in range(8)]
+    assert [[r["epoch"] for r in records] for records in ranks] == [[0, 1]] * 8
+    assert sorted({i for records in ranks for i in records[0]["indices"]}) == list(range(60))
+    assert result.stdout.count("Test split") == 1
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_process_skips_the_step_on_all(tmp_path):
+    nan = [
+        "+callbacks.nan._target_=tests.fault_callbacks.NanAtBatch",
+        "+callbacks.nan.batch=3",
+        "+callbacks.nan.rank=1",
+    ]
+    weights = [
+        "+callbacks.weights._target_=tests.fault_callbacks.RecordWeights",
+        f"+callbacks.weights.path={tmp_path / 'w'}",
+    ]
+    result = smoke(
+        tmp_path / "run", tmp_path / "cache", *DDP_ON_CPU, "trainer.devices=2", "module.nonfinite_loss=skip",
+        "trainer.max_steps=8", "trainer.val_check_interval=8", "trainer.log_every_n_steps=5", *nan, *weights,
+    )  # fmt: skip
+    ranks = [read_records(tmp_path / "w", rank) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]  # the replicas stay equal
+    unchanged = [r["step"] for r in ranks[0] if r["before"] == r["after"]]
+    assert unchanged == [4] and len(ranks[0]) == 8  # batch 3 (the step count moves on) made no update
+    assert (
+        "Skipped 1 step(s) with a non-finite training loss so far; the first: (nan) at step 3"
+        in result.stderr
+    )
+    assert result.stdout.count("Test split") == 1
 
 
 def smoke(run: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:

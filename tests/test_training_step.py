@@ -1,11 +1,13 @@
 """The training step: no waiting on the device between logging steps, the token-mean loss under gradient
-accumulation, and the device the test split is decoded on."""
+accumulation; after training: the device the test split is decoded on, the best model of a resumed run."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,6 +18,8 @@ from torch.utils.data import DataLoader
 
 from seq2seq.data.batching import EncodedSplit
 from seq2seq.module import TranslationModule, is_logging_step
+from seq2seq.training import train
+from seq2seq.translator import Translator
 from tests.test_training import QUIET
 
 # What makes the host wait for the device when called on a tensor that lives there.
@@ -133,7 +137,6 @@ def test_training_steps_never_wait_for_the_device_between_logging_steps(
     OnDevice.calls = None
 
 
-
 def gradients_after_one_step(batches: list, accumulate: int) -> dict[str, torch.Tensor]:
     """The gradients the optimizer step of a fresh tiny module sees, after ``batches``."""
     torch.manual_seed(0)
@@ -170,3 +173,44 @@ def test_accumulated_gradients_are_those_of_one_batch_holding_the_same_pairs():
     assert accumulated.keys() == whole.keys()
     for name, grad in whole.items():
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class ClaimDeviceAfterFit(L.Callback):
+    """After training, the trainer says it trained on ``cuda:3``: where the test split must be decoded."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy._root_device = torch.device("cuda", 3)
+
+
+def test_test_split_is_decoded_on_the_training_device(compose_config, monkeypatch):
+    devices = []
+
+    def from_checkpoint(path, device="cpu"):
+        devices.append(torch.device(device))
+        return Translator.from_checkpoints([path])  # on the CPU, which this machine has
+
+    monkeypatch.setattr(Translator, "from_checkpoint", from_checkpoint)
+    cfg = compose_config(
+        "experiment=smoke", "trainer.max_steps=4", "trainer.val_check_interval=4", "evaluate.beam=1",
+        "+callbacks.claim._target_=tests.test_training_step.ClaimDeviceAfterFit", *QUIET,
+    )  # fmt: skip
+    train(cfg)
+    assert devices == [torch.device("cuda", 3)]
+
+
+def test_a_resumed_run_scores_the_best_model_of_the_whole_run(compose_config, tmp_path):
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    quick = ["experiment=smoke", "trainer.val_check_interval=10", "evaluate.beam=1", *QUIET]
+    train(compose_config(*quick, "trainer.max_steps=20", f"paths.output_dir={first}"))
+    (best,) = (first / "checkpoints").glob("best-*.ckpt")
+    best_score = json.loads((first / "result.json").read_text())["val_bleu"]
+
+    # Five more steps in a new run directory, without a validation: the first part's best stays best.
+    last = first / "checkpoints" / "last.ckpt"
+    bleu = train(
+        compose_config(*quick, "trainer.max_steps=25", f"ckpt_path={last}", f"paths.output_dir={resumed}")
+    )
+    assert bleu == pytest.approx(best_score)
+    result = json.loads((resumed / "result.json").read_text())
+    assert Path(result["checkpoint"]) == resumed / "checkpoints" / best.name and best.is_file()
+    assert (resumed / "test.hyp").is_file()
