@@ -74,9 +74,10 @@ class NanAtBatch(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx == self.batch and self.rank in (None, trainer.global_rank):
-            # The decoder returns (outputs, state): poison the outputs.
+            # The decoder returns (outputs, state): poison the outputs, keeping them in the graph (under DDP
+            # every parameter must still get a gradient).
             self._hook = pl_module.model.decoder.register_forward_hook(
-                lambda module, args, output: (torch.full_like(output[0], float("nan")), *output[1:])
+                lambda module, args, output: (output[0] * float("nan"), *output[1:])
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
