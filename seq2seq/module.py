@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
 from seq2seq.data.batching import Batch
@@ -186,9 +187,8 @@ class TranslationModule(L.LightningModule):
         # 16-mixed: Lightning refuses to clip for an optimizer that unscales in its step (fused AdamW);
         # unscaling here (on the device) first makes clipping exact, and the scaler then skips unscaling.
         scaler.unscale_(optimizer)
-        Precision.clip_gradients(
-            self.trainer.precision_plugin, optimizer, gradient_clip_val, gradient_clip_algorithm
-        )
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # Lightning's default
+        Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, algorithm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from seq2seq.data.batching import EncodedSplit
@@ -137,42 +138,74 @@ def test_training_steps_never_wait_for_the_device_between_logging_steps(
     OnDevice.calls = None
 
 
-def gradients_after_one_step(batches: list, accumulate: int) -> dict[str, torch.Tensor]:
-    """The gradients the optimizer step of a fresh tiny module sees, after ``batches``."""
+def random_split(seed: int = 0) -> EncodedSplit:
+    """Eight pairs of random ids of the tiny vocabulary, of very different lengths."""
+    rng = random.Random(seed)
+    lengths = [2, 3, 9, 9, 8, 9, 4, 7]
+    return EncodedSplit(
+        [[rng.randint(4, 11) for _ in range(n)] for n in lengths],
+        [[rng.randint(4, 11) for _ in range(n + rng.randint(-1, 3))] for n in lengths],
+    )
+
+
+def fit_tiny_module(batches: list, **trainer_options: Any) -> tuple[TranslationModule, L.Trainer]:
+    """A fresh tiny module (seed 0) trained on ``batches`` (in order) with these Trainer options."""
     torch.manual_seed(0)
     module = TranslationModule(
         model={"embed_size": 8, "hidden_size": 16, "dropout": 0.0, "bidirectional": True, "bridge": True},
         src_vocab_size=12, tgt_vocab_size=12, optimizer={"lr": 1e-3}, scheduler={"name": "constant"},
     )  # fmt: skip
-    seen: dict[str, torch.Tensor] = {}
-
-    class Grab(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == accumulate - 1:  # after the optimizer step: the gradients it used
-                seen.update({n: p.grad.clone() for n, p in pl_module.named_parameters()})
-
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False, callbacks=[Grab()],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **trainer_options,
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
-    return seen
+    return module, trainer
+
+
+class GrabGradients(L.Callback):
+    """Keeps the gradients the optimizer step after batch ``batch_idx`` used."""
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch_idx:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters()}
+
+
+class ScaledFp32(MixedPrecision):
+    """16-mixed's grad scaler without autocast: the scaler path of trainer=gpu, on a CPU (which has no
+    fp16 LSTM)."""
+
+    def __init__(self) -> None:
+        super().__init__("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+
+    def autocast_context_manager(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def test_the_grad_scaler_path_clips_unscaled_gradients_with_fused_adamw():
+    """Lightning refuses to clip for fused AdamW under 16-mixed; the module unscales, then clips."""
+    batches = [random_split(seed).collate(list(range(8))) for seed in range(3)]
+    module, trainer = fit_tiny_module(batches, plugins=[ScaledFp32()], gradient_clip_val=0.05, max_steps=3)
+    assert trainer.global_step == 3 and trainer.precision_plugin.scaler.get_scale() == 2.0**10
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()])) <= 0.05 + 1e-6
+    assert all(state["step"] == 3 for state in trainer.optimizers[0].state.values())
 
 
 def test_accumulated_gradients_are_those_of_one_batch_holding_the_same_pairs():
-    rng = random.Random(0)
-    lengths = [2, 3, 9, 9, 8, 9, 4, 7]
-    split = EncodedSplit(
-        [[rng.randint(4, 11) for _ in range(n)] for n in lengths],
-        [[rng.randint(4, 11) for _ in range(n + rng.randint(-1, 3))] for n in lengths],
-    )
+    split = random_split()
     # Micro-batches with very different token counts: a mean of their means is not the token mean.
     micro = [[0], [1, 6], [2, 3, 4, 5, 7]]
-    accumulated = gradients_after_one_step([split.collate(m) for m in micro], accumulate=3)
-    whole = gradients_after_one_step([split.collate([i for m in micro for i in m])], accumulate=1)
-    assert accumulated.keys() == whole.keys()
-    for name, grad in whole.items():
-        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    accumulated, whole = GrabGradients(batch_idx=2), GrabGradients(batch_idx=0)
+    batches = [split.collate(m) for m in micro]
+    fit_tiny_module(batches, max_steps=1, accumulate_grad_batches=3, callbacks=[accumulated])
+    fit_tiny_module([split.collate([i for m in micro for i in m])], max_steps=1, callbacks=[whole])
+    assert accumulated.grads.keys() == whole.grads.keys()
+    for name, grad in whole.grads.items():
+        torch.testing.assert_close(accumulated.grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 class ClaimDeviceAfterFit(L.Callback):
