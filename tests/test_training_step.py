@@ -4,6 +4,7 @@ accumulation; after training: the device the test split is decoded on, the best 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import random
 from collections.abc import Iterator
@@ -14,11 +15,13 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-from seq2seq.data.batching import EncodedSplit
+from seq2seq.data.batching import EncodedSplit, batch_size, target_tokens
 from seq2seq.module import TranslationModule, is_logging_step
+from seq2seq.throughput import ThroughputMonitor
 from seq2seq.training import train
 from seq2seq.translator import Translator
 from tests.test_training import QUIET
@@ -155,9 +158,10 @@ def fit_tiny_module(batches: list, **trainer_options: Any) -> tuple[TranslationM
         model={"embed_size": 8, "hidden_size": 16, "dropout": 0.0, "bidirectional": True, "bridge": True},
         src_vocab_size=12, tgt_vocab_size=12, optimizer={"lr": 1e-3}, scheduler={"name": "constant"},
     )  # fmt: skip
+    options = {"logger": False} | trainer_options
     trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, **trainer_options,
+        accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        **options,
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
     return module, trainer
@@ -247,3 +251,15 @@ def test_a_resumed_run_scores_the_best_model_of_the_whole_run(compose_config, tm
     result = json.loads((resumed / "result.json").read_text())
     assert Path(result["checkpoint"]) == resumed / "checkpoints" / best.name and best.is_file()
     assert (resumed / "test.hyp").is_file()
+
+
+def test_throughput_is_timed_on_logging_steps_only(tmp_path):
+    """Every batch is counted, the clock read (after a GPU synchronisation) only every 3 steps."""
+    monitor = ThroughputMonitor(batch_size_fn=batch_size, length_fn=target_tokens, window_size=2)
+    batches = [random_split(seed).collate(list(range(8))) for seed in range(7)]
+    logger = CSVLogger(tmp_path, name="", version="")
+    fit_tiny_module(batches, max_steps=7, log_every_n_steps=3, callbacks=[monitor], logger=logger)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    timed = [row for row in rows if row.get("train/device/items_per_sec")]
+    assert [int(row["step"]) for row in timed] == [5]  # window of 2 timed steps: 2 and 5 (0-based)
+    assert int(timed[0]["train/lengths"]) == sum(b.num_target_tokens for b in batches[:6])
