@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +21,8 @@ from seq2seq.search import greedy_search
 from seq2seq.tokenization import PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
+# TranslationModule moves batches itself, on purpose, whatever data module feeds it.
+warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `Lightning")
 
 SCHEDULERS = ("inverse_sqrt", "constant", "plateau")
 NONFINITE_POLICIES = ("stop", "skip")
