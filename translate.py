@@ -3,6 +3,7 @@
 import sys
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from seq2seq.translator import SearchSettings, Translator, translate_file
@@ -13,7 +14,8 @@ def main(cfg: DictConfig) -> None:
     settings = SearchSettings(cfg.beam, cfg.alpha, cfg.max_len_a, cfg.max_len_b, cfg.min_len, cfg.nbest)
     # ckpt=PATH, or ckpt=[PATH,PATH,...]: an ensemble
     paths = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
-    translator = Translator.from_checkpoints(paths, cfg.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    translator = Translator.from_checkpoints(paths, device)
     report = translate_file(
         translator, cfg.input, cfg.output, settings, cfg.batch_tokens, cfg.chunk_lines, cfg.ref, cfg.progress
     )

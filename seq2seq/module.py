@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
 from seq2seq.data.batching import Batch
@@ -17,6 +21,8 @@ from seq2seq.search import greedy_search
 from seq2seq.tokenization import PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
+# TranslationModule moves batches itself, on purpose, whatever data module feeds it.
+warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `Lightning")
 
 SCHEDULERS = ("inverse_sqrt", "constant", "plateau")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -72,7 +78,14 @@ class TranslationModule(L.LightningModule):
         self.decoding = decoding or {}
         self.tokenizer: Tokenizer | None = None  # set by the trainer script or restored from a checkpoint
         self.run_config: dict[str, Any] | None = None  # the resolved run configuration, kept in checkpoints
-        self.skipped_steps = 0
+        # Non-finite losses, recorded on the device: found in this optimizer step (what fused AdamW reads
+        # as found_inf), steps skipped so far, and (step, loss) of the first one.
+        self._found_inf: Tensor | None = None
+        self._skipped: Tensor | None = None
+        self._first_nonfinite: Tensor | None = None
+        self._skipped_reported = 0
+        # Of the optimizer step being accumulated: [first micro-batch's tokens, all tokens, micro-batches].
+        self._window: list[Any] | None = None
         # Per validation sentence index: (greedy translation, summed target NLL, target tokens).
         self._val_sentences: dict[int, tuple[str, float, int]] = {}
 
@@ -80,12 +93,16 @@ class TranslationModule(L.LightningModule):
         """Per-token negative log-likelihood and mean negative log-prob over the vocabulary.
 
         Only the non-pad positions are projected to the vocabulary, which skips the padding's share of
-        the largest matrix product. Returns two (num_target_tokens,) tensors.
+        the largest matrix product. Their number is known from the collate step, so finding them does
+        not wait for the device (a boolean-mask index would). Returns two (num_target_tokens,) tensors.
         """
         outputs = self.model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, H)
-        real = batch.tgt_out != PAD_ID
-        log_probs = self.model.logits(outputs[real]).float().log_softmax(dim=-1)  # (N, V)
-        nll = -log_probs.gather(1, batch.tgt_out[real].unsqueeze(1)).squeeze(1)
+        real = (batch.tgt_out != PAD_ID).flatten()  # (B * T,)
+        positions = torch.nonzero_static(real, size=batch.num_target_tokens).squeeze(1)  # (N,)
+        hidden = outputs.flatten(0, 1).index_select(0, positions)  # (N, H)
+        log_probs = self.model.logits(hidden).float().log_softmax(dim=-1)  # (N, V)
+        targets = batch.tgt_out.flatten().index_select(0, positions)
+        nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
         return nll, -log_probs.mean(dim=-1)
 
     def smoothed_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -94,31 +111,117 @@ class TranslationModule(L.LightningModule):
         eps = self.hparams.label_smoothing
         return (1.0 - eps) * nll + eps * uniform, nll
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        losses, nll = self.smoothed_losses(batch)
-        # Sums over all processes: their batches hold different numbers of target tokens.
-        loss_sum, nll_sum, tokens = self.trainer.strategy.reduce(
-            torch.stack([losses.detach().sum(), nll.detach().sum(), losses.new_tensor(nll.numel())]),
-            reduce_op="sum",
-        )
-        if not torch.isfinite(loss_sum):
-            return self._on_nonfinite_loss(float(loss_sum))
-        self.log("train_loss", loss_sum / tokens, prog_bar=True, batch_size=batch.src.size(0))
-        self.log("train_ppl", (nll_sum / tokens).exp(), batch_size=batch.src.size(0))
-        # DDP averages gradients over processes; scaling by their number makes that a token mean.
-        return losses.sum() * self.trainer.world_size / tokens
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Copy the padded ids to ``device`` without waiting (the loader pins them on a GPU); the lengths
+        and indices stay on the CPU, where packing and the validation bookkeeping read them."""
+        if not isinstance(batch, Batch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        moved = {
+            name: getattr(batch, name).to(device, non_blocking=True) for name in ("src", "tgt_in", "tgt_out")
+        }
+        return replace(batch, **moved)
 
-    def _on_nonfinite_loss(self, value: float) -> None:
-        batch = self.trainer.fit_loop.epoch_loop.batch_idx
-        where = f"at step {self.global_step} (epoch {self.current_epoch}, batch {batch})"
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """The loss to back-propagate: its gradient, once accumulated over the micro-batches of an optimizer
+        step and averaged by DDP, is that of the mean loss over all their target tokens.
+
+        Nothing here waits for the device except on logging steps: token counts come from the collate
+        step, the sums are all-reduced asynchronously, and a non-finite loss is noted on the device (the
+        optimizer step skips it there; the policy is applied when it is next read, see
+        :meth:`_apply_nonfinite_policy`).
+        """
+        losses, nll = self.smoothed_losses(batch)
+        # [loss sum, NLL sum, target tokens] over all processes: their batches hold different token counts.
+        totals = torch.stack(
+            [losses.detach().sum(), nll.detach().sum(), losses.new_full((), batch.num_target_tokens)]
+        )
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(totals)  # Lightning's reduce adds a barrier, which waits on the GPU
+        loss_sum, nll_sum, tokens = totals.unbind()
+        self._note_loss(loss_sum)
+        if self._window is None:  # the first micro-batch of an optimizer step fixes the loss's scale
+            self._window = [tokens, tokens, 1]
+        else:
+            self._window[1] = self._window[1] + tokens
+            self._window[2] += 1
+        if is_logging_step(self.trainer):
+            self.log("train_loss", loss_sum / tokens, prog_bar=True, batch_size=batch.src.size(0))
+            self.log("train_ppl", (nll_sum / tokens).exp(), batch_size=batch.src.size(0))
+            self.log("train_skipped_steps", self._skipped + self._found_inf, reduce_fx="max")
+            self._apply_nonfinite_policy()
+        # Lightning divides by accumulate_grad_batches and DDP averages over processes: undone here, so
+        # the gradient is the token sum over the first micro-batch's tokens (rescaled before the step).
+        return (
+            losses.sum() * (self.trainer.world_size * self.trainer.accumulate_grad_batches) / self._window[0]
+        )
+
+    def _note_loss(self, loss_sum: Tensor) -> None:
+        """Record on the device whether ``loss_sum`` (the same on every process) is finite."""
+        if self._found_inf is None:
+            self._found_inf = loss_sum.new_zeros((), dtype=torch.float32)
+            self._skipped = torch.zeros_like(self._found_inf)
+            self._first_nonfinite = loss_sum.new_full((2,), -1.0, dtype=torch.float32)  # (step, loss)
+        bad = ~torch.isfinite(loss_sum)
+        self._found_inf = torch.maximum(self._found_inf, bad.float())
+        first = bad & (self._first_nonfinite[0] < 0)
+        step = torch.stack([loss_sum.new_full((), self.global_step, dtype=torch.float32), loss_sum.float()])
+        self._first_nonfinite = torch.where(first, step, self._first_nonfinite)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norm, tokens, batches = self._window
+        if batches > 1:  # accumulated: from "over the first micro-batch's tokens" to "over all tokens"
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, norm / tokens)
+        # Fused AdamW skips its update on the device when found_inf is non-zero: no update, no moment
+        # change, no step count, on every process (the loss was summed over all of them). Under
+        # 16-mixed the grad scaler sets its own found_inf, which a non-finite loss also sets.
+        optimizer.found_inf = self._found_inf
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None or not gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # 16-mixed: Lightning refuses to clip for an optimizer that unscales in its step (fused AdamW);
+        # unscaling here (on the device) first makes clipping exact, and the scaler then skips unscaling.
+        scaler.unscale_(optimizer)
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # Lightning's default
+        Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, algorithm)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._skipped = self._skipped + self._found_inf
+        self._found_inf = torch.zeros_like(self._found_inf)
+        self._window = None
+
+    def on_train_end(self) -> None:
+        if self._found_inf is not None:
+            self._apply_nonfinite_policy()
+
+    def _apply_nonfinite_policy(self) -> None:
+        """Read the non-finite record from the device (a wait: logging steps and the end only) and act."""
+        skipped = int(self._skipped + self._found_inf)
+        if skipped == self._skipped_reported:
+            return
+        step, value = self._first_nonfinite.tolist()
+        where = f"at step {int(step)}"
         if self.hparams.nonfinite_loss == "stop":
             raise FloatingPointError(
-                f"Non-finite training loss ({value}) {where}; module.nonfinite_loss=skip skips such steps"
+                f"Non-finite training loss ({value}) {where}; the weights were not updated from it;"
+                " module.nonfinite_loss=skip skips such steps"
             )
-        self.skipped_steps += 1
-        log.warning("Skipped a step with a non-finite training loss (%s) %s", value, where)
-        self.log("train_skipped_steps", float(self.skipped_steps), reduce_fx="max")
-        return None  # Lightning makes no backward pass and no update for this batch
+        log.warning(
+            "Skipped %d step(s) with a non-finite training loss so far; the first: (%s) %s",
+            skipped,
+            value,
+            where,
+        )
+        self._skipped_reported = skipped
 
     def on_validation_epoch_start(self) -> None:
         self._val_sentences = {}
@@ -154,7 +257,8 @@ class TranslationModule(L.LightningModule):
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameters(), **self.hparams.optimizer)
+        # Fused: it takes the non-finite flag as found_inf and skips on the device (see training_step).
+        optimizer = torch.optim.AdamW(self.parameters(), fused=True, **self.hparams.optimizer)
         settings = self.hparams.scheduler
         if settings["name"] == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -198,3 +302,8 @@ def gather_dicts(local: dict[int, Any]) -> dict[int, Any]:
     parts: list[dict[int, Any] | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, local)
     return {key: value for part in parts for key, value in part.items()}
+
+
+def is_logging_step(trainer: L.Trainer) -> bool:
+    """Whether what this training batch logs is written (every ``trainer.log_every_n_steps`` steps)."""
+    return trainer._logger_connector.should_update_logs

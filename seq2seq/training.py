@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -56,6 +58,8 @@ def train(cfg: DictConfig) -> float:
     if cfg.get("ckpt_path"):
         check_resume_checkpoint(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("float32_matmul_precision"):  # "high": TF32 matrix products on GPUs that have them
+        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     output_dir = Path(cfg.paths.output_dir)
     if rank_zero_only.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +80,8 @@ def train(cfg: DictConfig) -> float:
     log.info("Model: %s parameters", f"{parameters:,}")
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    if cfg.get("ckpt_path"):
+        callbacks.append(CarryBestCheckpoint())
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     started = time.perf_counter()
@@ -88,7 +94,6 @@ def train(cfg: DictConfig) -> float:
 
     by_bleu = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val_bleu"]
     checkpoint = by_bleu[0] if by_bleu else None
-    # A resumed run forgets the best score of its first part (Lightning keeps it only in the same folder).
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
         raise RuntimeError(
             "Training ended before any validation: no best checkpoint to evaluate"
@@ -98,7 +103,8 @@ def train(cfg: DictConfig) -> float:
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
     if trainer.is_global_zero:
         if "test" in datamodule.texts:
-            translator = Translator.from_checkpoint(checkpoint.best_model_path)
+            # On the device that trained (a GPU decodes the test split many times faster than the CPU).
+            translator = Translator.from_checkpoint(checkpoint.best_model_path, trainer.strategy.root_device)
             report = evaluate_test(translator, datamodule, output_dir, test_settings, test_batch_tokens)
             print(
                 f"Test split ({datamodule.texts['test'].origin}), beam {test_settings.beam},"
@@ -109,6 +115,44 @@ def train(cfg: DictConfig) -> float:
             checkpoint=checkpoint.best_model_path,
         )  # fmt: skip
     return best_bleu
+
+
+class CarryBestCheckpoint(L.Callback):
+    """A run resumed into a new run directory keeps competing with the best checkpoint of the run it resumes.
+
+    Lightning restores a checkpoint callback's best score only if its folder did not change; otherwise
+    the next validation would become "best" whatever its score, and the test split would be scored with
+    a worse model than the run already had. So the best checkpoint is copied into the new folder and the
+    callback state points at the copy: later validations compete with it, and the test scores are those of
+    the best model of the whole run. The old run directory is left as it was.
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get("callbacks", {})
+        for callback in trainer.checkpoint_callbacks:
+            state = states.get(callback.state_key)
+            if not state or state.get("dirpath") in (None, callback.dirpath):
+                continue  # not saved, or resumed in the same folder: Lightning restores it all
+            best, score = state.get("best_model_path"), state.get("best_model_score")
+            state.update(
+                dirpath=callback.dirpath, best_model_path="", kth_best_model_path="", last_model_path=""
+            )
+            state["best_k_models"] = {}
+            if not callback.monitor or not best or score is None:
+                continue
+            if not Path(best).is_file():
+                log.warning(
+                    "The best checkpoint of the resumed run, %s, is gone: its score is forgotten", best
+                )
+                state["best_model_score"] = None
+                continue
+            copy = Path(callback.dirpath) / Path(best).name
+            if trainer.is_global_zero:
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(best, copy)
+            state.update(best_model_path=str(copy), kth_best_model_path=str(copy), kth_value=score)
+            state["best_k_models"] = {str(copy): score}
+            log.info("Resumed with the best checkpoint so far: %s (%s %.2f)", copy, callback.monitor, score)
 
 
 def evaluation_settings(cfg: DictConfig) -> tuple[SearchSettings, int]:

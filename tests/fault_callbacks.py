@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -30,23 +31,53 @@ class RecordBatches(L.Callback):
             f.write(json.dumps(record) + "\n")
 
 
+class RecordWeights(L.Callback):
+    """Appends, per process, one JSON line per training batch: step and a digest of the weights and of
+    the optimizer state before and after it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._before = ""
+
+    @staticmethod
+    def digest(trainer: L.Trainer, pl_module: Any) -> str:
+        tensors = [p.detach() for p in pl_module.parameters()]
+        tensors += [v for s in trainer.optimizers[0].state.values() for v in s.values() if torch.is_tensor(v)]
+        return hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in tensors)).hexdigest()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._before = self.digest(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        record = {
+            "step": trainer.global_step,
+            "before": self._before,
+            "after": self.digest(trainer, pl_module),
+        }
+        with open(f"{self.path}.rank{trainer.global_rank}", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def read_records(path: str | Path, rank: int = 0) -> list[dict[str, Any]]:
     lines = Path(f"{path}.rank{rank}").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]
 
 
 class NanAtBatch(L.Callback):
-    """Makes the decoder output NaN for the ``batch``-th training batch only: a non-finite loss."""
+    """Makes the decoder output NaN for the ``batch``-th training batch only (of process ``rank`` only, if
+    given): a non-finite loss."""
 
-    def __init__(self, batch: int) -> None:
+    def __init__(self, batch: int, rank: int | None = None) -> None:
         self.batch = batch
+        self.rank = rank
         self._hook: Any = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx == self.batch:
-            # The decoder returns (outputs, state): poison the outputs.
+        if batch_idx == self.batch and self.rank in (None, trainer.global_rank):
+            # The decoder returns (outputs, state): poison the outputs, keeping them in the graph (under DDP
+            # every parameter must still get a gradient).
             self._hook = pl_module.model.decoder.register_forward_hook(
-                lambda module, args, output: (torch.full_like(output[0], float("nan")), *output[1:])
+                lambda module, args, output: (output[0] * float("nan"), *output[1:])
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:

@@ -1,5 +1,5 @@
-"""Data parallelism and resuming: sharded batches, DDP on CPU with exact validation scores, resume
-after SIGKILL and after Ctrl-C."""
+"""Data parallelism and resuming: sharded batches, DDP on CPU (2 and 8 gloo processes) with exact
+validation scores and non-finite steps skipped on every process, resume after SIGKILL and after Ctrl-C."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ from tests.fault_callbacks import read_records
 from tests.test_training import QUIET, REPO, run_script
 
 RECORD = "+callbacks.record._target_=tests.fault_callbacks.RecordBatches"
+NAN_AT_BATCH_3_ON_RANK_1 = [
+    "+callbacks.nan._target_=tests.fault_callbacks.NanAtBatch",
+    "+callbacks.nan.batch=3",
+    "+callbacks.nan.rank=1",
+]
 
 
 def sampler(rank: int = 0, replicas: int = 1, lengths: list[int] | None = None) -> TokenBucketBatchSampler:
@@ -49,6 +54,15 @@ def test_every_rank_gets_an_equal_disjoint_share_of_the_batches(replicas):
         assert len(pairs) == len(set(pairs))
 
 
+def test_fewer_batches_than_ranks_still_give_every_rank_one():
+    lengths = [5] * 90  # 3 batches of at most 40 pairs
+    three = sampler(0, 1, lengths)
+    assert three.num_global_batches == 3
+    shares = [sampler(rank, 8, lengths).rank_batches(epoch=0) for rank in range(8)]
+    assert [len(share) for share in shares] == [1] * 8 == [len(sampler(r, 8, lengths)) for r in range(8)]
+    assert {tuple(b) for share in shares for b in share} == {tuple(b) for b in three.batches(0)}
+
+
 def test_order_is_a_function_of_seed_and_epoch():
     assert sampler(1, 2).rank_batches(2) == sampler(1, 2).rank_batches(2)
     assert sampler(1, 2).rank_batches(2) != sampler(1, 2).rank_batches(3)
@@ -63,7 +77,8 @@ def test_resume_skips_the_batches_already_trained_on():
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path, compose_config):
-    """Two gloo processes: disjoint batches, no hang on an uneven batch count, exact validation scores."""
+    """Two gloo processes: disjoint batches, no hang on an uneven batch count, a NaN loss on one process
+    skips that step on both (module.nonfinite_loss=skip) and training goes on, exact validation scores."""
     odd = "data.batch_tokens=700"  # 31 training batches
     cfg = compose_config("experiment=smoke", odd)
     datamodule = instantiate(cfg.data)
@@ -74,11 +89,22 @@ def test_ddp_on_two_cpu_processes(tmp_path, compose_config):
     run, record_path = tmp_path / "ddp", tmp_path / "batches"
     steps = whole_epoch.num_global_batches // 2 + 6  # the whole first epoch and some of the second
     result = run_script(
-        "train.py", "experiment=smoke", odd, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "train.py", "experiment=smoke", odd, "trainer=ddp_cpu",
         f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", f"hydra.run.dir={run}",
         f"paths.cache_dir={tmp_path / 'cache'}", "logger=[csv,tensorboard]", *record(record_path), *QUIET,
+        "module.nonfinite_loss=skip", "trainer.log_every_n_steps=5", *NAN_AT_BATCH_3_ON_RANK_1,
+        *record_weights(tmp_path / "w"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    weights = [read_records(tmp_path / "w", rank) for rank in (0, 1)]
+    assert weights[0] == weights[1]  # the replicas stay equal
+    unchanged = [r["step"] for r in weights[0] if r["before"] == r["after"]]
+    # Batch 3 of each epoch made no update; the step count moves on.
+    batches_per_rank = (whole_epoch.num_global_batches + 1) // 2
+    assert unchanged == [4, 4 + batches_per_rank] and len(weights[0]) == steps
+    log = (run / "train.log").read_text()
+    assert "Skipped 1 step(s) with a non-finite training loss so far; the first: (nan) at step 3" in log
+
     ranks = [read_records(record_path, rank) for rank in (0, 1)]
     assert [len(records) for records in ranks] == [steps, steps]
     for first, second in zip(*ranks, strict=True):
@@ -104,6 +130,27 @@ def test_ddp_on_two_cpu_processes(tmp_path, compose_config):
     assert float(logged[-1]["val_loss"]) == pytest.approx(single["val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_eight_processes_share_three_batches_without_hanging(tmp_path):
+    """8 gloo processes, 3 training batches and 1 validation batch: every process trains one batch per
+    epoch, and validation and test scoring finish (a process with no batch would hang the others)."""
+    tiny = [
+        "data.corpus.sizes={train:60,valid:8,test:8}", "data.equal_source_length=false",
+        "data.batch_tokens=200", "model.embed_size=8", "model.hidden_size=8", "evaluate.beam=1",
+    ]  # fmt: skip
+    steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.devices=8"]
+    result = smoke(
+        tmp_path / "run", tmp_path / "cache", "trainer=ddp_cpu", *tiny, *steps, *record(tmp_path / "b")
+    )
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "train: 5 of 3 batches repeat each epoch so that each of the 8 processes gets 1" in log
+    assert "valid: 7 of 1 batches repeat each epoch so that each of the 8 processes gets 1" in log
+    ranks = [read_records(tmp_path / "b", rank) for rank in range(8)]
+    assert [[r["epoch"] for r in records] for records in ranks] == [[0, 1]] * 8
+    assert sorted({i for records in ranks for i in records[0]["indices"]}) == list(range(60))
+    assert result.stdout.count("Test split") == 1
+
+
 def smoke(run: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
     """``python train.py experiment=smoke`` into ``run``; must succeed."""
     result = run_script(
@@ -115,6 +162,13 @@ def smoke(run: Path, cache: Path, *overrides: str) -> subprocess.CompletedProces
 
 def record(path: Path) -> list[str]:
     return [RECORD, f"+callbacks.record.path={path}"]
+
+
+def record_weights(path: Path) -> list[str]:
+    return [
+        "+callbacks.weights._target_=tests.fault_callbacks.RecordWeights",
+        f"+callbacks.weights.path={path}",
+    ]
 
 
 def start_training(run: Path, cache: Path, *overrides: str) -> subprocess.Popen:

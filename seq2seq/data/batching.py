@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -21,7 +21,9 @@ class Batch:
     src_lengths: (batch,) true source lengths (CPU, as packing wants them).
     tgt_in: (batch, tgt_len) BOS + target ids, the decoder's teacher-forced input.
     tgt_out: (batch, tgt_len) target ids + EOS, what the decoder must predict; PAD_ID where padded.
-    indices: (batch,) positions of the pairs in their split, to find their raw text.
+    indices: (batch,) positions of the pairs in their split, to find their raw text (CPU).
+    num_target_tokens: real (non-pad) positions of ``tgt_out``, counted when the batch is built, so
+        that training never asks the device for it.
     """
 
     src: Tensor
@@ -29,10 +31,12 @@ class Batch:
     tgt_in: Tensor
     tgt_out: Tensor
     indices: Tensor
+    num_target_tokens: int
 
-    @property
-    def num_target_tokens(self) -> int:
-        return int((self.tgt_out != PAD_ID).sum())
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (DataLoader ``pin_memory=True``), so copies to the GPU need not wait."""
+        pinned = {name: getattr(self, name).pin_memory() for name in ("src", "tgt_in", "tgt_out")}
+        return replace(self, **pinned)
 
 
 def pad(sequences: Sequence[Sequence[int]], prefix: int | None = None, suffix: int | None = None) -> Tensor:
@@ -74,6 +78,7 @@ class EncodedSplit(Dataset):
             tgt_in=pad(tgt, prefix=BOS_ID),
             tgt_out=pad(tgt, suffix=EOS_ID),
             indices=torch.tensor(indices, dtype=torch.long),
+            num_target_tokens=sum(map(len, tgt)) + len(tgt),  # EOS included
         )
 
     def padding_efficiency(self, batches: list[list[int]]) -> tuple[float, float]:
@@ -99,10 +104,10 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     starts, so a run resumed at an epoch sees that epoch's order.
 
     Under data parallelism every rank builds the same global batches and takes every
-    ``num_replicas``-th one from ``rank`` on. The list is first padded with repeats of its first batches
-    to a multiple of ``num_replicas``, so every rank gets the same number of batches (a rank with one
-    batch fewer would wait forever in the gradient all-reduce). :meth:`resume` skips the batches that
-    a resumed run has already trained on in the current epoch.
+    ``num_replicas``-th one from ``rank`` on. The list is first padded by repeating it cyclically to a
+    multiple of ``num_replicas`` (even with fewer batches than ranks), so every rank gets the same number
+    of batches (a rank with one batch fewer would wait forever in the gradient all-reduce).
+    :meth:`resume` skips the batches that a resumed run has already trained on in the current epoch.
     """
 
     def __init__(
@@ -162,7 +167,8 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's share of the epoch's batches, ``len(self)`` of them."""
         batches = self.batches(epoch)
-        padded = batches + batches[: len(self) * self.num_replicas - len(batches)]
+        # Cyclic repeats: even 3 batches on 8 ranks give every rank one.
+        padded = [batches[i % len(batches)] for i in range(len(self) * self.num_replicas)]
         return padded[self.rank :: self.num_replicas]
 
     @property

@@ -31,6 +31,7 @@ class TranslationDataModule(L.LightningDataModule):
         equal_source_length: training batches hold one source length only, so the encoder needs no
             packing (twice as fast on CPU); validation batches mix lengths to stay large.
         num_workers: DataLoader worker processes.
+        pin_memory: batches in page-locked memory, so that copying them to a GPU does not wait.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class TranslationDataModule(L.LightningDataModule):
         eval_batch_tokens: int | None = None,
         equal_source_length: bool = True,
         num_workers: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -62,6 +64,7 @@ class TranslationDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.seed = seed
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, EncodedSplit] = {}
@@ -149,6 +152,7 @@ class TranslationDataModule(L.LightningDataModule):
             "collate_fn": split.collate,
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory,
         }
         if name == "train":
             return ResumableDataLoader(split, batches_done_fn=self._batches_done, **options)
