@@ -84,9 +84,10 @@ class TranslationDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the prepared cache, unless it is up to date (then only check it)."""
-        self._prepared_folder()
+        self.prepared_folder()
 
-    def _prepared_folder(self) -> Path:
+    def prepared_folder(self) -> Path:
+        """The prepared cache folder, built now if no process has built it."""
         if self.corpus is None:
             self.corpus = self.load_corpus()
         # Under a lock: a process that finds the cache being built waits, then reuses it.
@@ -95,7 +96,7 @@ class TranslationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
-        prepared = open_prepared(self._prepared_folder())
+        prepared = open_prepared(self.prepared_folder())
         self.tokenizer = prepared.tokenizer
         self.splits = prepared.splits
         for name, split in self.splits.items():
