@@ -77,6 +77,10 @@ def prepare(corpus: Corpus, settings: SubwordSettings, max_len: int, cache_dir: 
         tmp.mkdir()
         try:
             build(corpus, settings, max_len, tmp)
+            if stale_reason(folder) is None:  # built meanwhile where our lock is not seen (another node)
+                shutil.rmtree(tmp)
+                log.info("Reusing prepared data in %s, built meanwhile by another process", folder)
+                return folder
             if folder.exists():
                 old = root / f"{key}.tmp-old-{os.getpid()}"
                 folder.rename(old)
