@@ -165,9 +165,9 @@ class SubwordSamples:
         self.src.add(src_lines)
         self.tgt.add(tgt_lines)
 
-    def train(self) -> Tokenizer:
+    def train(self, origin: str = "the training split") -> Tokenizer:
         if not self.src.lines or not self.tgt.lines:
-            raise ValueError("No non-blank training lines to train sentencepiece on")
+            raise ValueError(f"{origin}: no non-blank lines to train sentencepiece on")
         src_model = train_model(self.src.lines, self.settings)
         return Tokenizer(
             src_model, None if self.settings.joint else train_model(self.tgt.lines, self.settings)

@@ -144,7 +144,7 @@ def build(corpus: Corpus, settings: SubwordSettings, max_len: int, folder: Path)
         len(samples.src.lines) + (0 if settings.joint else len(samples.tgt.lines)),
         samples.src.seen + (0 if settings.joint else samples.tgt.seen),
     )  # fmt: skip
-    tokenizer = samples.train()
+    tokenizer = samples.train(corpus.train.origin)
     sampled = time.perf_counter()
     models = {"joint.model": tokenizer.src_model} if settings.joint else {
         "src.model": tokenizer.src_model, "tgt.model": tokenizer.tgt_model,
