@@ -12,14 +12,15 @@ process so that nothing is shared by accident:
 2. start-up from the cache, in a fresh process: compose the config, check and open the cache, plan
    the epoch, get the first batch (seconds from process start, imports included, and without them);
 3. the DataLoader's batches/s over the epoch's first ``--batches`` batches, with ``data.num_workers``
-   0 and 2, and the unique memory (USS, psutil) of the process and of each worker;
+   0 and 2, then the peak unique memory (USS) of the process and of each worker over as many batches
+   again (sampled every 20 batches);
 4. USS of one training process and of each of 2 CPU DDP processes (``train.py`` with ``model=tiny``,
    ``--steps`` steps), measured at the end of training.
 
-USS counts the pages of the memory-mapped cache that only this process has touched (clean,
-file-backed: the kernel drops them under memory pressure and shares them with any other process that
-reads them); each figure is printed with that part and the anonymous memory, which is what the
-process really holds.
+USS (private pages, from /proc/PID/smaps) counts the pages of the memory-mapped cache that only this
+process has mapped (clean, file-backed: the kernel can drop them and shares them with any other
+process that maps them); each figure is printed with that part and the anonymous memory. Anonymous
+memory shared with forked workers is not unique, so USS can be below the anonymous figure.
 """
 
 from __future__ import annotations
@@ -126,15 +127,27 @@ def measure_loader(overrides: list[str], batches: int, cache: Path) -> None:
     for _ in range(batches):
         next(loader)
     seconds = time.perf_counter() - timed
-    workers = [smaps(child.pid, cache) for child in psutil.Process().children()]
+    # Memory goes up and down (mapped pages are dropped every few thousand pairs): keep the peak of
+    # samples taken every 20 batches over as many batches again (not timed).
+    children = psutil.Process().children()
+    peak = {
+        pid: dict.fromkeys(("uss_mb", "cache_pages_mb", "anonymous_mb"), 0.0)
+        for pid in [os.getpid(), *(c.pid for c in children)]
+    }
+    for batch in range(batches):
+        next(loader)
+        if batch % 20 == 0:
+            for pid, record in peak.items():
+                for key, value in smaps(pid, cache).items():
+                    record[key] = max(record[key], value)
     print(
         json.dumps(
             {
                 "startup_s": ready - started,
                 "startup_after_imports_s": ready - imported,
                 "batches_per_s": batches / seconds,
-                "main": smaps(os.getpid(), cache),
-                "workers": workers,
+                "main": peak[os.getpid()],
+                "workers": [peak[child.pid] for child in children],
             }
         )
     )

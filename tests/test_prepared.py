@@ -211,3 +211,31 @@ def test_two_ddp_processes_with_workers_prepare_once_and_train(tmp_path):
     assert logs.count("Preparing data into") == 1 and logs.count("Prepared data in") == 1
     assert logs.count("Reusing prepared data") >= 2  # the other rank, and setup after preparing
     assert logs.count("Training took") == 2
+
+
+def mapped_kb(folder: Path) -> int:
+    """Resident kB of this process's mappings of the training split's ids, offsets and lengths."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not line[0].isupper():
+            name = Path(fields[5]).name if len(fields) >= 6 else ""
+            inside = fields[-1].startswith(str(folder)) and name.startswith("train.") and name != "train.kept"
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_collate_drops_the_mapped_pages_it_has_read_and_batches_stay_the_same(compose_config, tmp_path):
+    datamodule = instantiate(compose_config("data=toy").data)
+    datamodule.setup("fit")
+    split = datamodule.splits["train"]
+    batches = datamodule._batch_sampler(split, "train").batches(epoch=0)[:5]
+    before = [split.collate(b).tgt_out.tolist() for b in batches]
+    assert mapped_kb(tmp_path / "cache") > 0
+    split.UNMAP_AFTER_PAIRS = 1  # drop them after every batch
+    after = [split.collate(b).tgt_out.tolist() for b in batches]
+    assert after == before
+    split.src_ids.unmap_pages()
+    split.tgt_ids.unmap_pages()
+    assert mapped_kb(tmp_path / "cache") == 0

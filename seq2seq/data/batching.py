@@ -7,6 +7,7 @@ batches are planned with a few vectorized sorts.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,20 @@ def map_array(path: Path, dtype: Any, count: int) -> np.ndarray:
     """``count`` values of ``dtype`` in ``path``, memory-mapped read-only (an empty file maps to [])."""
     if count == 0:
         return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    with path.open("rb") as stream:  # the mapping outlives the file descriptor
+        mapping = mmap.mmap(stream.fileno(), 0, prot=mmap.PROT_READ)
+    return np.frombuffer(mapping, dtype=dtype, count=count)
+
+
+def unmap_pages(array: np.ndarray) -> None:
+    """Drop ``array``'s pages from this process's page tables if it is memory-mapped (see map_array).
+
+    The pages stay in the OS page cache, shared with every other process; touching them again is a
+    minor fault. Without this, each process maps every page it has ever read (and the kernel maps
+    neighbours along with each), so its resident and unique memory grow with the corpus.
+    """
+    if isinstance(array.base, memoryview) and isinstance(array.base.obj, mmap.mmap):
+        array.base.obj.madvise(mmap.MADV_DONTNEED)
 
 
 class RaggedIds:
@@ -102,6 +116,10 @@ class RaggedIds:
         positions = np.where(real, np.asarray(self.offsets[indices], dtype=np.int64)[:, None] + columns, 0)
         return np.where(real, self.ids[positions], PAD_ID).astype(np.int64)
 
+    def unmap_pages(self) -> None:
+        for array in (self.ids, self.offsets, self.lengths):
+            unmap_pages(array)
+
     def __getstate__(self) -> dict[str, Any]:
         if self.source is None:
             return self.__dict__
@@ -117,8 +135,14 @@ class RaggedIds:
 class EncodedSplit(Dataset):
     """Subword ids of one split. Items are indices; :meth:`collate` builds the padded :class:`Batch`.
 
-    ``src_ids`` and ``tgt_ids`` are :class:`RaggedIds` (lists of id lists are converted).
+    ``src_ids`` and ``tgt_ids`` are :class:`RaggedIds` (lists of id lists are converted). After every
+    ``UNMAP_AFTER_PAIRS`` pairs it collates, a process drops the memory-mapped pages it has read from its
+    page tables, so its memory stays flat however large the corpus (the pages stay in the shared page
+    cache). The kernel maps up to 64 KB around each page a process reads, so what stays mapped is
+    bounded by about that many pairs x 64 KB per side.
     """
+
+    UNMAP_AFTER_PAIRS = 2048
 
     def __init__(
         self, src_ids: RaggedIds | Sequence[Sequence[int]], tgt_ids: RaggedIds | Sequence[Sequence[int]]
@@ -127,6 +151,7 @@ class EncodedSplit(Dataset):
         self.tgt_ids = tgt_ids if isinstance(tgt_ids, RaggedIds) else RaggedIds.from_lists(tgt_ids)
         if len(self.src_ids) != len(self.tgt_ids):
             raise ValueError(f"{len(self.src_ids)} source but {len(self.tgt_ids)} target sequences")
+        self.collated = 0  # pairs collated by this process since it last dropped its mapped pages
 
     def __len__(self) -> int:
         return len(self.src_ids)
@@ -145,6 +170,11 @@ class EncodedSplit(Dataset):
         return self.tgt_ids.lengths + 1
 
     def collate(self, indices: Sequence[int]) -> Batch:
+        self.collated += len(indices)
+        if self.collated >= self.UNMAP_AFTER_PAIRS:
+            self.src_ids.unmap_pages()
+            self.tgt_ids.unmap_pages()
+            self.collated = 0
         rows = np.asarray(indices, dtype=np.int64)
         src_lengths = np.asarray(self.src_ids.lengths[rows], dtype=np.int64)
         tgt_lengths = np.asarray(self.tgt_ids.lengths[rows], dtype=np.int64)
