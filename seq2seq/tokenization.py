@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,9 @@ class SubwordSettings:
     character_coverage: float = 1.0
     joint: bool = True  # one vocabulary for both sides, or one per side
     byte_fallback: bool = False
-    input_sentence_size: int = 2_000_000
+    input_sentence_size: int = 2_000_000  # lines sampled (seeded) from the training split per model
+    sample_seed: int = 0  # seed of that sample and of sentencepiece's own sampling
+    train_threads: int = 4  # sentencepiece's result depends on it, so it is a setting, not the core count
 
     def __post_init__(self) -> None:
         if self.vocab_size < 8:
@@ -41,6 +45,8 @@ class SubwordSettings:
             raise ValueError(
                 f"data.subword.model_type must be unigram, bpe, char or word, got {self.model_type!r}"
             )
+        if self.train_threads < 1:
+            raise ValueError(f"data.subword.train_threads must be positive, got {self.train_threads}")
         if not 0.0 < self.character_coverage <= 1.0:
             raise ValueError(
                 f"data.subword.character_coverage must be in (0, 1], got {self.character_coverage}"
@@ -74,6 +80,11 @@ class Tokenizer:
     def encode_tgt(self, lines: Sequence[str]) -> list[list[int]]:
         return self.tgt.encode(list(lines))
 
+    def encode_arrays(self, lines: Sequence[str], side: str) -> list[np.ndarray]:
+        """Ids of each line as an int32 array, encoded on all cores (``side``: "src" or "tgt")."""
+        processor = self.src if side == "src" else self.tgt
+        return processor.encode(list(lines), return_type="numpy", num_threads=-1)
+
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return self.tgt.decode([list(seq) for seq in ids])
 
@@ -86,30 +97,81 @@ class Tokenizer:
         return cls(state["src_model"], state["tgt_model"])
 
 
-def _train_one(lines: Iterable[str], settings: SubwordSettings, out_path: Path) -> None:
-    """Train one sentencepiece model on ``lines`` and write it atomically to ``out_path``."""
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("".join(line + "\n" for line in lines if line.strip()), encoding="utf-8")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(Path(tmp) / "sp"),
-            vocab_size=settings.vocab_size,
-            model_type=settings.model_type,
-            character_coverage=settings.character_coverage,
-            byte_fallback=settings.byte_fallback,
-            input_sentence_size=settings.input_sentence_size,
-            shuffle_input_sentence=True,
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            # A vocabulary too large for a small corpus is lowered rather than failing.
-            hard_vocab_limit=False,
-            minloglevel=2,
-            num_threads=os.cpu_count() or 1,
+class LineSample:
+    """A seeded uniform sample of at most ``size`` non-blank lines, drawn while streaming (reservoir).
+
+    The same lines in the same order and the same seed give the same sample, so every node that
+    prepares the same corpus trains the same sentencepiece model.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        if size < 1:
+            raise ValueError(f"data.subword.input_sentence_size must be positive, got {size}")
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.lines: list[str] = []
+        self.seen = 0  # non-blank lines offered so far
+
+    def add(self, lines: Iterable[str]) -> None:
+        lines = [line for line in lines if line.strip()]
+        room = self.size - len(self.lines)
+        self.lines.extend(lines[:room])
+        rest = lines[max(room, 0) :]
+        self.seen += min(len(lines), max(room, 0))
+        if not rest:
+            return
+        # Line number k (0-based) replaces a random slot with probability size / (k + 1).
+        slots = self.rng.integers(0, self.seen + np.arange(1, len(rest) + 1))
+        for position in np.flatnonzero(slots < self.size):
+            self.lines[slots[position]] = rest[position]
+        self.seen += len(rest)
+
+
+def train_model(lines: Sequence[str], settings: SubwordSettings) -> bytes:
+    """Train one sentencepiece model on ``lines`` (already sampled) and return it serialized."""
+    model = io.BytesIO()
+    spm.set_random_generator_seed(settings.sample_seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=settings.vocab_size,
+        model_type=settings.model_type,
+        character_coverage=settings.character_coverage,
+        byte_fallback=settings.byte_fallback,
+        input_sentence_size=settings.input_sentence_size,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        # A vocabulary too large for a small corpus is lowered rather than failing.
+        hard_vocab_limit=False,
+        minloglevel=2,
+        # Fixed, not the core count: the model depends on it, and every node must train the same one.
+        num_threads=settings.train_threads,
+    )
+    return model.getvalue()
+
+
+class SubwordSamples:
+    """The training samples of the model(s) ``settings`` asks for, fed chunk by chunk."""
+
+    def __init__(self, settings: SubwordSettings) -> None:
+        self.settings = settings
+        size, seed = settings.input_sentence_size, settings.sample_seed
+        self.src = LineSample(size, seed)
+        self.tgt = self.src if settings.joint else LineSample(size, seed + 1)
+
+    def add(self, src_lines: Sequence[str], tgt_lines: Sequence[str]) -> None:
+        self.src.add(src_lines)
+        self.tgt.add(tgt_lines)
+
+    def train(self, origin: str = "the training split") -> Tokenizer:
+        if not self.src.lines or not self.tgt.lines:
+            raise ValueError(f"{origin}: no non-blank lines to train sentencepiece on")
+        src_model = train_model(self.src.lines, self.settings)
+        return Tokenizer(
+            src_model, None if self.settings.joint else train_model(self.tgt.lines, self.settings)
         )
-        os.replace(Path(tmp) / "sp.model", out_path)
 
 
 def cache_key(src_lines: Sequence[str], tgt_lines: Sequence[str], settings: SubwordSettings) -> str:
@@ -125,7 +187,10 @@ def cache_key(src_lines: Sequence[str], tgt_lines: Sequence[str], settings: Subw
 def train_or_load(
     src_lines: Sequence[str], tgt_lines: Sequence[str], settings: SubwordSettings, cache_dir: str | Path
 ) -> Tokenizer:
-    """Train sentencepiece on the training split, or reuse the cached model of the same data and settings."""
+    """Train sentencepiece on in-memory lines, or reuse the cached model of the same lines and settings.
+
+    Training runs take their model from the prepared data cache instead (:mod:`seq2seq.data.prepared`).
+    """
     folder = Path(cache_dir) / "sentencepiece" / cache_key(src_lines, tgt_lines, settings)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "joint.model"] if settings.joint else [folder / "src.model", folder / "tgt.model"]
@@ -134,12 +199,20 @@ def train_or_load(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if all(path.exists() for path in paths):
             log.info("Reusing cached sentencepiece model(s) from %s", folder)
-        else:
-            log.info("Training sentencepiece (%s) into %s", settings, folder)
-            if settings.joint:
-                _train_one([*src_lines, *tgt_lines], settings, paths[0])
-            else:
-                _train_one(src_lines, settings, paths[0])
-                _train_one(tgt_lines, settings, paths[1])
-        models = [path.read_bytes() for path in paths]
-    return Tokenizer(models[0], None if settings.joint else models[1])
+            models = [path.read_bytes() for path in paths]
+            return Tokenizer(models[0], None if settings.joint else models[1])
+        log.info("Training sentencepiece (%s) into %s", settings, folder)
+        samples = SubwordSamples(settings)
+        samples.add(src_lines, tgt_lines)
+        tokenizer = samples.train()
+        models = [tokenizer.src_model] if settings.joint else [tokenizer.src_model, tokenizer.tgt_model]
+        for path, model in zip(paths, models, strict=True):
+            write_atomically(path, model)
+    return tokenizer
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name in ``path``'s folder, then rename it into place."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)

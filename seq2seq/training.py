@@ -66,6 +66,9 @@ def train(cfg: DictConfig) -> float:
         OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
         write_run_record(output_dir / "run.json", cfg.seed)
     datamodule: TranslationDataModule = instantiate(cfg.data)
+    # The model's vocabulary sizes are needed before fit, so the data is prepared (once: other processes
+    # wait on the cache's lock, then reuse it) and set up here, as Lightning would do inside fit.
+    datamodule.prepare_data()
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
     module: TranslationModule = instantiate(

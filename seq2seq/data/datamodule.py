@@ -1,9 +1,11 @@
-"""The LightningDataModule: reads a corpus, trains or reuses sentencepiece, filters, encodes, batches."""
+"""The LightningDataModule: prepares the data once (sentencepiece and encoded ids, cached on disk),
+then memory-maps it and batches it."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from seq2seq.data.batching import EncodedSplit, TokenBucketBatchSampler
 from seq2seq.data.corpora import Corpus, ParallelText
-from seq2seq.tokenization import SubwordSettings, Tokenizer, train_or_load
+from seq2seq.data.prepared import open_prepared, prepare
+from seq2seq.tokenization import SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -19,19 +22,28 @@ log = logging.getLogger(__name__)
 class TranslationDataModule(L.LightningDataModule):
     """Owns the data side of a run.
 
+    :meth:`prepare_data` builds the prepared cache (:mod:`seq2seq.data.prepared`) if no process has:
+    sentencepiece trained on a seeded sample of the training split, every split encoded in chunks.
+    :meth:`setup` memory-maps it; every process (DDP ranks, DataLoader workers) shares the mapped
+    pages, and no split's ids are held in Python objects. ``texts[split]`` holds the raw text of the
+    kept pairs of each split the corpus holds in memory: validation and test always (BLEU needs
+    them), training too for the Bible and synthetic corpora, never for files.
+
     Args:
         corpus: a callable returning the :class:`Corpus` (a Hydra ``_partial_`` of a reader).
         subword: :class:`SubwordSettings` fields for sentencepiece.
         batch_tokens: padded-token budget of a training batch (batch size x longest pair).
         max_len: training pairs with a side longer than this many subwords are dropped; validation and
             test pairs are truncated to it instead, so their scores cover every pair.
-        cache_dir: where trained sentencepiece models are cached.
+        cache_dir: where the prepared data is cached.
         seed: seed of the per-epoch batch shuffling.
         eval_batch_tokens: token budget for validation batches (defaults to ``2 * batch_tokens``).
         equal_source_length: training batches hold one source length only, so the encoder needs no
             packing (twice as fast on CPU); validation batches mix lengths to stay large.
         num_workers: DataLoader worker processes.
         pin_memory: batches in page-locked memory, so that copying them to a GPU does not wait.
+        prepare_per_node: Lightning's ``prepare_data_per_node``: true when each node has its own
+            ``cache_dir`` (each node's first process prepares), false for one shared by all nodes.
     """
 
     def __init__(
@@ -46,6 +58,7 @@ class TranslationDataModule(L.LightningDataModule):
         equal_source_length: bool = True,
         num_workers: int = 0,
         pin_memory: bool = False,
+        prepare_per_node: bool = True,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -65,56 +78,52 @@ class TranslationDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.prepare_data_per_node = prepare_per_node
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, EncodedSplit] = {}
-        # Raw text of the kept pairs of each split, aligned with ``self.splits``.
+        # Raw text of the kept pairs of the splits held in memory, aligned with ``self.splits``.
         self.texts: dict[str, ParallelText] = {}
+
+    def prepare_data(self) -> None:
+        """Build the prepared cache, unless it is up to date (then only check it)."""
+        self.prepared_folder()
+
+    def prepared_folder(self) -> Path:
+        """The prepared cache folder, built now if no process has built it."""
+        if self.corpus is None:
+            self.corpus = self.load_corpus()
+        # Under a lock: a process that finds the cache being built waits, then reuses it.
+        return prepare(self.corpus, self.subword, self.max_len, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
-        self.corpus = self.load_corpus()
-        train = self.corpus.train
-        self.tokenizer = train_or_load(train.src, train.tgt, self.subword, self.cache_dir)
-        for name in ("train", "valid", "test"):
-            if (text := getattr(self.corpus, name)) is not None:
-                self.splits[name], self.texts[name] = self._encode(name, text)
+        prepared = open_prepared(self.prepared_folder())
+        self.tokenizer = prepared.tokenizer
+        self.splits = prepared.splits
+        for name, split in self.splits.items():
+            text = getattr(self.corpus, name)
+            if isinstance(text, ParallelText):
+                kept = prepared.kept[name].tolist()
+                self.texts[name] = ParallelText(
+                    [text.src[i] for i in kept], [text.tgt[i] for i in kept], text.origin
+                )
+            self._log_split(name, text.origin, split, prepared.counts[name])
 
-    def _encode(self, name: str, text: ParallelText) -> tuple[EncodedSplit, ParallelText]:
-        """Encode a split, drop empty pairs (and over-long training pairs), and log what was dropped."""
-        assert self.tokenizer is not None
-        src_ids = self.tokenizer.encode_src(text.src)
-        tgt_ids = self.tokenizer.encode_tgt(text.tgt)
-        is_train = name == "train"
-        kept: list[int] = []
-        empty = too_long = truncated = 0
-        for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True)):
-            if not s or not t:
-                empty += 1
-            elif max(len(s), len(t)) > self.max_len:
-                if is_train:
-                    too_long += 1
-                    continue
-                truncated += 1
-                src_ids[i], tgt_ids[i] = s[: self.max_len], t[: self.max_len]
-                kept.append(i)
-            else:
-                kept.append(i)
-        split = EncodedSplit([src_ids[i] for i in kept], [tgt_ids[i] for i in kept])
-        kept_text = ParallelText([text.src[i] for i in kept], [text.tgt[i] for i in kept], text.origin)
+    def _log_split(self, name: str, origin: str, split: EncodedSplit, counts: dict[str, int]) -> None:
+        """Say what was read, dropped and truncated, and how well the batches fill."""
         if not split:
-            raise ValueError(f"{text.origin}: no usable pairs in the {name} split ({len(text)} read)")
-        batches = self._batch_sampler(split, name).batches(epoch=0)
-        src_eff, tgt_eff = split.padding_efficiency(batches)
+            raise ValueError(f"{origin}: no usable pairs in the {name} split ({counts['read']} read)")
+        plan = self._batch_sampler(split, name).plan(epoch=0)
+        src_eff, tgt_eff = split.padding_efficiency(plan)
         log.info(
             "%s split (%s): %d pairs read, %d dropped (%d with an empty side, %d longer than"
             " data.max_len=%d subwords), %d truncated to data.max_len; %d kept in %d batches;"
             " real-token fraction of padded batches: source %.3f, target %.3f",
-            name, text.origin, len(text), empty + too_long, empty, too_long, self.max_len,
-            truncated, len(split), len(batches), src_eff, tgt_eff,
+            name, origin, counts["read"], counts["empty"] + counts["too_long"], counts["empty"],
+            counts["too_long"], self.max_len, counts["truncated"], len(split), len(plan), src_eff, tgt_eff,
         )  # fmt: skip
-        return split, kept_text
 
     def _batch_sampler(self, split: EncodedSplit, name: str) -> TokenBucketBatchSampler:
         is_train = name == "train"

@@ -1,0 +1,262 @@
+"""The prepared data cache: the sentencepiece model(s) and the encoded ids of every split, built once
+and memory-mapped by every process (DDP ranks, DataLoader workers, later runs).
+
+A cache folder, ``<cache_dir>/prepared/<key>/``, holds per split and side (fairseq's layout) a flat
+array of ids (``.ids``: uint16 when the vocabulary allows, else int32), their ``.offsets`` (int64,
+one more than the pairs) and ``.lengths`` (int32), plus ``<split>.kept`` (int64: where each kept pair
+was in the raw split), the model file(s), and ``manifest.json``: settings, counts, the watched input
+files (size, mtime and SHA-256 of their bytes, taken while reading them), written last.
+
+The key is a digest of the settings, ``max_len`` and what names each split (the paths of streamed
+files; the content of in-memory text). A folder is built under a temporary name and renamed into
+place, under a lock, so an interrupted build never leaves a folder that looks complete, and processes
+started together build it once. It is rebuilt when a watched file changed: a changed size, or a
+changed mtime with changed content (a file only touched is hashed again and reused).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from seq2seq.data.batching import EncodedSplit, RaggedIds, map_array
+from seq2seq.data.corpora import SPLITS, Corpus
+from seq2seq.tokenization import SubwordSamples, SubwordSettings, Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the layout or the encoding changes
+CHUNK_LINES = 100_000  # lines read and encoded at a time
+SIDES = ("src", "tgt")
+
+
+def cache_key(corpus: Corpus, settings: SubwordSettings, max_len: int) -> str:
+    """What the prepared data depends on, apart from the watched files' contents."""
+    named = {
+        "format": FORMAT,
+        "subword": asdict(settings),
+        "max_len": max_len,
+        **{name: split.identity() for name in SPLITS if (split := getattr(corpus, name)) is not None},
+    }
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(corpus: Corpus, settings: SubwordSettings, max_len: int, cache_dir: str | Path) -> Path:
+    """The folder of the prepared data of ``corpus``: reused if up to date, else built now.
+
+    Processes that call this together (DDP ranks, nodes sharing the cache) wait on a lock in the cache
+    folder; the first builds, the others then find the cache and reuse it.
+    """
+    root = Path(cache_dir) / "prepared"
+    root.mkdir(parents=True, exist_ok=True)
+    key = cache_key(corpus, settings, max_len)
+    folder = root / key
+    started = time.perf_counter()
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        reason = stale_reason(folder)
+        if reason is None:
+            log.info("Reusing prepared data in %s (checked in %.1f s)", folder, time.perf_counter() - started)
+            return folder
+        log.info("Preparing data into %s: %s", folder, reason)
+        for leftover in root.glob(f"{key}.tmp-*"):  # from a build that was killed
+            log.info("Removing %s, left by an interrupted prepare", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            build(corpus, settings, max_len, tmp)
+            if stale_reason(folder) is None:  # built meanwhile where our lock is not seen (another node)
+                shutil.rmtree(tmp)
+                log.info("Reusing prepared data in %s, built meanwhile by another process", folder)
+                return folder
+            if folder.exists():
+                old = root / f"{key}.tmp-old-{os.getpid()}"
+                folder.rename(old)
+                shutil.rmtree(old)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log.info("Prepared data in %s in %.1f s", folder, time.perf_counter() - started)
+    return folder
+
+
+def stale_reason(folder: Path) -> str | None:
+    """Why the cache in ``folder`` cannot be used, or None if it can."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no prepared data yet"
+    except (OSError, ValueError) as err:
+        return f"unreadable manifest ({err})"
+    if manifest.get("format") != FORMAT:
+        return f"prepared in format {manifest.get('format')}, this version reads format {FORMAT}"
+    for watched in manifest["inputs"]:
+        path = Path(watched["path"])
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return f"{path} is gone"
+        if stat.st_size != watched["size"]:
+            return f"{path} changed ({watched['size']} bytes when prepared, {stat.st_size} now)"
+        if stat.st_mtime_ns != watched["mtime_ns"]:
+            if file_digest(path) != watched["sha256"]:
+                return f"{path} changed (same size, other content)"
+            log.info("%s was modified on disk but its content is unchanged (SHA-256 checked)", path)
+    for name, size in manifest["files"].items():
+        if not (folder / name).is_file() or (folder / name).stat().st_size != size:
+            return f"{folder / name} is missing or incomplete"
+    return None
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build(corpus: Corpus, settings: SubwordSettings, max_len: int, folder: Path) -> None:
+    """Train sentencepiece on a seeded sample of the training split, then encode every split into
+    ``folder``, reading each in chunks; ``manifest.json`` is written last."""
+    started = time.perf_counter()
+    watched = corpus.train.files
+    stats = {path: path.stat() for path in watched}
+    digests = {path: hashlib.sha256() for path in watched}
+    samples = SubwordSamples(settings)
+    for src, tgt in corpus.train.chunks(CHUNK_LINES, digests):
+        samples.add(src, tgt)
+    log.info(
+        "Training sentencepiece (%s) on %d sampled lines of %d", settings,
+        len(samples.src.lines) + (0 if settings.joint else len(samples.tgt.lines)),
+        samples.src.seen + (0 if settings.joint else samples.tgt.seen),
+    )  # fmt: skip
+    tokenizer = samples.train(corpus.train.origin)
+    sampled = time.perf_counter()
+    models = {"joint.model": tokenizer.src_model} if settings.joint else {
+        "src.model": tokenizer.src_model, "tgt.model": tokenizer.tgt_model,
+    }  # fmt: skip
+    for name, model in models.items():
+        (folder / name).write_bytes(model)
+    id_type = np.uint16 if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 2**16 else np.int32
+    splits = {}
+    for name in SPLITS:
+        if (text := getattr(corpus, name)) is None:
+            continue
+        check = {path: hashlib.sha256() for path in watched} if name == "train" else None
+        writer = SplitWriter(folder, name, id_type, max_len, truncate=name != "train")
+        for src, tgt in text.chunks(CHUNK_LINES, check):
+            writer.add(tokenizer.encode_arrays(src, "src"), tokenizer.encode_arrays(tgt, "tgt"))
+        splits[name] = writer.close()
+        if check is not None and any(check[p].digest() != digests[p].digest() for p in watched):
+            raise RuntimeError(f"{text.origin} changed while it was being prepared; run again")
+    inputs = [
+        {"path": str(path.resolve()), "size": stats[path].st_size, "mtime_ns": stats[path].st_mtime_ns,
+         "sha256": digests[path].hexdigest()}
+        for path in watched
+    ]  # fmt: skip
+    manifest = {
+        "format": FORMAT,
+        "subword": asdict(settings),
+        "max_len": max_len,
+        "id_type": np.dtype(id_type).name,
+        "inputs": inputs,
+        "splits": splits,
+        "origins": {name: getattr(corpus, name).origin for name in splits},
+        "seconds": {"sentencepiece": sampled - started, "total": time.perf_counter() - started},
+        "files": {path.name: path.stat().st_size for path in folder.iterdir()},
+    }
+    with open(folder / "manifest.json", "w", encoding="utf-8") as out:
+        json.dump(manifest, out, indent=1)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+class SplitWriter:
+    """Appends encoded chunks of one split to its files, dropping (training) or truncating pairs."""
+
+    def __init__(self, folder: Path, name: str, id_type: type, max_len: int, truncate: bool) -> None:
+        self.name, self.id_type, self.max_len, self.truncate = name, id_type, max_len, truncate
+        self.stack = ExitStack()  # closed by close(), or by build()'s cleanup of the folder
+        names = [f"{side}.{kind}" for side in SIDES for kind in ("ids", "offsets", "lengths")] + ["kept"]
+        self.files = {
+            name_: self.stack.enter_context((folder / f"{name}.{name_}").open("wb")) for name_ in names
+        }
+        self.ends = {side: 0 for side in SIDES}
+        for side in SIDES:
+            self.files[f"{side}.offsets"].write(np.zeros(1, np.int64).tobytes())
+        self.counts = {"read": 0, "empty": 0, "too_long": 0, "truncated": 0, "kept": 0}
+
+    def add(self, src: list[np.ndarray], tgt: list[np.ndarray]) -> None:
+        lengths = {
+            side: np.fromiter(map(len, ids), np.int64, len(ids))
+            for side, ids in zip(SIDES, (src, tgt), strict=True)
+        }
+        empty = (lengths["src"] == 0) | (lengths["tgt"] == 0)
+        long = ~empty & (np.maximum(lengths["src"], lengths["tgt"]) > self.max_len)
+        kept = np.flatnonzero(~empty if self.truncate else ~empty & ~long)
+        self.counts["read"] += len(src)
+        self.counts["empty"] += int(empty.sum())
+        self.counts["truncated" if self.truncate else "too_long"] += int(long.sum())
+        self.counts["kept"] += len(kept)
+        self.files["kept"].write((kept + self.counts["read"] - len(src)).astype(np.int64).tobytes())
+        for side, ids in zip(SIDES, (src, tgt), strict=True):
+            pieces = [ids[i][: self.max_len] for i in kept]
+            kept_lengths = np.minimum(lengths[side][kept], self.max_len)
+            flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+            self.files[f"{side}.ids"].write(flat.astype(self.id_type).tobytes())
+            self.files[f"{side}.lengths"].write(kept_lengths.astype(np.int32).tobytes())
+            self.files[f"{side}.offsets"].write((self.ends[side] + np.cumsum(kept_lengths)).tobytes())
+            self.ends[side] += int(kept_lengths.sum())
+
+    def close(self) -> dict[str, int]:
+        for stream in self.files.values():
+            stream.flush()
+            os.fsync(stream.fileno())
+        self.stack.close()
+        return {**self.counts, "src_tokens": self.ends["src"], "tgt_tokens": self.ends["tgt"]}
+
+
+@dataclass
+class PreparedData:
+    """A prepared cache, opened: the tokenizer, each split's memory-mapped ids and its counts."""
+
+    folder: Path
+    tokenizer: Tokenizer
+    splits: dict[str, EncodedSplit]
+    kept: dict[str, np.ndarray]  # where each kept pair was in the raw split
+    counts: dict[str, dict[str, int]]
+
+
+def open_prepared(folder: Path) -> PreparedData:
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    models = [
+        (folder / name).read_bytes()
+        for name in ("joint.model", "src.model", "tgt.model")
+        if (folder / name).is_file()
+    ]
+    tokenizer = Tokenizer(models[0], models[1] if len(models) > 1 else None)
+    id_type = np.dtype(manifest["id_type"])
+    splits, kept = {}, {}
+    for name, counts in manifest["splits"].items():
+        pairs = counts["kept"]
+        sides = [
+            RaggedIds.open(folder, f"{name}.{side}", id_type, pairs, counts[f"{side}_tokens"])
+            for side in SIDES
+        ]
+        splits[name] = EncodedSplit(*sides)
+        kept[name] = map_array(folder / f"{name}.kept", np.int64, pairs)
+    return PreparedData(folder, tokenizer, splits, kept, manifest["splits"])

@@ -1,0 +1,241 @@
+"""The prepared data cache: equal to in-memory encoding, reused, rebuilt on change, never left half
+written, built once under DDP; DataLoader workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from seq2seq.data import ParallelFiles, RaggedIds
+from seq2seq.data.prepared import stale_reason
+from seq2seq.tokenization import LineSample
+from tests.test_training import QUIET, REPO, run_script
+
+
+def write(path: Path, lines: list[str]) -> str:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def toy_files(folder: Path, pairs: int = 400) -> list[str]:
+    """A files corpus (training, validation) with some pairs to drop; returns the data=files overrides."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(30)]
+    src = [" ".join(rng.choice(words, size=rng.integers(1, 12))) for _ in range(pairs)]
+    src[3], src[10] = "", " ".join(["w1"] * 40)  # an empty pair and one longer than max_len
+    tgt = [" ".join(reversed(line.split())) for line in src]
+    names = {"train_src": src, "train_tgt": tgt, "valid_src": src[:30], "valid_tgt": tgt[:30]}
+    return [f"data.corpus.{key}={write(folder / key, lines)}" for key, lines in names.items()]
+
+
+FILES = ["data=files", "data.subword.vocab_size=40", "data.subword.model_type=word", "data.max_len=20"]
+
+
+def files_datamodule(compose_config, corpus: list[str], *overrides: str):
+    datamodule = instantiate(compose_config(*FILES, *corpus, *overrides).data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def prepared_folder(tmp_path: Path) -> Path:
+    (folder,) = [p for p in (tmp_path / "cache" / "prepared").iterdir() if p.is_dir()]
+    return folder
+
+
+@pytest.mark.parametrize("data", ["toy", "files"])
+def test_prepared_ids_equal_the_in_memory_encoding(tmp_path, compose_config, data):
+    corpus = toy_files(tmp_path) if data == "files" else []
+    datamodule = files_datamodule(compose_config, corpus) if data == "files" else None
+    if datamodule is None:
+        datamodule = instantiate(compose_config("data=toy").data)
+        datamodule.setup("fit")
+    raw = datamodule.load_corpus()
+    tokenizer, max_len = datamodule.tokenizer, datamodule.max_len
+    for name in ("train", "valid"):
+        text = getattr(raw, name)
+        text = text.read() if isinstance(text, ParallelFiles) else text
+        src, tgt = tokenizer.encode_src(text.src), tokenizer.encode_tgt(text.tgt)
+        keep = [i for i, (s, t) in enumerate(zip(src, tgt, strict=True)) if s and t]
+        if name == "train":
+            keep = [i for i in keep if max(len(src[i]), len(tgt[i])) <= max_len]
+        split = datamodule.splits[name]
+        assert len(split) == len(keep) > 0
+        assert [split.src_ids[k] for k in range(len(split))] == [src[i][:max_len] for i in keep]
+        assert [split.tgt_ids[k] for k in range(len(split))] == [tgt[i][:max_len] for i in keep]
+    if data == "files":
+        assert len(datamodule.splits["train"]) == 398  # the empty and the over-long pair dropped
+        assert "train" not in datamodule.texts  # files are streamed, never held
+    assert datamodule.texts["valid"].src == [
+        raw.valid.src[i] for i in range(len(raw.valid)) if raw.valid.src[i]
+    ]
+
+
+def test_second_run_reuses_the_cache_and_a_touched_file_is_checked(tmp_path, compose_config, caplog):
+    corpus = toy_files(tmp_path)
+    caplog.set_level(logging.INFO, logger="seq2seq.data.prepared")
+    first = files_datamodule(compose_config, corpus)
+    folder = prepared_folder(tmp_path)
+    files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+    assert caplog.text.count("Prepared data in") == 1
+    caplog.clear()
+    second = files_datamodule(compose_config, corpus)
+    assert "Preparing data" not in caplog.text and f"Reusing prepared data in {folder}" in caplog.text
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()} == files
+    assert second.tokenizer.state_dict() == first.tokenizer.state_dict()
+    # A file written again with the same bytes (new mtime) is hashed, found unchanged, and reused.
+    train_src = Path(corpus[0].split("=", 1)[1])
+    os.utime(train_src, ns=(time.time_ns(), time.time_ns() + 10**9))
+    caplog.clear()
+    files_datamodule(compose_config, corpus)
+    assert "content is unchanged" in caplog.text and "Preparing data" not in caplog.text
+
+
+def test_editing_a_corpus_file_rebuilds(tmp_path, compose_config, caplog):
+    corpus = toy_files(tmp_path)
+    files_datamodule(compose_config, corpus)
+    train_src = Path(corpus[0].split("=", 1)[1])
+    lines = train_src.read_text(encoding="utf-8").splitlines()
+    lines[0] = "w7 w7 w7"  # an edit to the source file only
+    write(train_src, lines)
+    caplog.set_level(logging.INFO, logger="seq2seq.data.prepared")
+    datamodule = files_datamodule(compose_config, corpus)
+    assert f"{train_src.resolve()} changed" in caplog.text and "Prepared data in" in caplog.text
+    assert datamodule.splits["train"].src_ids[0] == datamodule.tokenizer.encode_src(["w7 w7 w7"])[0]
+    assert len([p for p in (tmp_path / "cache" / "prepared").iterdir() if p.is_dir()]) == 1  # replaced
+
+
+def test_same_corpus_and_settings_prepare_byte_identical_caches(tmp_path, compose_config):
+    """What lets each node prepare its own cache: the seeded sample and sentencepiece are deterministic."""
+    corpus = toy_files(tmp_path)
+    folders = []
+    for cache in ("node1", "node2"):
+        datamodule = instantiate(compose_config(*FILES, *corpus, f"paths.cache_dir={tmp_path / cache}").data)
+        folders.append(datamodule.prepared_folder())
+    assert folders[0].name == folders[1].name
+    for path in folders[0].iterdir():
+        if path.name != "manifest.json":  # holds build times
+            assert path.read_bytes() == (folders[1] / path.name).read_bytes(), path.name
+
+
+def test_line_sample_is_seeded_and_bounded():
+    def sample(seed: int) -> list[str]:
+        drawn = LineSample(50, seed)
+        for start in range(0, 1000, 300):
+            drawn.add([f"line {i}" for i in range(start, min(start + 300, 1000))] + ["   "])
+        return drawn.lines
+
+    assert sample(1) == sample(1) != sample(2)
+    assert len(sample(1)) == 50 == len(set(sample(1)))
+    assert max(int(line.split()[1]) for line in sample(1)) > 500  # not just the first lines
+
+
+def test_streamed_files_of_different_lengths_name_both(tmp_path):
+    src = write(tmp_path / "a.de", [f"x{i}" for i in range(7)])
+    tgt = write(tmp_path / "a.en", [f"y{i}" for i in range(5)])
+    with pytest.raises(ValueError, match=rf"{src} has 7 lines, {tgt} has 5 lines"):
+        list(ParallelFiles(src, tgt).chunks(3))
+
+
+def test_workers_serve_the_same_batches_and_get_the_file_names_not_the_data(compose_config):
+    datamodule = instantiate(compose_config("data=toy").data)
+    datamodule.setup("fit")
+    split = datamodule.splits["train"]
+    assert len(pickle.dumps(split)) < 2000  # the memory-mapped ids travel as file names
+    assert pickle.loads(pickle.dumps(split)).src_ids[5] == split.src_ids[5]
+    loader = datamodule.train_dataloader()
+    in_process = [(b.indices.tolist(), b.tgt_out.tolist()) for b in loader]
+    with_workers = DataLoader(
+        split, batch_sampler=loader.batch_sampler, collate_fn=split.collate, num_workers=2
+    )
+    assert [(b.indices.tolist(), b.tgt_out.tolist()) for b in with_workers] == in_process
+
+
+def test_ragged_ids_round_trip():
+    sequences = [[5, 6, 7], [8], [9, 10]]
+    ragged = RaggedIds.from_lists(sequences)
+    assert [ragged[i] for i in range(3)] == sequences
+    assert ragged.padded(np.array([2, 0]), 4).tolist() == [[9, 10, 0, 0], [5, 6, 7, 0]]
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_leaves_no_usable_looking_cache(tmp_path):
+    lines = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(i % 20 + 1)) for i in range(120_000)]
+    corpus = [
+        f"data.corpus.{key}={write(tmp_path / key, lines if key.startswith('train') else lines[:10])}"
+        for key in ("train_src", "train_tgt", "valid_src", "valid_tgt")
+    ]
+    args = ["-m", "seq2seq.prepare", *FILES, *corpus, f"paths.cache_dir={tmp_path / 'cache'}"]
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    root = tmp_path / "cache" / "prepared"
+    deadline = time.monotonic() + 300
+    while not any(root.glob("*.tmp-*/train.src.ids")):  # encoding has begun
+        assert process.poll() is None and time.monotonic() < deadline, (
+            "prepare ended before it could be killed"
+        )
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (left,) = [p for p in root.iterdir() if p.is_dir()]
+    assert ".tmp-" in left.name  # only the temporary folder: nothing under the cache's own name
+    assert stale_reason(root / left.name.split(".tmp-")[0]) == "no prepared data yet"
+
+    result = run_script(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "left by an interrupted prepare" in result.stderr and "Prepared data in" in result.stderr
+    (folder,) = [p for p in root.iterdir() if p.is_dir()]
+    assert json.loads((folder / "manifest.json").read_text())["splits"]["train"]["kept"] == 120_000
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_with_workers_prepare_once_and_train(tmp_path):
+    result = run_script(
+        "train.py", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.max_steps=6", "trainer.val_check_interval=6", "data.num_workers=2", "evaluate.beam=1",
+        f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = result.stdout + result.stderr
+    assert logs.count("Preparing data into") == 1 and logs.count("Prepared data in") == 1
+    assert logs.count("Reusing prepared data") >= 2  # the other rank, and setup after preparing
+    assert logs.count("Training took") == 2
+
+
+def mapped_kb(folder: Path) -> int:
+    """Resident kB of this process's mappings of the training split's ids, offsets and lengths."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not line[0].isupper():
+            name = Path(fields[5]).name if len(fields) >= 6 else ""
+            inside = fields[-1].startswith(str(folder)) and name.startswith("train.") and name != "train.kept"
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_collate_drops_the_mapped_pages_it_has_read_and_batches_stay_the_same(compose_config, tmp_path):
+    datamodule = instantiate(compose_config("data=toy").data)
+    datamodule.setup("fit")
+    split = datamodule.splits["train"]
+    batches = datamodule._batch_sampler(split, "train").batches(epoch=0)[:5]
+    before = [split.collate(b).tgt_out.tolist() for b in batches]
+    assert mapped_kb(tmp_path / "cache") > 0
+    split.UNMAP_AFTER_PAIRS = 1  # drop them after every batch
+    after = [split.collate(b).tgt_out.tolist() for b in batches]
+    assert after == before
+    split.src_ids.unmap_pages()
+    split.tgt_ids.unmap_pages()
+    assert mapped_kb(tmp_path / "cache") == 0
