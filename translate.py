@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from seq2seq.checkpoints import require_file
-from seq2seq.cli import command, run_cli
+from seq2seq.cli import command, quiet_third_party, run_cli
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="translate")
@@ -18,6 +18,7 @@ def main(cfg: DictConfig) -> None:
         require_file(path)  # a missing checkpoint fails in a second, before torch loads
     from seq2seq.translator import SearchSettings, Translator, translate_file
 
+    quiet_third_party()
     settings = SearchSettings(cfg.beam, cfg.alpha, cfg.max_len_a, cfg.max_len_b, cfg.min_len, cfg.nbest)
     translator = Translator.from_checkpoints(paths, cfg.device)
     # A terminal on stdin: translate each line as it is entered, with no progress bar in the way.

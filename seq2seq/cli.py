@@ -149,6 +149,16 @@ def quiet_third_party() -> None:
     # torch warns that weights_only=False can run code from the file: our checkpoints hold the
     # tokenizer object and are loaded only from the user's own runs.
     warnings.filterwarnings("ignore", message=r".*weights_only=False")
+    # Lightning gives its logger a stderr handler of its own; under Hydra's logging its messages reach
+    # the console and train.log already, so they would show twice.
+    if logging.getLogger().hasHandlers():
+        lightning = logging.getLogger("lightning")
+        for handler in [h for h in lightning.handlers if type(h) is logging.StreamHandler]:
+            lightning.removeHandler(handler)
+    # Lightning says it loads a checkpoint the way it always does.
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(
+        _DropMessages("`weights_only` was not set")
+    )
     # Lightning advertises its cloud services (litlogger, litmodels) at every start.
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     # ...and announces Ctrl-C and SIGTERM, which seq2seq.callbacks.InterruptionCheckpoint reports in
