@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +22,9 @@ from seq2seq.tokenization import SubwordSettings, train_or_load
 from seq2seq.training import train
 from seq2seq.translator import SearchSettings, Translator, translate_file
 from tests.conftest import tiny_model
-from tests.test_training import QUIET, run_script
+from tests.fault_callbacks import read_records
+from tests.test_distributed import STOP_ONLY, checkpoint_state, record, wait_for_step
+from tests.test_training import QUIET, REPO, run_script
 
 NAN_AT_BATCH_3 = ["+callbacks.nan._target_=tests.fault_callbacks.NanAtBatch", "+callbacks.nan.batch=3"]
 
@@ -147,3 +155,52 @@ def test_every_experiment_config_composes_into_a_model(compose_config, experimen
     cfg = compose_config(f"experiment={experiment}")
     shrunk = {k: cfg.model[k] // 32 for k in ("embed_size", "hidden_size")}  # tiny, in the same ratio
     tiny_model(**{**cfg.model, **shrunk})
+
+
+@pytest.mark.slow
+def test_sigterm_and_slurm_requeue_on_sigusr1(tmp_path):
+    """As on SLURM with ``#SBATCH --signal=SIGUSR1@90`` and ``hydra.run.dir=outputs/slurm-${SLURM_JOB_ID}``:
+    SIGUSR1 saves Lightning's HPC checkpoint and calls ``scontrol requeue`` (a fake one here); SLURM's
+    SIGTERM then stops the run with exit 143 after saving last.ckpt; the requeued job, started the same
+    way in the same run directory, resumes from the HPC checkpoint by itself."""
+    bin_dir, requeues = tmp_path / "bin", tmp_path / "requeues.txt"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {requeues}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+    }  # fmt: skip
+    env = {**os.environ, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run, cache = tmp_path / "slurm-4242", tmp_path / "cache"
+    job = [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={run}", f"paths.cache_dir={cache}"]
+    process = subprocess.Popen(
+        [*job, *QUIET, *STOP_ONLY, "trainer.max_steps=100000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for_step(process, min_step=5)
+    process.send_signal(signal.SIGUSR1)
+    hpc = run / "hpc_ckpt_1.ckpt"
+    deadline = time.monotonic() + 120
+    while not (hpc.is_file() and requeues.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert requeues.read_text() == "requeue 4242\n"
+    wait_for_step(process, min_step=checkpoint_state(hpc)[0] + 2)  # training goes on until SLURM stops it
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    said = re.search(r"Stopped by SIGTERM at step (\d+), epoch \d+: saved (\S+);", stdout)
+    assert said and said[0] in (run / "train.log").read_text()
+    assert checkpoint_state(Path(said[2]))[0] == int(said[1]) > checkpoint_state(hpc)[0]
+
+    # The requeued job: the same command line and run directory; Lightning finds hpc_ckpt_1.ckpt.
+    resumed_from = checkpoint_state(hpc)[0]
+    requeued = subprocess.run(
+        [*job, *QUIET, f"trainer.max_steps={resumed_from + 5}", "trainer.val_check_interval=5",
+         *record(tmp_path / "batches")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    trained = [r["step"] for r in read_records(tmp_path / "batches")]
+    assert trained == list(range(resumed_from, resumed_from + 5))
+    assert checkpoint_state(run / "checkpoints" / "last.ckpt")[0] == resumed_from + 5
