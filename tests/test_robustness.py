@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -204,3 +207,117 @@ def test_sigterm_and_slurm_requeue_on_sigusr1(tmp_path):
     trained = [r["step"] for r in read_records(tmp_path / "batches")]
     assert trained == list(range(resumed_from, resumed_from + 5))
     assert checkpoint_state(run / "checkpoints" / "last.ckpt")[0] == resumed_from + 5
+
+
+@pytest.fixture(scope="module")
+def attention_run(tmp_path_factory) -> Path:
+    """``python train.py`` with stdout to a pipe, as in a batch job, for an attention model that keeps
+    its latest 2 periodic checkpoints; returns the run directory (stdout.txt, stderr.txt beside it)."""
+    root = tmp_path_factory.mktemp("attention")
+    result = run_script(
+        "train.py", "experiment=smoke", "model.attention=bahdanau", f"hydra.run.dir={root / 'run'}",
+        f"paths.cache_dir={root / 'cache'}", "callbacks.progress_log.every_seconds=1", "callbacks=averaging",
+        "callbacks.periodic_checkpoint.every_n_train_steps=10", "callbacks.periodic_checkpoint.save_top_k=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stdout.txt").write_text(result.stdout)
+    (root / "stderr.txt").write_text(result.stderr)
+    return root / "run"
+
+
+PROGRESS_LINE = (
+    r"step \d+ \| epoch \d+ \| loss \d+\.\d{3} \| [\d,]+ target tokens/s \| elapsed \d+:\d\d:\d\d"
+    r" \| left \d+:\d\d:\d\d \(max_steps\)"
+)
+
+
+def test_a_run_in_a_log_file_says_what_matters_without_noise(attention_run):
+    stdout = (attention_run.parent / "stdout.txt").read_text()
+    console = stdout + (attention_run.parent / "stderr.txt").read_text()
+    log = (attention_run / "train.log").read_text()
+    # Plain progress lines, on the console and in train.log, the time left counted against max_steps.
+    progress = re.findall(PROGRESS_LINE, stdout)
+    assert progress and all(line in log for line in progress)
+    # The start: the vocabulary sentencepiece really built, parameters, where outputs go.
+    checkpoint = torch.load(attention_run / "checkpoints" / "last.ckpt", weights_only=False)
+    built = Translator.from_checkpoint(attention_run / "checkpoints" / "last.ckpt").tokenizer.src_vocab_size
+    assert f"Vocabulary: joint, {built} subwords (data.subword.vocab_size=32)" in log and built < 32
+    parameters = sum(weights.numel() for weights in checkpoint["state_dict"].values())
+    assert f"Model: {parameters:,} parameters" in log and f"Outputs: {attention_run}" in log
+    # None of the third-party lines that tell a user nothing.
+    for noise in ("Tip:", "LeafSpec", "flops_per_batch", "weights_only", "logging interval", "INFO: "):
+        assert noise not in console, noise
+    # ThroughputMonitor reports FLOP/s from the project's FLOP count.
+    metrics = list(csv.DictReader((attention_run / "logs" / "metrics.csv").open()))
+    assert any(float(row["train/device/flops_per_sec"] or 0) > 0 for row in metrics)
+
+
+def test_best_checkpoints_hold_no_optimizer_and_periodic_ones_are_bounded(attention_run):
+    checkpoints = attention_run / "checkpoints"
+    last, (best,) = checkpoints / "last.ckpt", list(checkpoints.glob("best-*.ckpt"))
+    assert "optimizer_states" in torch.load(last, weights_only=False)  # resume needs it
+    assert "optimizer_states" not in torch.load(best, weights_only=False)
+    assert best.stat().st_size < last.stat().st_size / 2
+    Translator.from_checkpoint(best).translate(["w1 w2"])  # weights, tokenizer and config: it translates
+    periodic = sorted(p.name for p in (checkpoints / "periodic").iterdir())
+    assert periodic == ["step00050.ckpt", "step00060.ckpt"]  # the latest 2, as save_top_k says
+
+
+def readme_python_snippet() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    snippets = re.findall(r"\nFrom Python.*?```python\n(.*?)```", readme, flags=re.S)
+    assert len(snippets) == 1
+    return snippets[0]
+
+
+def test_the_readme_python_snippet_runs_as_written(attention_run, tmp_path):
+    best = next((attention_run / "checkpoints").glob("best-*.ckpt"))
+    for name in ("model.ckpt", "run1.ckpt", "run2.ckpt"):  # the names the snippet uses
+        (tmp_path / name).symlink_to(best)
+    result = subprocess.run(
+        [sys.executable, "-c", readme_python_snippet()], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_translate_with_a_terminal_on_stdin_answers_each_line_as_entered(attention_run):
+    best = next((attention_run / "checkpoints").glob("best-*.ckpt"))
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "translate.py", f"ckpt={best}"], cwd=REPO, stdin=terminal, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(terminal)
+    try:
+        for line in ("w1 w2 w3", "w4 w5"):
+            os.write(controller, f"{line}\n".encode())
+            # The translation comes back while the input is still open: not at the end of a chunk.
+            ready, _, _ = select.select([process.stdout], [], [], 120)
+            assert ready, f"no translation of {line!r} while waiting for the next line"
+            assert process.stdout.readline().endswith(b"\n")
+        os.write(controller, b"\x04")  # Ctrl-D: end of input
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        os.close(controller)
+
+
+def test_translate_mistakes_print_one_line_and_exit_2(attention_run, tmp_path):
+    best = next((attention_run / "checkpoints").glob("best-*.ckpt"))
+    missing = tmp_path / "missing.txt"
+    cases = [
+        ([f"ckpt={tmp_path / 'none.ckpt'}"], f"error: Checkpoint not found: {tmp_path / 'none.ckpt'}\n"),
+        ([f"ckpt={best}", f"input={missing}"], f"error: Input file not found: {missing}\n"),
+        (["beam=3"], "error: Missing mandatory value: ckpt (give it on the command line: key=value)\n"),
+    ]
+    for overrides, message in cases:
+        result = run_script("translate.py", *overrides)
+        assert (result.returncode, result.stderr[-len(message) :]) == (2, message)
+        assert "Traceback" not in result.stderr and result.stdout == ""
+    # HYDRA_FULL_ERROR=1 shows the traceback.
+    result = subprocess.run(
+        [sys.executable, "translate.py", f"ckpt={tmp_path / 'none.ckpt'}"], cwd=REPO, capture_output=True,
+        text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
