@@ -51,6 +51,7 @@ def one_line(error: BaseException) -> str:
     message = str(error).strip() or type(error).__name__
     if isinstance(error, MissingMandatoryValue):  # its later lines repeat the key and the node's type
         return f"{message.splitlines()[0]} (give it on the command line: key=value)"
+    message = message.split("\nConfig search path")[0]  # Hydra's missing config option: its search path
     return re.sub(r"\s*\n\s*", " ", message)
 
 

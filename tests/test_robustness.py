@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import pty
@@ -117,8 +118,48 @@ def test_config_mistakes_fail_in_composition(compose_config, override, error, me
 def test_unknown_option_fails_before_any_data_is_read(tmp_path):
     run = tmp_path / "run"
     result = run_script("train.py", "model=huge", f"paths.cache_dir={tmp_path}", f"hydra.run.dir={run}")
-    assert result.returncode != 0 and "Could not find 'model/huge'" in result.stderr
+    options = "Available options in 'model': base large small tiny"
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"error: In 'config': Could not find 'model/huge' {options}\n",
+    )
     assert not run.exists() and not (tmp_path / "sentencepiece").exists()
+
+
+def train_in(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python train.py`` run from ``folder``, so its default outputs/DATE/TIME/ goes there."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"paths.cache_dir={folder / 'cache'}", *QUIET, *overrides],
+        cwd=folder, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_train_mistakes_print_one_line_exit_2_and_leave_no_outputs(tmp_path):
+    valid = write_lines(tmp_path / "valid.txt", ["w1 w2"])
+    missing = tmp_path / "missing.de"
+    files = [f"data.corpus.{name}={valid}" for name in ("valid_src", "valid_tgt", "train_tgt")]
+    cases = [
+        ([*files, f"data.corpus.train_src={missing}"], f"error: Corpus file not found: {missing}\n"),
+        (["experiment=smoke", "model.hidden_size=-1"], "error: model.hidden_size must be positive, got -1\n"),
+    ]
+    for overrides, message in cases:
+        result = train_in(tmp_path, "data=files" if "data.corpus" in overrides[0] else "seed=1", *overrides)
+        assert (result.returncode, result.stderr[-len(message) :]) == (2, message), result.stderr[-3000:]
+        assert "Traceback" not in result.stdout + result.stderr
+        assert not (tmp_path / "outputs").exists()  # the run directory Hydra made is gone again
+
+
+@pytest.mark.slow
+def test_a_failure_in_training_keeps_its_traceback_once_and_its_run_directory(tmp_path):
+    result = train_in(tmp_path, "experiment=smoke", *NAN_AT_BATCH_3, "hydra.run.dir=run")
+    assert result.returncode == 1
+    assert result.stderr.count("Traceback") == 1 and "Traceback" not in result.stdout
+    assert "FloatingPointError: Non-finite training loss (nan) at step 3" in result.stderr
+    assert "Stopped by an error (FloatingPointError) at step 3" in result.stdout
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "Traceback" in log and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
 
 
 @pytest.mark.parametrize(
