@@ -362,3 +362,24 @@ def test_translate_mistakes_print_one_line_and_exit_2(attention_run, tmp_path):
         text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
     )  # fmt: skip
     assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+
+
+def test_help_lists_groups_options_and_main_keys_with_current_values():
+    train = run_script("train.py", "--help")
+    assert train.returncode == 0
+    assert "model: base, large, small, tiny" in train.stdout and "trainer: cpu, ddp, gpu" in train.stdout
+    assert "model.hidden_size=512" in train.stdout and "trainer.max_time=00:00:28:00" in train.stdout
+    assert "model.hidden_size=1024" in run_script("train.py", "model=base", "--help").stdout
+    translate = run_script("translate.py", "--help")
+    assert translate.returncode == 0
+    assert "ckpt: ???" in translate.stdout and "beam: 5" in translate.stdout
+
+
+def test_in_a_terminal_the_progress_bar_shows_the_time_left(compose_config, monkeypatch, capsys, caplog):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    caplog.set_level(logging.INFO, logger="seq2seq.callbacks")
+    steps = ["trainer.max_steps=6", "trainer.val_check_interval=6", "callbacks.progress_log.every_seconds=0"]
+    train(compose_config("experiment=smoke", *steps))
+    # The bar's metrics (rich prints its last state even to a captured stream) hold the time left...
+    assert re.search(r"left: \d+:\d\d:\d\d", capsys.readouterr().out)
+    assert "target tokens/s" not in caplog.text  # ...and no plain progress lines get in its way.
