@@ -128,12 +128,15 @@ def log_to_files(level: int, message: str, exc_info: bool = False) -> None:
 
 
 class _DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str) -> None:
+    """Drops the log records whose message contains any of ``fragments``."""
+
+    def __init__(self, *fragments: str) -> None:
         super().__init__()
-        self.prefixes = prefixes
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().lstrip().startswith(self.prefixes)
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
 
 
 def quiet_third_party() -> None:
