@@ -1,26 +1,37 @@
-"""Translate a text file with a checkpoint: ``python translate.py ckpt=PATH input=FILE`` (see README.md)."""
+"""Translate a text file: ``python translate.py ckpt=PATH input=FILE``; ``--help`` lists the options."""
 
 import sys
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from seq2seq.translator import SearchSettings, Translator, translate_file
+from seq2seq.checkpoints import require_file
+from seq2seq.cli import command, quiet_third_party, run_cli
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="translate")
+@command
 def main(cfg: DictConfig) -> None:
-    settings = SearchSettings(cfg.beam, cfg.alpha, cfg.max_len_a, cfg.max_len_b, cfg.min_len, cfg.nbest)
     # ckpt=PATH, or ckpt=[PATH,PATH,...]: an ensemble
     paths = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
+    for path in paths:
+        require_file(path)  # a missing checkpoint fails in a second, before torch loads
+    import torch
+
+    from seq2seq.translator import SearchSettings, Translator, translate_file
+
+    quiet_third_party()
+    settings = SearchSettings(cfg.beam, cfg.alpha, cfg.max_len_a, cfg.max_len_b, cfg.min_len, cfg.nbest)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     translator = Translator.from_checkpoints(paths, device)
+    # A terminal on stdin: translate each line as it is entered, with no progress bar in the way.
+    interactive = cfg.input == "-" and sys.stdin.isatty()
     report = translate_file(
-        translator, cfg.input, cfg.output, settings, cfg.batch_tokens, cfg.chunk_lines, cfg.ref, cfg.progress
-    )
+        translator, cfg.input, cfg.output, settings, cfg.batch_tokens, 1 if interactive else cfg.chunk_lines,
+        cfg.ref, cfg.progress and not interactive,
+    )  # fmt: skip
     print(report, file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -17,9 +17,10 @@ import statistics
 import time
 
 import torch
-from flops import FlopCounter, peak_flops, training_flops
+from flops import FlopCounter, peak_flops
 
 from seq2seq.data import EncodedSplit, TokenBucketBatchSampler, load_bible
+from seq2seq.flops import training_flops
 from seq2seq.tokenization import PAD_ID
 from seq2seq.translator import DEFAULT_BATCH_TOKENS, SearchSettings, Translator
 

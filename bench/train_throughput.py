@@ -20,13 +20,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from flops import peak_flops, training_flops
+from flops import peak_flops
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from seq2seq.data import TranslationDataModule
 from seq2seq.data.batching import Batch
+from seq2seq.flops import training_flops
 from seq2seq.module import TranslationModule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from seq2seq.module import TranslationModule
 
 # What loading a truncated, corrupt or foreign checkpoint raises.
@@ -31,6 +31,8 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """The checkpoint dict at ``path``; FileNotFoundError or ValueError naming the path if it is missing,
     unreadable, or lacks the ``required`` entries of this toolkit's checkpoints."""
+    import torch  # here, so that require_file answers before torch loads (translate.py's early checks)
+
     require_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)

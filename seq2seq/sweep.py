@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -22,23 +23,48 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.csv"
-COLUMNS = ("trial", "status", "val_bleu", "train_minutes", "parameters", "checkpoint", "overrides", "error")
+COLUMNS = (
+    "trial", "status", "val_bleu", "test_bleu", "train_minutes", "parameters", "checkpoint",
+    "overrides",  # the swept keys' values only
+    "error",
+)  # fmt: skip
 
 
 def write_result(output_dir: str | Path, **fields: Any) -> None:
-    """Record a run's outcome (``status`` plus any of COLUMNS) in its output folder."""
+    """Record a run's outcome (``status`` plus any of COLUMNS) and all its overrides in its output folder."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    record = {"overrides": " ".join(overrides), **fields}
+    record = {"overrides": overrides, **fields}
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     Path(output_dir, RESULT_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
-def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Trial records under ``sweep_dir``: completed ones by validation BLEU, best first, then failed."""
-    rows = []
+def swept_keys(config: DictConfig) -> set[str]:
+    """The keys a multirun varies: its sweep overrides (``key=a,b``, ``range(...)``, ...) and the
+    sweeper's declared search space (``hydra.sweeper.params``, as the Optuna sweeper has)."""
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = {override.key_or_group for override in parsed if override.is_sweep_override()}
+    return keys | set(config.hydra.sweeper.get("params") or {})
+
+
+def collect_results(sweep_dir: str | Path, swept: set[str] | None = None) -> list[dict[str, Any]]:
+    """Trial records under ``sweep_dir``: completed ones by validation BLEU, best first, then failed.
+
+    The overrides column holds only the ``swept`` keys' values (without ``swept``: the overrides whose
+    values differ between trials), not the constant overrides repeated in every row.
+    """
+    records = {}
     for path in Path(sweep_dir).glob(f"*/{RESULT_FILE}"):
-        record = json.loads(path.read_text(encoding="utf-8"))
-        rows.append({column: record.get(column, "") for column in COLUMNS} | {"trial": path.parent.name})
+        records[path.parent.name] = json.loads(path.read_text(encoding="utf-8"))
+    trial_overrides = {trial: overrides_of(record) for trial, record in records.items()}
+    if swept is None:
+        keys = {key for overrides in trial_overrides.values() for key in overrides}
+        swept = {k for k in keys if len({str(o.get(k)) for o in trial_overrides.values()}) > 1}
+    rows = []
+    for trial, record in records.items():
+        shown = " ".join(f"{k}={v}" for k, v in trial_overrides[trial].items() if k.lstrip("+~") in swept)
+        rows.append(
+            {column: record.get(column, "") for column in COLUMNS} | {"trial": trial, "overrides": shown}
+        )
 
     def rank(row: dict[str, Any]) -> tuple[int, float]:
         ok = row["status"] == "ok" and isinstance(row["val_bleu"], float) and math.isfinite(row["val_bleu"])
@@ -47,8 +73,15 @@ def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=rank)
 
 
-def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    rows = collect_results(sweep_dir)
+def overrides_of(record: dict[str, Any]) -> dict[str, str]:
+    """A trial's overrides as {key: value}, in command-line order."""
+    overrides = record.get("overrides", [])
+    overrides = overrides.split() if isinstance(overrides, str) else overrides  # older result files
+    return dict(override.split("=", 1) for override in overrides if "=" in override)
+
+
+def write_summary(sweep_dir: str | Path, swept: set[str] | None = None) -> list[dict[str, Any]]:
+    rows = collect_results(sweep_dir, swept)
     with open(Path(sweep_dir, SUMMARY_FILE), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -57,27 +90,35 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'trial':>5}  {'status':<6}  {'val BLEU':>8}  {'minutes':>7}  {'parameters':>11}  overrides"]
+    header = (
+        f"{'trial':>5}  {'status':<11}  {'val BLEU':>8}  {'test BLEU':>9}  {'minutes':>7}  {'parameters':>11}"
+    )
+    lines = [f"{header}  swept values"]
     for row in rows:
-        bleu = f"{row['val_bleu']:.2f}" if isinstance(row["val_bleu"], float) else "-"
+        val, test = (f"{row[k]:.2f}" if isinstance(row[k], float) else "-" for k in ("val_bleu", "test_bleu"))
         minutes = f"{row['train_minutes']:.1f}" if isinstance(row["train_minutes"], float) else "-"
         params = f"{row['parameters']:,}" if isinstance(row["parameters"], int) else "-"
         detail = row["overrides"] + (f"  [{row['error']}]" if row["error"] else "")
-        lines.append(
-            f"{row['trial']:>5}  {row['status']:<6}  {bleu:>8}  {minutes:>7}  {params:>11}  {detail}"
-        )
+        numbers = f"{val:>8}  {test:>9}  {minutes:>7}  {params:>11}"
+        lines.append(f"{row['trial']:>5}  {row['status']:<11}  {numbers}  {detail}")
     return "\n".join(lines)
 
 
 class SweepSummary(Callback):
     """Rewrites ``summary.csv`` in the sweep folder after every trial, and prints it at the end."""
 
+    def __init__(self) -> None:
+        self.swept: set[str] | None = None  # known where the multirun started (not in a SLURM job)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.swept = swept_keys(config)
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         hydra_config = HydraConfig.get()
         if hydra_config.mode == RunMode.MULTIRUN:
-            write_summary(hydra_config.sweep.dir)
+            write_summary(hydra_config.sweep.dir, self.swept)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = write_summary(sweep_dir)
+        rows = write_summary(sweep_dir, swept_keys(config))
         print(f"Sweep summary ({sweep_dir / SUMMARY_FILE}), best first:\n{format_summary(rows)}")

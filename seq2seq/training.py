@@ -15,26 +15,33 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.checkpoints import read_checkpoint
+from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
 from seq2seq.module import TranslationModule
 from seq2seq.sweep import write_result
+from seq2seq.tokenization import Tokenizer
 from seq2seq.translator import FileReport, SearchSettings, Translator, translate_file
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> float:
-    """:func:`train` for the entry point: a failure is logged with its traceback and recorded as failed
-    in the run's result.json (which sweep summaries read), then raised again.
+    """:func:`train` for the entry point, with third-party noise silenced. A failure is written to
+    train.log (a user's mistake as one line, a bug with its traceback; the console gets it once, from
+    seq2seq.cli) and recorded in the run's result.json (which sweep summaries read), then raised again.
+    A single run that stops before writing anything of value leaves no run directory behind.
 
     Under DDP every process runs this with the same config and run directory; only the first process
     writes files there (the others log to the console only).
     """
+    quiet_third_party()
     if rank_zero_only.rank != 0:
         for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
             logging.getLogger().removeHandler(handler)
@@ -43,12 +50,57 @@ def run(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except Exception as err:
-        log.exception("The run failed")
         if rank_zero_only.rank == 0:
-            minutes = (time.perf_counter() - started) / 60
-            error = f"{type(err).__name__}: {err}"
-            write_result(cfg.paths.output_dir, status="failed", error=error, train_minutes=minutes)
+            if is_user_error(err):
+                log_to_files(logging.ERROR, f"error: {one_line(err)}")
+            else:
+                log_to_files(logging.ERROR, "The run failed", exc_info=True)
+            if not discard_unused_run_dir(cfg.paths.output_dir):
+                minutes = (time.perf_counter() - started) / 60
+                error = f"{type(err).__name__}: {err}"
+                write_result(cfg.paths.output_dir, status="failed", error=error, train_minutes=minutes)
         raise
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (seq2seq.cli sets the exit status)
+        if rank_zero_only.rank == 0 and not discard_unused_run_dir(cfg.paths.output_dir):
+            minutes = (time.perf_counter() - started) / 60
+            write_result(cfg.paths.output_dir, status="interrupted", train_minutes=minutes)
+        raise
+
+
+# What a run directory holds before training writes anything: Hydra's records, the log, the run's
+# configuration and command.
+BOOKKEEPING = {".hydra", "config_resolved.yaml", "run.json", "result.json"}
+
+
+def discard_unused_run_dir(output_dir: str) -> bool:
+    """Remove the directory of a single (not multirun) run that stopped before writing anything but
+    bookkeeping and its log, and the date folders above it left empty, up to the working directory:
+    a failed start leaves no ``outputs/`` behind. A directory holding anything else (checkpoints,
+    metrics, an earlier run's files) is kept. Returns whether it was removed."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return False
+    run_dir = Path(output_dir).resolve()
+    logs = [
+        h for h in logging.getLogger().handlers
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == run_dir
+    ]  # fmt: skip
+    if not run_dir.is_dir() or any(
+        p.name not in BOOKKEEPING | {Path(h.baseFilename).name for h in logs} for p in run_dir.iterdir()
+    ):
+        return False
+    for handler in logs:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    shutil.rmtree(run_dir)
+    cwd = Path(HydraConfig.get().runtime.cwd).resolve()
+    for parent in run_dir.parents:
+        if cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty
+            break
+    return True
 
 
 def train(cfg: DictConfig) -> float:
@@ -80,7 +132,7 @@ def train(cfg: DictConfig) -> float:
     module.tokenizer = tokenizer
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     parameters = sum(p.numel() for p in module.parameters())
-    log.info("Model: %s parameters", f"{parameters:,}")
+    log_run_start(cfg, tokenizer, parameters)
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if cfg.get("ckpt_path"):
@@ -105,17 +157,19 @@ def train(cfg: DictConfig) -> float:
     best_bleu = float(checkpoint.best_model_score)
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
     if trainer.is_global_zero:
+        test_bleu = None
         if "test" in datamodule.texts:
             # On the device that trained (a GPU decodes the test split many times faster than the CPU).
             translator = Translator.from_checkpoint(checkpoint.best_model_path, trainer.strategy.root_device)
             report = evaluate_test(translator, datamodule, output_dir, test_settings, test_batch_tokens)
+            test_bleu = report.scores.bleu
             print(
                 f"Test split ({datamodule.texts['test'].origin}), beam {test_settings.beam},"
                 f" checkpoint {checkpoint.best_model_path}:\n{report}"
             )
         write_result(
-            output_dir, status="ok", val_bleu=best_bleu, train_minutes=train_minutes, parameters=parameters,
-            checkpoint=checkpoint.best_model_path,
+            output_dir, status="ok", val_bleu=best_bleu, test_bleu=test_bleu, train_minutes=train_minutes,
+            parameters=parameters, checkpoint=checkpoint.best_model_path,
         )  # fmt: skip
     return best_bleu
 
@@ -156,6 +210,19 @@ class CarryBestCheckpoint(L.Callback):
             state.update(best_model_path=str(copy), kth_best_model_path=str(copy), kth_value=score)
             state["best_k_models"] = {str(copy): score}
             log.info("Resumed with the best checkpoint so far: %s (%s %.2f)", copy, callback.monitor, score)
+
+
+def log_run_start(cfg: DictConfig, tokenizer: Tokenizer, parameters: int) -> None:
+    """What a user checks at the start of a run (the data module has logged the pairs per split): the
+    vocabulary sentencepiece really built (it can be smaller than asked), the model, where outputs go."""
+    asked = cfg.data.get("subword", {}).get("vocab_size")
+    if tokenizer.joint:
+        vocabulary = f"joint, {tokenizer.src_vocab_size:,} subwords"
+    else:
+        vocabulary = f"source {tokenizer.src_vocab_size:,}, target {tokenizer.tgt_vocab_size:,} subwords"
+    log.info("Vocabulary: %s (data.subword.vocab_size=%s)", vocabulary, asked)
+    log.info("Model: %s parameters", f"{parameters:,}")
+    log.info("Outputs: %s", Path(cfg.paths.output_dir).resolve())
 
 
 def evaluation_settings(cfg: DictConfig) -> tuple[SearchSettings, int]:

@@ -4,7 +4,9 @@ validation scores and non-finite steps skipped on every process, resume after SI
 from __future__ import annotations
 
 import csv
+import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -230,25 +232,46 @@ def test_killed_run_resumes_with_the_same_steps_schedule_and_batches(tmp_path):
     assert got == [e for e in expected if e[0] >= step]
 
 
+def wait_for_step(process: subprocess.Popen, min_step: int, timeout: float = 300) -> int:
+    """Read the run's progress lines (stdout, seq2seq.callbacks.ProgressLog) until one reports at least
+    ``min_step`` steps; return that step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            pytest.fail(f"training exited early ({process.returncode}): {process.stderr.read()[-3000:]}")
+        match = re.search(r"\] - step (\d+) \| epoch", line)
+        if match and int(match[1]) >= min_step:
+            return int(match[1])
+    process.kill()
+    pytest.fail(f"no progress line of {min_step} steps after {timeout} s")
+
+
+# A progress line after every batch, and no periodic last.ckpt: a last.ckpt can only be the one saved
+# when the run was stopped.
+STOP_ONLY = ["callbacks.progress_log.every_seconds=0", "callbacks.last_checkpoint.every_n_train_steps=100000"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_leaves_a_last_checkpoint_to_resume_from(tmp_path):
-    cache, checkpoints = tmp_path / "cache", tmp_path / "run" / "checkpoints"
-    every = "callbacks.last_checkpoint.every_n_train_steps=10"
-    process = start_training(tmp_path / "run", cache, every, "trainer.max_steps=100000")
-    seen = wait_for_checkpoint(process, checkpoints / "last.ckpt", min_step=10)
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    process = start_training(run, cache, *STOP_ONLY, "trainer.max_steps=100000")
+    seen = wait_for_step(process, min_step=10)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
-    step = checkpoint_state(checkpoints / "last.ckpt")[0]
-    assert step >= seen
-    # Saved at the interruption, unless the step had just been saved.
-    assert {p.name for p in checkpoints.glob("interrupted-*")} <= {f"interrupted-step{step}.ckpt"}
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stdout + stderr
+    # One line says where and what was saved, on the console and in train.log...
+    said = re.search(r"Interrupted by Ctrl-C \(SIGINT\) at step (\d+), epoch \d+: saved (\S+);", stdout)
+    assert said and Path(said[2]) == last and said[0] in (run / "train.log").read_text()
+    step = int(said[1])
+    # ...and last.ckpt holds the state of that step, with the optimizer; nothing else was written.
+    assert step >= seen and checkpoint_state(last)[0] == step
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+    assert json.loads((run / "result.json").read_text())["status"] == "interrupted"
 
-    resume = [
-        f"ckpt_path={checkpoints / 'last.ckpt'}",
-        f"trainer.max_steps={step + 5}",
-        "trainer.val_check_interval=5",
-    ]
+    resume = [f"ckpt_path={last}", f"trainer.max_steps={step + 5}", "trainer.val_check_interval=5"]
     smoke(tmp_path / "resumed", cache, *resume)
     assert checkpoint_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")[0] == step + 5
 

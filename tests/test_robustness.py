@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +26,9 @@ from seq2seq.tokenization import SubwordSettings, train_or_load
 from seq2seq.training import train
 from seq2seq.translator import SearchSettings, Translator, translate_file
 from tests.conftest import tiny_model
-from tests.test_training import QUIET, run_script
+from tests.fault_callbacks import read_records
+from tests.test_distributed import STOP_ONLY, checkpoint_state, record, wait_for_step
+from tests.test_training import QUIET, REPO, run_script
 
 NAN_AT_BATCH_3 = ["+callbacks.nan._target_=tests.fault_callbacks.NanAtBatch", "+callbacks.nan.batch=3"]
 
@@ -111,8 +123,48 @@ def test_config_mistakes_fail_in_composition(compose_config, override, error, me
 def test_unknown_option_fails_before_any_data_is_read(tmp_path):
     run = tmp_path / "run"
     result = run_script("train.py", "model=huge", f"paths.cache_dir={tmp_path}", f"hydra.run.dir={run}")
-    assert result.returncode != 0 and "Could not find 'model/huge'" in result.stderr
+    options = "Available options in 'model': base large small tiny"
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"error: In 'config': Could not find 'model/huge' {options}\n",
+    )
     assert not run.exists() and not (tmp_path / "sentencepiece").exists()
+
+
+def train_in(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python train.py`` run from ``folder``, so its default outputs/DATE/TIME/ goes there."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"paths.cache_dir={folder / 'cache'}", *QUIET, *overrides],
+        cwd=folder, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_train_mistakes_print_one_line_exit_2_and_leave_no_outputs(tmp_path):
+    valid = write_lines(tmp_path / "valid.txt", ["w1 w2"])
+    missing = tmp_path / "missing.de"
+    files = [f"data.corpus.{name}={valid}" for name in ("valid_src", "valid_tgt", "train_tgt")]
+    cases = [
+        ([*files, f"data.corpus.train_src={missing}"], f"error: Corpus file not found: {missing}\n"),
+        (["experiment=smoke", "model.hidden_size=-1"], "error: model.hidden_size must be positive, got -1\n"),
+    ]
+    for overrides, message in cases:
+        result = train_in(tmp_path, "data=files" if "data.corpus" in overrides[0] else "seed=1", *overrides)
+        assert (result.returncode, result.stderr[-len(message) :]) == (2, message), result.stderr[-3000:]
+        assert "Traceback" not in result.stdout + result.stderr
+        assert not (tmp_path / "outputs").exists()  # the run directory Hydra made is gone again
+
+
+@pytest.mark.slow
+def test_a_failure_in_training_keeps_its_traceback_once_and_its_run_directory(tmp_path):
+    result = train_in(tmp_path, "experiment=smoke", *NAN_AT_BATCH_3, "hydra.run.dir=run")
+    assert result.returncode == 1
+    assert result.stderr.count("Traceback") == 1 and "Traceback" not in result.stdout
+    assert "FloatingPointError: Non-finite training loss (nan) at step 3" in result.stderr
+    assert "Stopped by an error (FloatingPointError) at step 3" in result.stdout
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "Traceback" in log and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
 
 
 @pytest.mark.parametrize(
@@ -152,3 +204,189 @@ def test_every_experiment_config_composes_into_a_model(compose_config, experimen
     cfg = compose_config(f"experiment={experiment}")
     shrunk = {k: cfg.model[k] // 32 for k in ("embed_size", "hidden_size")}  # tiny, in the same ratio
     tiny_model(**{**cfg.model, **shrunk})
+
+
+@pytest.mark.slow
+def test_sigterm_and_slurm_requeue_on_sigusr1(tmp_path):
+    """As on SLURM with ``#SBATCH --signal=SIGUSR1@90`` and ``hydra.run.dir=outputs/slurm-${SLURM_JOB_ID}``:
+    SIGUSR1 saves Lightning's HPC checkpoint and calls ``scontrol requeue`` (a fake one here); SLURM's
+    SIGTERM then stops the run with exit 143 after saving last.ckpt; the requeued job, started the same
+    way in the same run directory, resumes from the HPC checkpoint by itself."""
+    bin_dir, requeues = tmp_path / "bin", tmp_path / "requeues.txt"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {requeues}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+    }  # fmt: skip
+    env = {**os.environ, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run, cache = tmp_path / "slurm-4242", tmp_path / "cache"
+    job = [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={run}", f"paths.cache_dir={cache}"]
+    process = subprocess.Popen(
+        [*job, *QUIET, *STOP_ONLY, "trainer.max_steps=100000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for_step(process, min_step=5)
+    process.send_signal(signal.SIGUSR1)
+    hpc = run / "hpc_ckpt_1.ckpt"
+    deadline = time.monotonic() + 120
+    while not (hpc.is_file() and requeues.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert requeues.read_text() == "requeue 4242\n"
+    wait_for_step(process, min_step=checkpoint_state(hpc)[0] + 2)  # training goes on until SLURM stops it
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    said = re.search(r"Stopped by SIGTERM at step (\d+), epoch \d+: saved (\S+);", stdout)
+    assert said and said[0] in (run / "train.log").read_text()
+    assert "Received SIGTERM" not in stdout + stderr  # Lightning's own notice: ours says it all
+    assert checkpoint_state(Path(said[2]))[0] == int(said[1]) > checkpoint_state(hpc)[0]
+
+    # The requeued job: the same command line and run directory; Lightning finds hpc_ckpt_1.ckpt.
+    resumed_from = checkpoint_state(hpc)[0]
+    requeued = subprocess.run(
+        [*job, *QUIET, f"trainer.max_steps={resumed_from + 5}", "trainer.val_check_interval=5",
+         *record(tmp_path / "batches")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    trained = [r["step"] for r in read_records(tmp_path / "batches")]
+    assert trained == list(range(resumed_from, resumed_from + 5))
+    assert checkpoint_state(run / "checkpoints" / "last.ckpt")[0] == resumed_from + 5
+
+
+@pytest.fixture(scope="module")
+def attention_run(tmp_path_factory) -> Path:
+    """``python train.py`` with stdout to a pipe, as in a batch job, for an attention model that keeps
+    its latest 2 periodic checkpoints; returns the run directory (stdout.txt, stderr.txt beside it)."""
+    root = tmp_path_factory.mktemp("attention")
+    result = run_script(
+        "train.py", "experiment=smoke", "model.attention=bahdanau", f"hydra.run.dir={root / 'run'}",
+        f"paths.cache_dir={root / 'cache'}", "callbacks.progress_log.every_seconds=1", "callbacks=averaging",
+        "callbacks.periodic_checkpoint.every_n_train_steps=10", "callbacks.periodic_checkpoint.save_top_k=2",
+        "trainer.max_steps=30", "trainer.val_check_interval=30",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stdout.txt").write_text(result.stdout)
+    (root / "stderr.txt").write_text(result.stderr)
+    return root / "run"
+
+
+PROGRESS_LINE = (
+    r"step \d+ \| epoch \d+ \| loss \d+\.\d{3} \| [\d,]+ target tokens/s \| elapsed \d+:\d\d:\d\d"
+    r" \| left \d+:\d\d:\d\d \(max_steps\)"
+)
+
+
+def test_a_run_in_a_log_file_says_what_matters_without_noise(attention_run):
+    stdout = (attention_run.parent / "stdout.txt").read_text()
+    console = stdout + (attention_run.parent / "stderr.txt").read_text()
+    log = (attention_run / "train.log").read_text()
+    # Plain progress lines, on the console and in train.log, the time left counted against max_steps.
+    progress = re.findall(PROGRESS_LINE, stdout)
+    assert progress and all(line in log for line in progress)
+    # The start: the vocabulary sentencepiece really built, parameters, where outputs go.
+    checkpoint = torch.load(attention_run / "checkpoints" / "last.ckpt", weights_only=False)
+    built = Translator.from_checkpoint(attention_run / "checkpoints" / "last.ckpt").tokenizer.src_vocab_size
+    assert f"Vocabulary: joint, {built} subwords (data.subword.vocab_size=32)" in log and built < 32
+    parameters = sum(weights.numel() for weights in checkpoint["state_dict"].values())
+    assert f"Model: {parameters:,} parameters" in log and f"Outputs: {attention_run}" in log
+    # None of the third-party lines that tell a user nothing.
+    for noise in ("Tip:", "LeafSpec", "flops_per_batch", "weights_only", "logging interval", "INFO: "):
+        assert noise not in console, noise
+    # ThroughputMonitor reports FLOP/s from the project's FLOP count.
+    metrics = list(csv.DictReader((attention_run / "logs" / "metrics.csv").open()))
+    assert any(float(row["train/device/flops_per_sec"] or 0) > 0 for row in metrics)
+
+
+def test_best_checkpoints_hold_no_optimizer_and_periodic_ones_are_bounded(attention_run):
+    checkpoints = attention_run / "checkpoints"
+    last, (best,) = checkpoints / "last.ckpt", list(checkpoints.glob("best-*.ckpt"))
+    assert "optimizer_states" in torch.load(last, weights_only=False)  # resume needs it
+    assert "optimizer_states" not in torch.load(best, weights_only=False)
+    assert best.stat().st_size < last.stat().st_size / 2
+    Translator.from_checkpoint(best).translate(["w1 w2"])  # weights, tokenizer and config: it translates
+    periodic = sorted(p.name for p in (checkpoints / "periodic").iterdir())
+    assert periodic == ["step00020.ckpt", "step00030.ckpt"]  # the latest 2, as save_top_k says
+
+
+def readme_python_snippet() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    snippets = re.findall(r"\nFrom Python.*?```python\n(.*?)```", readme, flags=re.S)
+    assert len(snippets) == 1
+    return snippets[0]
+
+
+def test_the_readme_python_snippet_runs_as_written(attention_run, tmp_path):
+    best = next((attention_run / "checkpoints").glob("best-*.ckpt"))
+    for name in ("model.ckpt", "run1.ckpt", "run2.ckpt"):  # the names the snippet uses
+        (tmp_path / name).symlink_to(best)
+    result = subprocess.run(
+        [sys.executable, "-c", readme_python_snippet()], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_translate_with_a_terminal_on_stdin_answers_each_line_as_entered(attention_run):
+    best = next((attention_run / "checkpoints").glob("best-*.ckpt"))
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "translate.py", f"ckpt={best}"], cwd=REPO, stdin=terminal, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(terminal)
+    try:
+        for line in ("w1 w2 w3", "w4 w5"):
+            os.write(controller, f"{line}\n".encode())
+            # The translation comes back while the input is still open: not at the end of a chunk.
+            ready, _, _ = select.select([process.stdout], [], [], 120)
+            assert ready, f"no translation of {line!r} while waiting for the next line"
+            assert process.stdout.readline().endswith(b"\n")
+        os.write(controller, b"\x04")  # Ctrl-D: end of input
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        os.close(controller)
+
+
+def test_translate_mistakes_print_one_line_and_exit_2(attention_run, tmp_path):
+    best = next((attention_run / "checkpoints").glob("best-*.ckpt"))
+    missing = tmp_path / "missing.txt"
+    cases = [
+        ([f"ckpt={tmp_path / 'none.ckpt'}"], f"error: Checkpoint not found: {tmp_path / 'none.ckpt'}\n"),
+        ([f"ckpt={best}", f"input={missing}"], f"error: Input file not found: {missing}\n"),
+        (["beam=3"], "error: Missing mandatory value: ckpt (give it on the command line: key=value)\n"),
+    ]
+    for overrides, message in cases:
+        result = run_script("translate.py", *overrides)
+        assert (result.returncode, result.stderr[-len(message) :]) == (2, message)
+        assert "Traceback" not in result.stderr and result.stdout == ""
+    # HYDRA_FULL_ERROR=1 shows the traceback.
+    result = subprocess.run(
+        [sys.executable, "translate.py", f"ckpt={tmp_path / 'none.ckpt'}"], cwd=REPO, capture_output=True,
+        text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+
+
+def test_help_lists_groups_options_and_main_keys_with_current_values():
+    train = run_script("train.py", "--help")
+    assert train.returncode == 0
+    assert "model: base, large, small, tiny" in train.stdout and "trainer: cpu, ddp, gpu" in train.stdout
+    assert "model.hidden_size=512" in train.stdout and "trainer.max_time=00:00:28:00" in train.stdout
+    assert "model.hidden_size=1024" in run_script("train.py", "model=base", "--help").stdout
+    translate = run_script("translate.py", "--help")
+    assert translate.returncode == 0
+    assert "ckpt: ???" in translate.stdout and "beam: 5" in translate.stdout
+
+
+def test_in_a_terminal_the_progress_bar_shows_the_time_left(compose_config, monkeypatch, capsys, caplog):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    caplog.set_level(logging.INFO, logger="seq2seq.callbacks")
+    steps = ["trainer.max_steps=6", "trainer.val_check_interval=6", "callbacks.progress_log.every_seconds=0"]
+    train(compose_config("experiment=smoke", *steps))
+    # The bar's metrics (rich prints its last state even to a captured stream) hold the time left...
+    assert re.search(r"left: \d+:\d\d:\d\d", capsys.readouterr().out)
+    assert "target tokens/s" not in caplog.text  # ...and no plain progress lines get in its way.
