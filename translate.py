@@ -5,17 +5,18 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from seq2seq.translator import SearchSettings, Translator, translate_file
+from seq2seq.search import DecodingSettings
+from seq2seq.translator import Translator, translate_file
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="translate")
 def main(cfg: DictConfig) -> None:
-    settings = SearchSettings(cfg.beam, cfg.alpha, cfg.max_len_a, cfg.max_len_b, cfg.min_len, cfg.nbest)
+    settings = DecodingSettings.from_config(cfg)  # the decoding group's keys; alpha=auto: the checkpoint's
     # ckpt=PATH, or ckpt=[PATH,PATH,...]: an ensemble
     paths = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
     translator = Translator.from_checkpoints(paths, cfg.device)
     report = translate_file(
-        translator, cfg.input, cfg.output, settings, cfg.batch_tokens, cfg.chunk_lines, cfg.ref, cfg.progress
+        translator, cfg.input, cfg.output, settings, cfg.chunk_lines, cfg.ref, cfg.progress
     )
     print(report, file=sys.stderr)
 

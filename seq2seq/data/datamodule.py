@@ -31,6 +31,8 @@ class TranslationDataModule(L.LightningDataModule):
         equal_source_length: training batches hold one source length only, so the encoder needs no
             packing (twice as fast on CPU); validation batches mix lengths to stay large.
         num_workers: DataLoader worker processes.
+        tgt_lang: the target language (ISO 639-1), for BLEU's tokenizer; None: the corpus reader's
+            (the Bible knows each version's), else unknown. Known after ``setup`` as ``self.tgt_lang``.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class TranslationDataModule(L.LightningDataModule):
         eval_batch_tokens: int | None = None,
         equal_source_length: bool = True,
         num_workers: int = 0,
+        tgt_lang: str | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -62,6 +65,7 @@ class TranslationDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.seed = seed
         self.num_workers = num_workers
+        self.tgt_lang = tgt_lang
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, EncodedSplit] = {}
@@ -72,6 +76,7 @@ class TranslationDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return
         self.corpus = self.load_corpus()
+        self.tgt_lang = self.tgt_lang or self.corpus.tgt_lang
         train = self.corpus.train
         self.tokenizer = train_or_load(train.src, train.tgt, self.subword, self.cache_dir)
         for name in ("train", "valid", "test"):
