@@ -156,15 +156,19 @@ class Translator:
         candidates = self._hypotheses(sources, search, settings, first_line=1)
         texts = iter(self.tokenizer.decode_tgt([h.tokens for hyps in candidates for h in hyps]))
         candidate_texts = [[next(texts) for _ in hyps] for hyps in candidates]
-        bleu = {}
-        for alpha in grid:
-            outputs = [
+        translations = {
+            alpha: [
                 sentence_texts[best_for_alpha(hyps, alpha)]
                 for hyps, sentence_texts in zip(candidates, candidate_texts, strict=True)
             ]
-            bleu[alpha] = corpus_scores(outputs, references, self.tgt_lang, self.bleu_tokenize).bleu
+            for alpha in grid
+        }
+        bleu = {
+            alpha: corpus_scores(outputs, references, self.tgt_lang, self.bleu_tokenize).bleu
+            for alpha, outputs in translations.items()
+        }
         best = max(grid, key=lambda alpha: bleu[alpha])
-        return AlphaChoice(best, bleu, time.perf_counter() - started)
+        return AlphaChoice(best, bleu, translations, time.perf_counter() - started)
 
     @torch.no_grad()
     def align(self, sentence: str, settings: DecodingSettings | None = None) -> Alignment:
@@ -221,10 +225,12 @@ class Translator:
 
 @dataclass(frozen=True)
 class AlphaChoice:
-    """What :meth:`Translator.choose_alpha` found: the chosen alpha, the BLEU of each, the seconds taken."""
+    """What :meth:`Translator.choose_alpha` found: the chosen alpha, and for each alpha of the grid its
+    BLEU and translations; the seconds it took."""
 
     alpha: float
     bleu: dict[float, float]
+    translations: dict[float, list[str]]
     seconds: float
 
 
