@@ -106,7 +106,7 @@ def train(cfg: DictConfig) -> float:
     if trainer.is_global_zero:
         translator = Translator.from_checkpoint(checkpoint.best_model_path)
         tuned = {}
-        if decoding.alpha == AUTO:
+        if decoding.alpha == AUTO and decoding.beam > 1:  # greedy search has no use for a length penalty
             choice = choose_alpha(translator, datamodule, decoding, cfg.evaluate.alpha_grid)
             store_alpha(checkpoint.best_model_path, choice)
             translator.alpha = choice.alpha

@@ -98,7 +98,7 @@ class Translator:
         """``settings`` (default: :class:`DecodingSettings` with ``options``) with ``alpha=auto`` resolved
         to this model's length penalty."""
         settings = settings or DecodingSettings(**options)
-        if settings.alpha == AUTO and self.alpha is None and not self._warned_untuned:
+        if settings.alpha == AUTO and settings.beam > 1 and self.alpha is None and not self._warned_untuned:
             log.warning(
                 "alpha=auto, but no length penalty was chosen for this model on validation data"
                 " (a checkpoint gets one at the end of a run with decoding.alpha=auto): using alpha=%s",
