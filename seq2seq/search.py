@@ -198,24 +198,17 @@ def beam_search(
 
 
 def beam_candidates(
-    model: Seq2Seq,
-    src: Tensor,
-    src_lengths: Tensor,
-    beam_size: int = DecodingSettings.beam,
-    max_len_a: float = DecodingSettings.max_len_a,
-    max_len_b: int = DecodingSettings.max_len_b,
-    min_len: int = 0,
+    model: Seq2Seq, src: Tensor, src_lengths: Tensor, settings: DecodingSettings
 ) -> list[list[Hypothesis]]:
     """Every hypothesis beam search finishes when each sentence runs until ``beam_size`` have ended.
 
     The beams themselves do not depend on the length penalty (they are ranked by log-probability), and
     a search stopped early for some ``alpha >= 0`` only skips hypotheses that score below its best. So
     :func:`best_for_alpha` over these candidates is what ``beam_search(..., alpha)`` returns, for every
-    alpha, from one search. Scores are those of ``alpha=0``.
+    alpha, from one search. ``settings.alpha`` plays no part; scores are those of ``alpha=0``.
     """
-    return _finished_hypotheses(
-        model, src, src_lengths, beam_size, 0.0, max_len_a, max_len_b, min_len, nbest=beam_size
-    )
+    limits = settings.max_len_a, settings.max_len_b, settings.min_len
+    return _finished_hypotheses(model, src, src_lengths, settings.beam, 0.0, *limits, nbest=settings.beam)
 
 
 def best_for_alpha(candidates: list[Hypothesis], alpha: float) -> int:

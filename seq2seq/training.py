@@ -25,7 +25,7 @@ from seq2seq.metrics import check_bleu_tokenize
 from seq2seq.module import TranslationModule
 from seq2seq.search import AUTO, DecodingSettings
 from seq2seq.sweep import write_result
-from seq2seq.translator import AlphaChoice, FileReport, Translator, translate_file
+from seq2seq.translator import AlphaChoice, FileReport, Translator, check_alpha_grid, translate_file
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,7 @@ def train(cfg: DictConfig) -> float:
 def evaluation_settings(cfg: DictConfig) -> DecodingSettings:
     """The decoding settings of the run, with ``cfg.evaluate`` checked too: mistakes fail before training."""
     check_bleu_tokenize(cfg.evaluate.bleu_tokenize)
-    grid = OmegaConf.to_container(cfg.evaluate.alpha_grid, resolve=True)
-    if not grid or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in grid):
-        raise ValueError(f"evaluate.alpha_grid must be a non-empty list of numbers >= 0, got {grid}")
+    check_alpha_grid(OmegaConf.to_container(cfg.evaluate.alpha_grid, resolve=True))
     return DecodingSettings.from_config(cfg.decoding, prefix="decoding.")
 
 

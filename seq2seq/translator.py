@@ -143,16 +143,9 @@ class Translator:
         One beam search gives every alpha's translations (see :func:`~seq2seq.search.beam_candidates`),
         so a grid costs about what one decoding of ``sources`` costs.
         """
-        grid = sorted({float(alpha) for alpha in grid})
-        if not grid or grid[0] < 0:
-            raise ValueError(f"evaluate.alpha_grid must be a non-empty list of numbers >= 0, got {grid}")
+        grid = check_alpha_grid(grid)
         started = time.perf_counter()
-        limits = {
-            "max_len_a": settings.max_len_a,
-            "max_len_b": settings.max_len_b,
-            "min_len": settings.min_len,
-        }
-        search = functools.partial(beam_candidates, self.model, beam_size=settings.beam, **limits)
+        search = functools.partial(beam_candidates, self.model, settings=settings)
         candidates = self._hypotheses(sources, search, settings, first_line=1)
         texts = iter(self.tokenizer.decode_tgt([h.tokens for hyps in candidates for h in hyps]))
         candidate_texts = [[next(texts) for _ in hyps] for hyps in candidates]
@@ -221,6 +214,14 @@ class Translator:
             for row, hyps in zip(rows, search(src, lengths), strict=True):
                 results[row] = hyps
         return results
+
+
+def check_alpha_grid(grid: Sequence[float]) -> list[float]:
+    """The distinct values of ``grid``, sorted; a ValueError naming ``evaluate.alpha_grid`` unless they
+    are numbers >= 0 (at least one)."""
+    if not grid or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in grid):
+        raise ValueError(f"evaluate.alpha_grid must be a non-empty list of numbers >= 0, got {list(grid)}")
+    return sorted({float(alpha) for alpha in grid})
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,7 @@ def test_one_search_rescored_gives_beam_search_of_every_alpha(seed):
     model = tiny_model(seed=seed)
     src, lengths = batch()
     limits = {"max_len_a": 1.0, "max_len_b": 5}
-    candidates = beam_candidates(model, src, lengths, beam_size=4, **limits)
+    candidates = beam_candidates(model, src, lengths, DecodingSettings(beam=4, **limits))
     for alpha in (0.0, 1.0, 5.0):
         searched = beam_search(model, src, lengths, beam_size=4, alpha=alpha, **limits)
         rescored = [hyps[best_for_alpha(hyps, alpha)] for hyps in candidates]
