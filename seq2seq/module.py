@@ -74,10 +74,7 @@ class TranslationModule(L.LightningModule):
             raise ValueError(f"module.label_smoothing must be in [0, 1), got {label_smoothing}")
         if optimizer.get("lr", 1e-3) <= 0:
             raise ValueError(f"module.optimizer.lr must be positive, got {optimizer['lr']}")
-        try:
-            self.decoding = DecodingSettings(**(decoding or {}))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"decoding: {err}") from None
+        self.decoding = DecodingSettings.from_config(decoding or {}, prefix="decoding.")
         self.tgt_lang, self.bleu_tokenize = tgt_lang, check_bleu_tokenize(bleu_tokenize)
         self.save_hyperparameters()
         self.model = Seq2Seq(src_vocab_size, tgt_vocab_size, **model)
