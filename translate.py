@@ -18,17 +18,18 @@ def main(cfg: DictConfig) -> None:
         require_file(path)  # a missing checkpoint fails in a second, before torch loads
     import torch
 
-    from seq2seq.translator import SearchSettings, Translator, translate_file
+    from seq2seq.search import DecodingSettings
+    from seq2seq.translator import Translator, translate_file
 
     quiet_third_party()
-    settings = SearchSettings(cfg.beam, cfg.alpha, cfg.max_len_a, cfg.max_len_b, cfg.min_len, cfg.nbest)
+    settings = DecodingSettings.from_config(cfg)  # the decoding group's keys; alpha=auto: the checkpoint's
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     translator = Translator.from_checkpoints(paths, device)
     # A terminal on stdin: translate each line as it is entered, with no progress bar in the way.
     interactive = cfg.input == "-" and sys.stdin.isatty()
     report = translate_file(
-        translator, cfg.input, cfg.output, settings, cfg.batch_tokens, 1 if interactive else cfg.chunk_lines,
-        cfg.ref, cfg.progress and not interactive,
+        translator, cfg.input, cfg.output, settings, 1 if interactive else cfg.chunk_lines, cfg.ref,
+        cfg.progress and not interactive,
     )  # fmt: skip
     print(report, file=sys.stderr)
 

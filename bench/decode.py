@@ -1,4 +1,5 @@
-"""Decoding speed on the Bible test split: batched greedy, batched beam, and beam one sentence at a time.
+"""Decoding speed on the Bible test split: batched greedy, batched beam, and beam one sentence at a time;
+and the cost of ``decoding.alpha=auto`` on the validation split.
 
     python bench/decode.py --ckpt outputs/.../checkpoints/best-....ckpt [--limit N] [--threads T]
 
@@ -6,13 +7,17 @@ Prints sentences/s, output tokens/s and GFLOP/s (against the CPU's peak and agai
 steps of the same model, measured in the same run) of each (batched: the median of ``--repeats`` runs), the
 speed-up of batching for beam search, and whether batched and one-at-a-time beam search gave
 identical translations. The test split is rebuilt from the checkpoint's own data configuration, so it
-is the split the model was scored on.
+is the split the model was scored on. Then, on the validation split, what choosing alpha from
+``evaluate.alpha_grid`` costs (one beam search rescored for every alpha, as training does) against one
+beam search decoding of that split and against decoding it once per alpha, with a check that the
+choice's translations are those of a beam search with the chosen alpha. ``--skip-speed`` runs only that.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import time
 
@@ -21,19 +26,22 @@ from flops import FlopCounter, peak_flops
 
 from seq2seq.data import EncodedSplit, TokenBucketBatchSampler, load_bible
 from seq2seq.flops import training_flops
+from seq2seq.search import DecodingSettings
 from seq2seq.tokenization import PAD_ID
-from seq2seq.translator import DEFAULT_BATCH_TOKENS, SearchSettings, Translator
+from seq2seq.translator import Translator
+
+DEFAULTS = DecodingSettings()
 
 
 def timed(
-    translator: Translator, sources: list[str], settings: SearchSettings, batch_tokens: int, repeats: int = 1
+    translator: Translator, sources: list[str], settings: DecodingSettings, repeats: int = 1
 ) -> tuple[list[str], float, int, int]:
     """Translations, the median seconds over ``repeats`` runs, the output tokens and the FLOPs of a run."""
     times = []
     counter = FlopCounter(translator.model)
     for _ in range(repeats):
         started = time.perf_counter()
-        results = translator.translate_nbest(sources, settings, batch_tokens)
+        results = translator.translate_nbest(sources, settings)
         times.append(time.perf_counter() - started)
     counter.remove()
     texts = [hyps[0][0] for hyps in results]
@@ -70,9 +78,11 @@ def main() -> None:
     )
     parser.add_argument("--ckpt", required=True, help="checkpoint of a model trained on data=bible")
     parser.add_argument("--limit", type=int, default=1000, help="first N test sentences")
-    parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--alpha", type=float, default=SearchSettings.alpha, help="length penalty")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS)
+    parser.add_argument("--beam", type=int, default=DEFAULTS.beam)
+    parser.add_argument("--alpha", default=DEFAULTS.alpha, help="length penalty (auto: the checkpoint's)")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULTS.batch_tokens)
+    parser.add_argument("--alpha-grid", type=float, nargs="+", default=[0.6, 1.0, 1.5, 2.0])
+    parser.add_argument("--skip-speed", action="store_true", help="measure only the cost of alpha=auto")
     parser.add_argument("--repeats", type=int, default=3, help="batched runs, the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--ghz", type=float, default=2.6, help="core clock for the peak")
@@ -87,26 +97,32 @@ def main() -> None:
     if corpus_config.get("_target_") != "seq2seq.data.load_bible":
         raise SystemExit(f"{args.ckpt} was not trained on data=bible; this benchmark needs its test split")
     corpus = load_bible(**{k: v for k, v in corpus_config.items() if not k.startswith("_")})
-    sources = corpus.test.src[: args.limit]
+    alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
+    beam = translator.settings(beam=args.beam, alpha=alpha, batch_tokens=args.batch_tokens)
+    if not args.skip_speed:
+        speed(translator, corpus.test, beam, args.limit, args.repeats, peak, how)
+    alpha_cost(translator, corpus.valid, beam, args.alpha_grid, args.limit)
+
+
+def speed(translator: Translator, test, beam: DecodingSettings, limit: int, repeats: int, peak, how) -> None:
+    sources = test.src[:limit]
     print(
-        f"{len(sources)} test sentences ({corpus.test.origin}); beam {args.beam}, alpha {args.alpha};"
+        f"{len(sources)} test sentences ({test.origin}); beam {beam.beam}, alpha {beam.alpha};"
         f" torch threads: {torch.get_num_threads()}; fp32 peak: {how}"
     )
-
-    greedy = SearchSettings(beam=1)
-    beam = SearchSettings(beam=args.beam, alpha=args.alpha)
+    greedy = dataclasses.replace(beam, beam=1)
     rows = []
-    _, seconds, tokens, flops = timed(translator, sources, greedy, args.batch_tokens, args.repeats)
+    _, seconds, tokens, flops = timed(translator, sources, greedy, repeats)
     rows.append(("greedy, batched", seconds, tokens, flops))
-    batched, seconds, tokens, flops = timed(translator, sources, beam, args.batch_tokens, args.repeats)
-    rows.append((f"beam {args.beam}, batched", seconds, tokens, flops))
+    batched, seconds, tokens, flops = timed(translator, sources, beam, repeats)
+    rows.append((f"beam {beam.beam}, batched", seconds, tokens, flops))
     one_by_one, totals = [], [0.0, 0, 0]
     for sentence in sources:
-        texts, *figures = timed(translator, [sentence], beam, args.batch_tokens)
+        texts, *figures = timed(translator, [sentence], beam)
         one_by_one += texts
         totals = [total + figure for total, figure in zip(totals, figures, strict=True)]
-    rows.append((f"beam {args.beam}, one sentence at a time", *totals))
-    train_rate = training_flop_rate(translator, corpus.test.src, corpus.test.tgt)
+    rows.append((f"beam {beam.beam}, one sentence at a time", *totals))
+    train_rate = training_flop_rate(translator, test.src, test.tgt)
 
     print(
         f"{'mode':<34}{'seconds':>9}{'sentences/s':>13}{'tokens/s':>10}"
@@ -119,9 +135,39 @@ def main() -> None:
             f"{rate / 1e9:>9.1f}{rate / peak:>9.1%}{rate / train_rate:>13.1%}"
         )
     print(f"{'training steps (plain loop)':<66}{train_rate / 1e9:>9.1f}{train_rate / peak:>9.1%}")
-    print(f"batched beam {args.beam} vs one at a time: {totals[0] / rows[1][1]:.1f}x faster")
+    print(f"batched beam {beam.beam} vs one at a time: {totals[0] / rows[1][1]:.1f}x faster")
     same = sum(a == b for a, b in zip(batched, one_by_one, strict=True))
     print(f"identical translations, batched vs one at a time: {same} of {len(sources)}")
+
+
+def alpha_cost(translator: Translator, valid, beam: DecodingSettings, grid: list[float], limit: int) -> None:
+    """decoding.alpha=auto on the validation split, timed against plain beam search decodings of it."""
+    sources, references = valid.src[:limit], valid.tgt[:limit]
+    print(
+        f"\nalpha=auto on {len(sources)} validation sentences ({valid.origin}), beam {beam.beam}, grid {grid}"
+    )
+    choice = translator.choose_alpha(sources, references, beam, grid)
+    once = {}
+    for alpha in grid:
+        started = time.perf_counter()
+        once[alpha] = translator.translate(sources, **{**dataclasses.asdict(beam), "alpha": alpha})
+        once[alpha] = (once[alpha], time.perf_counter() - started)
+    beam_seconds = statistics.median(seconds for _, seconds in once.values())
+    print(f"{'one beam search decoding (median of the grid)':<48}{beam_seconds:>8.1f} s")
+    print(f"{'alpha=auto (one search, rescored per alpha)':<48}{choice.seconds:>8.1f} s")
+    print(f"{'a decoding per alpha':<48}{sum(s for _, s in once.values()):>8.1f} s")
+    print(f"alpha=auto costs {choice.seconds / beam_seconds:.2f} beam search decodings of the split")
+    table = ", ".join(f"{alpha:g}: {bleu:.2f}" for alpha, bleu in choice.bleu.items())
+    print(f"BLEU by alpha: {table}; chosen {choice.alpha:g}")
+    same = sum(
+        rescored == searched
+        for alpha in grid
+        for rescored, searched in zip(choice.translations[alpha], once[alpha][0], strict=True)
+    )
+    print(
+        f"rescored translations identical to beam search with that alpha: {same} of"
+        f" {len(sources) * len(grid)}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
 from seq2seq.data.batching import Batch
-from seq2seq.metrics import corpus_scores
+from seq2seq.metrics import check_bleu_tokenize, corpus_scores
 from seq2seq.model import Seq2Seq
-from seq2seq.search import greedy_search
+from seq2seq.search import DecodingSettings, decode
 from seq2seq.tokenization import PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,14 @@ class TranslationModule(L.LightningModule):
         optimizer: AdamW keyword arguments (``lr``, ``betas``, ``weight_decay``, ...).
         scheduler: ``name`` is ``inverse_sqrt`` (linear warmup over ``warmup_steps``, then decay with
             the inverse square root of the step), ``constant`` (warmup, then flat) or ``plateau``
-            (multiply by ``factor`` after ``patience`` validations without a better BLEU).
+            (multiply by ``factor`` after ``patience`` validations without a better BLEU; it steps
+            after each validation, so its patience counts validations, not epochs).
         label_smoothing: mass spread uniformly over the vocabulary in the training loss.
-        decoding: ``max_len_a`` and ``max_len_b`` of the greedy decoding used for validation BLEU.
+        decoding: :class:`DecodingSettings` fields (the run's ``decoding`` config). Validation decodes
+            greedily with its length limits; after training, ``alpha`` is the one chosen for
+            ``alpha=auto``, so a checkpoint carries its length penalty to the translator.
+        tgt_lang, bleu_tokenize: the target language and BLEU tokenizer of validation BLEU (see
+            :func:`~seq2seq.metrics.corpus_scores`).
         nonfinite_loss: what a step with a NaN or infinite loss does: ``stop`` raises an error naming
             the step; ``skip`` leaves the weights untouched, logs a warning and counts the step in
             ``train_skipped_steps``. Either way no update is made from a non-finite loss.
@@ -59,6 +64,8 @@ class TranslationModule(L.LightningModule):
         label_smoothing: float = 0.1,
         decoding: dict[str, Any] | None = None,
         nonfinite_loss: str = "stop",
+        tgt_lang: str | None = None,
+        bleu_tokenize: str | None = None,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -73,9 +80,10 @@ class TranslationModule(L.LightningModule):
             raise ValueError(f"module.label_smoothing must be in [0, 1), got {label_smoothing}")
         if optimizer.get("lr", 1e-3) <= 0:
             raise ValueError(f"module.optimizer.lr must be positive, got {optimizer['lr']}")
+        self.decoding = DecodingSettings.from_config(decoding or {}, prefix="decoding.")
+        self.tgt_lang, self.bleu_tokenize = tgt_lang, check_bleu_tokenize(bleu_tokenize)
         self.save_hyperparameters()
         self.model = Seq2Seq(src_vocab_size, tgt_vocab_size, **model)
-        self.decoding = decoding or {}
         self.tokenizer: Tokenizer | None = None  # set by the trainer script or restored from a checkpoint
         self.run_config: dict[str, Any] | None = None  # the resolved run configuration, kept in checkpoints
         # Non-finite losses, recorded on the device: found in this optimizer step (what fused AdamW reads
@@ -231,8 +239,8 @@ class TranslationModule(L.LightningModule):
         real = batch.tgt_out != PAD_ID  # (B, T)
         rows = torch.arange(real.size(0), device=real.device).unsqueeze(1).expand_as(real)[real]
         sentence_nll = torch.zeros(real.size(0), device=nll.device).index_add_(0, rows, nll.float())
-        hypotheses = greedy_search(self.model, batch.src, batch.src_lengths, **self.decoding)
-        texts = self.tokenizer.decode_tgt([h.tokens for h in hypotheses])
+        hypotheses = decode(self.model, batch.src, batch.src_lengths, self.decoding.greedy())
+        texts = self.tokenizer.decode_tgt([hyps[0].tokens for hyps in hypotheses])
         for index, text, nll_sum, tokens in zip(
             batch.indices.tolist(), texts, sentence_nll.tolist(), real.sum(dim=1).tolist(), strict=True
         ):
@@ -243,7 +251,12 @@ class TranslationModule(L.LightningModule):
         sentences = gather_dicts(self._val_sentences)
         references = self.trainer.datamodule.texts["valid"].tgt
         indices = sorted(sentences)
-        scores = corpus_scores([sentences[i][0] for i in indices], [references[i] for i in indices])
+        scores = corpus_scores(
+            [sentences[i][0] for i in indices],
+            [references[i] for i in indices],
+            self.tgt_lang,
+            self.bleu_tokenize,
+        )
         val_loss = sum(sentences[i][1] for i in indices) / max(sum(sentences[i][2] for i in indices), 1)
         # Every process computed the same values from the gathered sentences: nothing to reduce.
         self.log_dict(
@@ -255,6 +268,12 @@ class TranslationModule(L.LightningModule):
             },
             prog_bar=True,
         )
+        scheduler = self.lr_schedulers()
+        if (
+            isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            and not self.trainer.sanity_checking
+        ):
+            scheduler.step(scores.bleu)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # Fused: it takes the non-finite flag as found_inf and skips on the device (see training_step).
@@ -267,9 +286,10 @@ class TranslationModule(L.LightningModule):
                 factor=settings.get("factor", 0.5),
                 patience=settings.get("patience", 2),
             )
+            # Lightning would step it at epoch ends only; it is stepped after each validation instead
+            # (on_validation_epoch_end), and lr_scheduler_step leaves it alone.
             return {
                 "optimizer": optimizer,
-                # Not strict: with mid-epoch validation, an epoch may end before the first val_bleu.
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val_bleu", "strict": False},
             }
         warmup = max(int(settings.get("warmup_steps", 0)), 1)
@@ -283,6 +303,10 @@ class TranslationModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is None:

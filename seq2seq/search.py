@@ -8,7 +8,9 @@ Sentences that are finished leave the batch, so the remaining work shrinks as de
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +29,81 @@ class Hypothesis:
     score: float
 
 
+AUTO = "auto"
+# What ``alpha=auto`` means for a model whose length penalty was never chosen on a validation split.
+UNTUNED_ALPHA = 1.0
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How to decode: the one place that holds the decoding defaults and checks them.
+
+    The config group ``decoding`` (``conf/decoding/default.yaml``) is built from these fields, and
+    validation, test scoring, ``translate.py``, :class:`~seq2seq.translator.Translator` and ``bench/``
+    all read it. ``beam=1`` is greedy search. ``alpha`` is the GNMT length penalty exponent, or
+    ``"auto"``: after training, the value of ``evaluate.alpha_grid`` that gives the best BLEU on the
+    validation split, stored in the best checkpoint (a model without one uses ``UNTUNED_ALPHA``).
+    At most ``max_len_a * source_length + max_len_b`` output subwords, at least ``min_len`` (where the
+    limit allows). ``nbest`` hypotheses per sentence; ``batch_tokens`` padded source tokens x beam per
+    batch.
+    """
+
+    beam: int = 5
+    alpha: float | str = AUTO
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    min_len: int = 0
+    nbest: int = 1
+    batch_tokens: int = 24_000
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, option: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"{option} must be {rule}, got {getattr(self, option)!r}")
+
+        check(_is_int(self.beam) and self.beam >= 1, "beam", "an integer of at least 1")
+        check(
+            _is_int(self.nbest) and 1 <= self.nbest <= self.beam, "nbest", f"between 1 and beam={self.beam}"
+        )
+        alpha_ok = self.alpha == AUTO or (_is_number(self.alpha) and 0 <= self.alpha < math.inf)
+        check(alpha_ok, "alpha", f"a number >= 0 or {AUTO!r}")
+        check(_is_number(self.max_len_a) and 0 <= self.max_len_a < math.inf, "max_len_a", "a number >= 0")
+        # Every sentence may then end: its limit is at least max_len_b, and min_len never exceeds it.
+        check(_is_int(self.max_len_b) and self.max_len_b >= 1, "max_len_b", "an integer of at least 1")
+        check(
+            _is_int(self.min_len) and 0 <= self.min_len <= self.max_len_b,
+            "min_len",
+            f"an integer between 0 and max_len_b={self.max_len_b} (a longer minimum than a short"
+            " sentence's length limit would leave it no way to end)",
+        )
+        check(_is_int(self.batch_tokens) and self.batch_tokens >= 1, "batch_tokens", "a positive integer")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], prefix: str = "") -> DecodingSettings:
+        """The settings among ``config``'s keys (others are ignored); a bad value raises a ValueError
+        naming the option as ``prefix + name`` (e.g. ``decoding.beam``)."""
+        try:
+            return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+        except ValueError as err:
+            raise ValueError(f"{prefix}{err}") from None
+
+    def with_alpha(self, alpha: float) -> DecodingSettings:
+        """These settings with ``alpha=auto`` replaced by ``alpha`` (a number is kept as it is)."""
+        return self if self.alpha != AUTO else DecodingSettings(**{**asdict(self), "alpha": alpha})
+
+    def greedy(self) -> DecodingSettings:
+        """Greedy search with these length limits: what validation decodes with."""
+        return DecodingSettings(**{**asdict(self), "beam": 1, "nbest": 1, "alpha": 0.0})
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def output_limits(src_lengths: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
     """Most output tokens (EOS excluded) per sentence: ``a * source_length + b``, at least 1."""
     return (src_lengths.float() * max_len_a + max_len_b).floor().long().clamp(min=1)
@@ -39,14 +116,21 @@ def length_penalty(length: int | Tensor, alpha: float) -> float | Tensor:
 
 @torch.no_grad()
 def greedy_search(
-    model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_a: float = 1.5, max_len_b: int = 10
+    model: Seq2Seq,
+    src: Tensor,
+    src_lengths: Tensor,
+    max_len_a: float = DecodingSettings.max_len_a,
+    max_len_b: int = DecodingSettings.max_len_b,
+    min_len: int = 0,
 ) -> list[Hypothesis]:
     """The most probable next token at each step, for a whole batch at once.
 
-    src: (batch, src_len) ids; src_lengths: (batch,). Returns one hypothesis per sentence, in order.
+    src: (batch, src_len) ids; src_lengths: (batch,). EOS is not chosen before ``min_len`` tokens
+    unless the length limit is reached first. Returns one hypothesis per sentence, in order.
     """
     batch = src.size(0)
     limits = output_limits(src_lengths, max_len_a, max_len_b).to(src.device)
+    min_lens = limits.clamp(max=min_len)
     state = model.encode(src, src_lengths)
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
     alive = torch.arange(batch, device=src.device)  # sentence of each row still decoding
@@ -56,7 +140,8 @@ def greedy_search(
     step = 0
     while alive.numel():
         log_probs, state = model.decode_step(tokens, state)  # (n, V)
-        best_log_prob, tokens = log_probs.max(dim=-1)
+        allowed = log_probs.masked_fill((min_lens[alive] > step).unsqueeze(1) & _is_eos(log_probs), -math.inf)
+        best_log_prob, tokens = allowed.max(dim=-1)
         at_limit = limits[alive] <= step
         tokens = torch.where(at_limit, EOS_ID, tokens)
         best_log_prob = torch.where(at_limit, log_probs[:, EOS_ID], best_log_prob)
@@ -74,15 +159,19 @@ def greedy_search(
     ]
 
 
-@torch.no_grad()
+def _is_eos(log_probs: Tensor) -> Tensor:
+    """(1, V) mask of the EOS column."""
+    return (torch.arange(log_probs.size(-1), device=log_probs.device) == EOS_ID).unsqueeze(0)
+
+
 def beam_search(
     model: Seq2Seq,
     src: Tensor,
     src_lengths: Tensor,
-    beam_size: int = 5,
-    alpha: float = 0.6,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
+    beam_size: int = DecodingSettings.beam,
+    alpha: float = UNTUNED_ALPHA,
+    max_len_a: float = DecodingSettings.max_len_a,
+    max_len_b: int = DecodingSettings.max_len_b,
     min_len: int = 0,
     nbest: int = 1,
 ) -> list[list[Hypothesis]]:
@@ -90,8 +179,9 @@ def beam_search(
 
     All sentences and their ``beam_size`` beams are decoded together. A sentence is done once it has
     ``beam_size`` finished hypotheses, or once it has ``nbest`` and no open hypothesis can still beat
-    them (log-probabilities only fall, so an open hypothesis scores at most its log-probability over
-    the penalty of the longest allowed output). Done sentences leave the batch.
+    them (log-probabilities only fall, so for ``alpha >= 0`` an open hypothesis scores at most its
+    log-probability over the penalty of the longest allowed output). Done sentences leave the batch.
+    EOS is not allowed before ``min_len`` tokens, or before the length limit where that is shorter.
 
     Returns, per sentence in input order, its ``nbest`` hypotheses, best first.
     """
@@ -99,8 +189,54 @@ def beam_search(
         raise ValueError(f"beam size must be at least 1, got {beam_size}")
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"nbest must be between 1 and the beam size {beam_size}, got {nbest}")
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be at least 0 (the early stop relies on it), got {alpha}")
+    finished = _finished_hypotheses(
+        model, src, src_lengths, beam_size, alpha, max_len_a, max_len_b, min_len, nbest
+    )
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+
+
+def beam_candidates(
+    model: Seq2Seq, src: Tensor, src_lengths: Tensor, settings: DecodingSettings
+) -> list[list[Hypothesis]]:
+    """Every hypothesis beam search finishes when each sentence runs until ``beam_size`` have ended.
+
+    The beams themselves do not depend on the length penalty (they are ranked by log-probability), and
+    a search stopped early for some ``alpha >= 0`` only skips hypotheses that score below its best. So
+    :func:`best_for_alpha` over these candidates is what ``beam_search(..., alpha)`` returns, for every
+    alpha, from one search. ``settings.alpha`` plays no part; scores are those of ``alpha=0``.
+    """
+    limits = settings.max_len_a, settings.max_len_b, settings.min_len
+    return _finished_hypotheses(model, src, src_lengths, settings.beam, 0.0, *limits, nbest=settings.beam)
+
+
+def best_for_alpha(candidates: list[Hypothesis], alpha: float) -> int:
+    """Index of the candidate with the best length-normalized score under ``alpha`` (the first on a tie,
+    as beam search ranks)."""
+    return max(
+        range(len(candidates)),
+        key=lambda i: candidates[i].log_prob / length_penalty(len(candidates[i].tokens) + 1, alpha),
+    )
+
+
+@torch.no_grad()
+def _finished_hypotheses(
+    model: Seq2Seq,
+    src: Tensor,
+    src_lengths: Tensor,
+    beam_size: int,
+    alpha: float,
+    max_len_a: float,
+    max_len_b: int,
+    min_len: int,
+    nbest: int,
+) -> list[list[Hypothesis]]:
+    """The hypotheses of each sentence that ended before its search stopped, in the order they ended."""
     device, batch, k = src.device, src.size(0), beam_size
     limits = output_limits(src_lengths, max_len_a, max_len_b).to(device)
+    # EOS is blocked before min_len, but never at the limit, where it is the only token allowed.
+    min_lens = limits.clamp(max=min_len)
     # An open hypothesis's best possible score: its log-prob over the longest output's penalty.
     best_penalty = length_penalty(limits + 1, alpha).float()
 
@@ -119,14 +255,13 @@ def beam_search(
         log_probs, state = model.decode_step(tokens, state)
         log_probs = log_probs.view(n, k, -1)  # (n, k, V)
         vocab = log_probs.size(-1)
-        if step < min_len:
-            log_probs[..., EOS_ID] = -math.inf
+        too_short = (min_lens[active] > step).view(n, 1, 1)
+        log_probs = log_probs.masked_fill(too_short & _is_eos(log_probs.view(n * k, -1)), -math.inf)
         at_limit = (limits[active] <= step).view(n, 1, 1)
         if at_limit.any():
             only_eos = torch.full_like(log_probs, -math.inf)
             only_eos[..., EOS_ID] = log_probs[..., EOS_ID]
             log_probs = torch.where(at_limit, only_eos, log_probs)
-
         candidates = (scores.unsqueeze(-1) + log_probs).view(n, k * vocab)
         top_scores, top_ids = candidates.topk(min(2 * k, k * vocab), dim=1)  # (n, 2k), best first
         top_beams, top_tokens = top_ids // vocab, top_ids % vocab
@@ -168,4 +303,18 @@ def beam_search(
         state = state.select(reorder)
         step += 1
 
-    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+    return finished
+
+
+def decode(
+    model: Seq2Seq, src: Tensor, src_lengths: Tensor, settings: DecodingSettings
+) -> list[list[Hypothesis]]:
+    """Search as ``settings`` say (greedy for ``beam=1``): per sentence, its ``nbest`` hypotheses."""
+    if settings.alpha == AUTO:
+        raise ValueError(
+            "alpha=auto must be resolved to a number before decoding (DecodingSettings.with_alpha)"
+        )
+    limits = {"max_len_a": settings.max_len_a, "max_len_b": settings.max_len_b, "min_len": settings.min_len}
+    if settings.beam == 1:
+        return [[h] for h in greedy_search(model, src, src_lengths, **limits)]
+    return beam_search(model, src, src_lengths, settings.beam, settings.alpha, nbest=settings.nbest, **limits)

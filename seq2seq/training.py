@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -24,10 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 from seq2seq.checkpoints import read_checkpoint
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
+from seq2seq.metrics import check_bleu_tokenize
 from seq2seq.module import TranslationModule
+from seq2seq.search import AUTO, DecodingSettings
 from seq2seq.sweep import write_result
 from seq2seq.tokenization import Tokenizer
-from seq2seq.translator import FileReport, SearchSettings, Translator, translate_file
+from seq2seq.translator import AlphaChoice, FileReport, Translator, check_alpha_grid, translate_file
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ def discard_unused_run_dir(output_dir: str) -> bool:
 def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says, print the test scores of the best checkpoint, return its validation BLEU."""
     # Mistakes in the options that are only used later fail now, before any data is read.
-    test_settings, test_batch_tokens = evaluation_settings(cfg)
+    decoding = evaluation_settings(cfg)
     if cfg.get("ckpt_path"):
         check_resume_checkpoint(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
@@ -127,6 +130,9 @@ def train(cfg: DictConfig) -> float:
         cfg.module,
         src_vocab_size=tokenizer.src_vocab_size,
         tgt_vocab_size=tokenizer.tgt_vocab_size,
+        decoding=OmegaConf.to_container(cfg.decoding, resolve=True),
+        tgt_lang=datamodule.tgt_lang,
+        bleu_tokenize=cfg.evaluate.bleu_tokenize,
         _convert_="all",
     )
     module.tokenizer = tokenizer
@@ -157,20 +163,32 @@ def train(cfg: DictConfig) -> float:
     best_bleu = float(checkpoint.best_model_score)
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
     if trainer.is_global_zero:
-        test_bleu = None
+        # On the device that trained (a GPU decodes many times faster than the CPU).
+        translator = Translator.from_checkpoint(checkpoint.best_model_path, trainer.strategy.root_device)
+        tuned, test_bleu = {}, None
+        if decoding.alpha == AUTO and decoding.beam > 1:  # greedy search has no use for a length penalty
+            choice = choose_alpha(translator, datamodule, decoding, cfg.evaluate.alpha_grid)
+            store_alpha(checkpoint.best_model_path, choice)
+            translator.alpha = choice.alpha
+            tuned = {"alpha": choice.alpha, "alpha_bleu": choice.bleu, "alpha_seconds": choice.seconds}
         if "test" in datamodule.texts:
-            # On the device that trained (a GPU decodes the test split many times faster than the CPU).
-            translator = Translator.from_checkpoint(checkpoint.best_model_path, trainer.strategy.root_device)
-            report = evaluate_test(translator, datamodule, output_dir, test_settings, test_batch_tokens)
+            report = evaluate_test(translator, datamodule, output_dir, decoding)
             test_bleu = report.scores.bleu
             print(
-                f"Test split ({datamodule.texts['test'].origin}), beam {test_settings.beam},"
+                f"Test split ({datamodule.texts['test'].origin}), beam {decoding.beam},"
+                f" alpha {translator.settings(decoding).alpha},"
                 f" checkpoint {checkpoint.best_model_path}:\n{report}"
             )
         write_result(
-            output_dir, status="ok", val_bleu=best_bleu, test_bleu=test_bleu, train_minutes=train_minutes,
-            parameters=parameters, checkpoint=checkpoint.best_model_path,
-        )  # fmt: skip
+            output_dir,
+            status="ok",
+            val_bleu=best_bleu,
+            test_bleu=test_bleu,
+            train_minutes=train_minutes,
+            parameters=parameters,
+            checkpoint=checkpoint.best_model_path,
+            **tuned,
+        )
     return best_bleu
 
 
@@ -225,14 +243,42 @@ def log_run_start(cfg: DictConfig, tokenizer: Tokenizer, parameters: int) -> Non
     log.info("Outputs: %s", Path(cfg.paths.output_dir).resolve())
 
 
-def evaluation_settings(cfg: DictConfig) -> tuple[SearchSettings, int]:
-    """The search settings and batch size of the test scoring, from ``cfg.evaluate``."""
-    settings = OmegaConf.to_container(cfg.evaluate, resolve=True)
-    batch_tokens = settings.pop("batch_tokens")
-    try:
-        return SearchSettings(**settings), batch_tokens
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"evaluate: {err}") from None
+def evaluation_settings(cfg: DictConfig) -> DecodingSettings:
+    """The decoding settings of the run, with ``cfg.evaluate`` checked too: mistakes fail before training."""
+    check_bleu_tokenize(cfg.evaluate.bleu_tokenize)
+    check_alpha_grid(OmegaConf.to_container(cfg.evaluate.alpha_grid, resolve=True))
+    return DecodingSettings.from_config(cfg.decoding, prefix="decoding.")
+
+
+def choose_alpha(
+    translator: Translator, datamodule: TranslationDataModule, decoding: DecodingSettings, grid: list[float]
+) -> AlphaChoice:
+    """``decoding.alpha=auto``: the length penalty of ``grid`` with the best beam search BLEU on the
+    validation split, logged with the BLEU of each."""
+    valid = datamodule.texts["valid"]
+    choice = translator.choose_alpha(valid.src, valid.tgt, decoding, grid)
+    table = ", ".join(f"{alpha:g}: {bleu:.2f}" for alpha, bleu in choice.bleu.items())
+    log.info(
+        "decoding.alpha=auto: alpha %g chosen on the validation split (%d sentences, beam %d;"
+        " BLEU by alpha %s) in %.1f s",
+        choice.alpha,
+        len(valid),
+        decoding.beam,
+        table,
+        choice.seconds,
+    )
+    return choice
+
+
+def store_alpha(path: str | Path, choice: AlphaChoice) -> None:
+    """Write the chosen length penalty into a checkpoint's decoding settings (where translate.py's
+    ``alpha=auto`` finds it), with the grid it was chosen from; the file is replaced atomically."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["decoding"]["alpha"] = choice.alpha
+    checkpoint["alpha_choice"] = {"alpha": choice.alpha, "bleu_by_alpha": choice.bleu}
+    partial = Path(f"{path}.part")
+    torch.save(checkpoint, partial)
+    os.replace(partial, path)
 
 
 def check_resume_checkpoint(path: str) -> None:
@@ -247,8 +293,7 @@ def evaluate_test(
     translator: Translator,
     datamodule: TranslationDataModule,
     output_dir: Path,
-    settings: SearchSettings,
-    batch_tokens: int,
+    settings: DecodingSettings,
 ) -> FileReport:
     """Score the test split exactly as ``translate.py ... ref=...`` would.
 
@@ -259,9 +304,8 @@ def evaluate_test(
     source.write_text("".join(line + "\n" for line in test.src), encoding="utf-8")
     reference.write_text("".join(line + "\n" for line in test.tgt), encoding="utf-8")
     return translate_file(
-        translator, str(source), str(hypothesis), settings, batch_tokens=batch_tokens,
-        ref_path=str(reference), progress=False,
-    )  # fmt: skip
+        translator, str(source), str(hypothesis), settings, ref_path=str(reference), progress=False
+    )
 
 
 RECORDED_PACKAGES = (

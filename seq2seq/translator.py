@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,34 +21,18 @@ from seq2seq.data.batching import TokenBucketBatchSampler, pad
 from seq2seq.data.corpora import read_lines, read_text_lines
 from seq2seq.metrics import CorpusScores, corpus_scores
 from seq2seq.model import Ensemble, Seq2Seq
-from seq2seq.search import Hypothesis, beam_search, greedy_search
+from seq2seq.search import (
+    AUTO,
+    UNTUNED_ALPHA,
+    DecodingSettings,
+    Hypothesis,
+    beam_candidates,
+    best_for_alpha,
+    decode,
+)
 from seq2seq.tokenization import BOS_ID, Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-# Padded source tokens x beam per batch. Bigger batches decode faster on CPU until about this size.
-DEFAULT_BATCH_TOKENS = 24_000
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """How to decode. ``beam=1`` is greedy search; ``nbest`` needs ``nbest <= beam``."""
-
-    beam: int = 5
-    alpha: float = 1.5
-    max_len_a: float = 1.5
-    max_len_b: int = 10
-    min_len: int = 0
-    nbest: int = 1
-
-    def __post_init__(self) -> None:
-        if self.beam < 1:
-            raise ValueError(f"beam must be at least 1, got {self.beam}")
-        if not 1 <= self.nbest <= self.beam:
-            raise ValueError(f"nbest must be between 1 and beam={self.beam}, got {self.nbest}")
-        if self.min_len < 0 or self.max_len_a < 0:
-            raise ValueError("min_len and max_len_a must not be negative")
 
 
 class Translator:
@@ -55,6 +40,9 @@ class Translator:
 
     Every input sentence gives exactly one output (or ``nbest`` outputs): a blank input gives an empty
     translation, and an input longer than ``max_src_len`` subwords is truncated with a warning.
+    Decoding settings with ``alpha="auto"`` use ``alpha``: the length penalty chosen for this model on
+    its validation split (None: there is none, and ``UNTUNED_ALPHA`` is used). ``tgt_lang`` and
+    ``bleu_tokenize`` choose BLEU's tokenizer when scoring.
     """
 
     def __init__(
@@ -63,11 +51,18 @@ class Translator:
         tokenizer: Tokenizer,
         max_src_len: int,
         device: str | torch.device = "cpu",
+        alpha: float | None = None,
+        tgt_lang: str | None = None,
+        bleu_tokenize: str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.max_src_len = max_src_len
+        self.alpha = alpha
+        self._warned_untuned = False
+        self.tgt_lang = tgt_lang
+        self.bleu_tokenize = bleu_tokenize
         self.run_config: dict = {}  # the training run's resolved configuration, when loaded from a checkpoint
 
     @classmethod
@@ -78,7 +73,8 @@ class Translator:
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu") -> Translator:
         """One checkpoint, or several of one vocabulary that decode as an ensemble: at each step, the
-        next-token log-probabilities of the models are averaged."""
+        next-token log-probabilities of the models are averaged. The length penalty for ``alpha=auto``
+        and BLEU's language are the first checkpoint's."""
         modules = [load_module(path, device) for path in paths]
         first = modules[0]
         for path, module in zip(paths[1:], modules[1:], strict=True):
@@ -89,42 +85,86 @@ class Translator:
                 )
         max_src_len = min((m.run_config or {}).get("data", {}).get("max_len", 256) for m in modules)
         model = first.model if len(modules) == 1 else Ensemble([m.model for m in modules])
-        translator = cls(model, first.tokenizer, max_src_len, device)
+        alpha = None if first.decoding.alpha == AUTO else first.decoding.alpha
+        translator = cls(
+            model, first.tokenizer, max_src_len, device, alpha, first.tgt_lang, first.bleu_tokenize
+        )
         translator.run_config = first.run_config or {}
         return translator
 
+    def settings(
+        self, settings: DecodingSettings | None = None, **options: int | float | str
+    ) -> DecodingSettings:
+        """``settings`` (default: :class:`DecodingSettings` with ``options``) with ``alpha=auto`` resolved
+        to this model's length penalty."""
+        settings = settings or DecodingSettings(**options)
+        if settings.alpha == AUTO and settings.beam > 1 and self.alpha is None and not self._warned_untuned:
+            log.warning(
+                "alpha=auto, but no length penalty was chosen for this model on validation data"
+                " (a checkpoint gets one at the end of a run with decoding.alpha=auto): using alpha=%s",
+                UNTUNED_ALPHA,
+            )
+            self._warned_untuned = True
+        return settings.with_alpha(UNTUNED_ALPHA if self.alpha is None else self.alpha)
+
     def translate(
-        self,
-        sentences: Sequence[str],
-        beam: int = 5,
-        batch_tokens: int = DEFAULT_BATCH_TOKENS,
-        first_line: int = 1,
-        **options: float,
+        self, sentences: Sequence[str], first_line: int = 1, **options: int | float | str
     ) -> list[str]:
         """Translate ``sentences`` into as many strings, in order.
 
-        ``options`` are the other :class:`SearchSettings` fields (``alpha``, ``max_len_a``, ...).
+        ``options`` are :class:`DecodingSettings` fields (``beam``, ``alpha``, ``max_len_a``, ...).
         """
-        settings = SearchSettings(beam=beam, **options)
-        return [hyps[0][0] for hyps in self.translate_nbest(sentences, settings, batch_tokens, first_line)]
+        settings = self.settings(**options)
+        return [hyps[0][0] for hyps in self.translate_nbest(sentences, settings, first_line)]
 
     def translate_nbest(
-        self,
-        sentences: Sequence[str],
-        settings: SearchSettings,
-        batch_tokens: int = DEFAULT_BATCH_TOKENS,
-        first_line: int = 1,
+        self, sentences: Sequence[str], settings: DecodingSettings | None = None, first_line: int = 1
     ) -> list[list[tuple[str, Hypothesis]]]:
         """Per sentence, its ``settings.nbest`` best (text, hypothesis) pairs, best first.
 
         ``first_line`` is the line number of ``sentences[0]`` in its file, for warnings.
         """
-        results = self._hypotheses(sentences, settings, batch_tokens, first_line)
+        settings = self.settings(settings)
+        search = functools.partial(decode, self.model, settings=settings)
+        results = self._hypotheses(sentences, search, settings, first_line)
         texts = iter(self.tokenizer.decode_tgt([h.tokens for hyps in results for h in hyps]))
         return [[(next(texts), h) for h in hyps] for hyps in results]
 
+    def choose_alpha(
+        self,
+        sources: Sequence[str],
+        references: Sequence[str],
+        settings: DecodingSettings,
+        grid: Sequence[float],
+    ) -> AlphaChoice:
+        """The length penalty of ``grid`` whose beam search translations of ``sources`` score the best
+        BLEU against ``references`` (the smallest alpha on a tie).
+
+        One beam search gives every alpha's translations (see :func:`~seq2seq.search.beam_candidates`),
+        so a grid costs about what one decoding of ``sources`` costs.
+        """
+        grid = check_alpha_grid(grid)
+        started = time.perf_counter()
+        search = functools.partial(beam_candidates, self.model, settings=settings)
+        candidates = self._hypotheses(sources, search, settings, first_line=1)
+        texts = iter(self.tokenizer.decode_tgt([h.tokens for hyps in candidates for h in hyps]))
+        candidate_texts = [[next(texts) for _ in hyps] for hyps in candidates]
+        translations = {
+            alpha: [
+                sentence_texts[best_for_alpha(hyps, alpha)]
+                for hyps, sentence_texts in zip(candidates, candidate_texts, strict=True)
+            ]
+            for alpha in grid
+        }
+        bleu = {
+            alpha: corpus_scores(outputs, references, self.tgt_lang, self.bleu_tokenize).bleu
+            for alpha, outputs in translations.items()
+        }
+        best = max(grid, key=lambda alpha: bleu[alpha])
+        return AlphaChoice(best, bleu, translations, time.perf_counter() - started)
+
     @torch.no_grad()
-    def align(self, sentence: str, settings: SearchSettings | None = None) -> Alignment:
+    def align(self, sentence: str, settings: DecodingSettings | None = None) -> Alignment:
         """Translate one sentence and return the attention of each output subword over the source.
 
         Needs a model with attention. The weights are those of the model re-reading its own best
@@ -132,7 +172,6 @@ class Translator:
         """
         if not isinstance(self.model, Seq2Seq) or self.model.decoder.attention is None:
             raise ValueError("align needs a single model trained with attention (model.attention)")
-        settings = settings or SearchSettings()
         (hypothesis,) = [hyps[0][1] for hyps in self.translate_nbest([sentence], settings)]
         source = self.tokenizer.encode_src([sentence.strip()])[0][: self.max_src_len]
         if not source:
@@ -147,8 +186,14 @@ class Translator:
         )
 
     def _hypotheses(
-        self, sentences: Sequence[str], settings: SearchSettings, batch_tokens: int, first_line: int
+        self,
+        sentences: Sequence[str],
+        search: Callable[[torch.Tensor, torch.Tensor], list[list[Hypothesis]]],
+        settings: DecodingSettings,
+        first_line: int,
     ) -> list[list[Hypothesis]]:
+        """``search(src, src_lengths)`` over batches of ``sentences``; a blank one gets ``nbest`` empty
+        hypotheses."""
         ids = self.tokenizer.encode_src([s.strip() for s in sentences])
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] * settings.nbest for _ in sentences]
         todo = [i for i, seq in enumerate(ids) if seq]
@@ -160,26 +205,34 @@ class Translator:
                 )  # fmt: skip
                 ids[i] = ids[i][: self.max_src_len]
         # Beams multiply the rows of a batch, so the budget of source tokens shrinks with the beam.
-        budget = max(batch_tokens // settings.beam, self.max_src_len)
+        budget = max(settings.batch_tokens // settings.beam, self.max_src_len)
         sampler = TokenBucketBatchSampler([len(ids[i]) for i in todo], None, budget, shuffle=False)
         for batch in sampler.batches(epoch=0):
             rows = [todo[b] for b in batch]
             src = pad([ids[i] for i in rows]).to(self.device)
             lengths = torch.tensor([len(ids[i]) for i in rows])
-            for row, hyps in zip(rows, self._search(src, lengths, settings), strict=True):
+            for row, hyps in zip(rows, search(src, lengths), strict=True):
                 results[row] = hyps
         return results
 
-    def _search(
-        self, src: torch.Tensor, lengths: torch.Tensor, settings: SearchSettings
-    ) -> list[list[Hypothesis]]:
-        limits = {"max_len_a": settings.max_len_a, "max_len_b": settings.max_len_b}
-        if settings.beam == 1 and settings.min_len == 0:
-            return [[h] for h in greedy_search(self.model, src, lengths, **limits)]
-        return beam_search(
-            self.model, src, lengths, settings.beam, settings.alpha, min_len=settings.min_len,
-            nbest=settings.nbest, **limits,
-        )  # fmt: skip
+
+def check_alpha_grid(grid: Sequence[float]) -> list[float]:
+    """The distinct values of ``grid``, sorted; a ValueError naming ``evaluate.alpha_grid`` unless they
+    are numbers >= 0 (at least one)."""
+    if not grid or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in grid):
+        raise ValueError(f"evaluate.alpha_grid must be a non-empty list of numbers >= 0, got {list(grid)}")
+    return sorted({float(alpha) for alpha in grid})
+
+
+@dataclass(frozen=True)
+class AlphaChoice:
+    """What :meth:`Translator.choose_alpha` found: the chosen alpha, and for each alpha of the grid its
+    BLEU and translations; the seconds it took."""
+
+    alpha: float
+    bleu: dict[float, float]
+    translations: dict[float, list[str]]
+    seconds: float
 
 
 @dataclass
@@ -224,8 +277,7 @@ def translate_file(
     translator: Translator,
     input_path: str,
     output_path: str,
-    settings: SearchSettings,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    settings: DecodingSettings | None = None,
     chunk_lines: int = 5000,
     ref_path: str | None = None,
     progress: bool = True,
@@ -235,8 +287,9 @@ def translate_file(
     Writes exactly one output line per input line, in order (with ``nbest > 1``, ``nbest`` lines of
     ``index ||| translation ||| score`` per input line, index counted from 0). A file output appears
     only when complete (written to a temporary file, then renamed). With ``ref_path``, scores the
-    translations against it with sacrebleu.
+    translations against it with sacrebleu (BLEU tokenized for the translator's target language).
     """
+    settings = translator.settings(settings)
     if input_path != "-" and not Path(input_path).is_file():
         raise FileNotFoundError(f"Input file not found: {input_path}")
     references = read_lines(ref_path) if ref_path is not None else None
@@ -267,7 +320,7 @@ def translate_file(
         count = tokens = 0
         kept: list[str] = []
         for chunk in _chunks(read_text_lines(source, input_path), chunk_lines):
-            results = translator.translate_nbest(chunk, settings, batch_tokens, first_line=count + 1)
+            results = translator.translate_nbest(chunk, settings, first_line=count + 1)
             for offset, hyps in enumerate(results):
                 tokens += len(hyps[0][1].tokens)
                 if settings.nbest == 1:
@@ -288,5 +341,5 @@ def translate_file(
     if references is not None:
         if len(references) != count:
             raise ValueError(f"{ref_path} has {len(references)} lines but the input had {count}")
-        scores = corpus_scores(kept, references)
+        scores = corpus_scores(kept, references, translator.tgt_lang, translator.bleu_tokenize)
     return FileReport(count, tokens, seconds, scores)

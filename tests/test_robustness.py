@@ -18,13 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
-from seq2seq.data import load_synthetic
+from seq2seq.data import TranslationDataModule, load_synthetic
+from seq2seq.search import DecodingSettings
 from seq2seq.tokenization import SubwordSettings, train_or_load
 from seq2seq.training import train
-from seq2seq.translator import SearchSettings, Translator, translate_file
+from seq2seq.translator import Translator, translate_file
 from tests.conftest import tiny_model
 from tests.fault_callbacks import read_records
 from tests.test_distributed import STOP_ONLY, checkpoint_state, record, wait_for_step
@@ -67,7 +70,7 @@ a_line = st.one_of(
 def test_translate_keeps_every_line_in_order(random_translator, tmp_path, lines):
     source = write_lines(tmp_path / "in.txt", lines)
     output = tmp_path / "out.txt"
-    translate_file(random_translator, str(source), str(output), SearchSettings(beam=2), progress=False)
+    translate_file(random_translator, str(source), str(output), DecodingSettings(beam=2), progress=False)
     translated = output.read_bytes().decode("utf-8").split("\n")
     assert translated.pop() == ""  # every line ends with a newline, the last one too
     assert len(translated) == len(lines)
@@ -80,14 +83,14 @@ def test_interrupted_translation_leaves_no_output_file(random_translator, tmp_pa
     source.write_bytes(b"w1 w2\nw3\nbroken \xff\nw4\n")
     output = tmp_path / "out.txt"
     with pytest.raises(ValueError, match=r"in\.txt, line 3: invalid UTF-8"):
-        translate_file(random_translator, str(source), str(output), SearchSettings(beam=1), chunk_lines=1)
+        translate_file(random_translator, str(source), str(output), DecodingSettings(beam=1), chunk_lines=1)
     assert list(tmp_path.iterdir()) == [source]  # neither out.txt nor its temporary file
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_loss_stops_naming_the_step_or_skips_it(compose_config, tmp_path, caplog, policy):
     cfg = compose_config(
-        "experiment=smoke", "trainer.max_steps=10", "trainer.val_check_interval=10", "evaluate.beam=1",
+        "experiment=smoke", "trainer.max_steps=10", "trainer.val_check_interval=10", "decoding.beam=1",
         f"module.nonfinite_loss={policy}", *NAN_AT_BATCH_3, *QUIET,
     )  # fmt: skip
     if policy == "stop":
@@ -170,8 +173,12 @@ def test_a_failure_in_training_keeps_its_traceback_once_and_its_run_directory(tm
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["evaluate.beam=0"], "evaluate: beam must be at least 1, got 0"),
-        (["evaluate.max_len_a=-1"], "evaluate: min_len and max_len_a must not be negative"),
+        (["decoding.beam=0"], "decoding.beam must be an integer of at least 1, got 0"),
+        (["decoding.max_len_a=-1"], r"decoding.max_len_a must be a number >= 0, got -1"),
+        (["decoding.alpha=-0.5"], r"decoding.alpha must be a number >= 0 or 'auto', got -0.5"),
+        (["decoding.min_len=12"], r"decoding.min_len must be an integer between 0 and max_len_b=10"),
+        (["evaluate.bleu_tokenize=klingon"], r"evaluate.bleu_tokenize must be null .* got 'klingon'"),
+        (["evaluate.alpha_grid=[]"], r"evaluate.alpha_grid must be a non-empty list of numbers >= 0"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path: Checkpoint not found: /nonexistent/last.ckpt"),
     ],
 )
@@ -200,10 +207,33 @@ EXPERIMENTS = sorted(path.stem for path in (Path(__file__).parents[1] / "conf" /
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_config_composes_into_a_model(compose_config, experiment):
+def test_every_experiment_builds_its_module_data_and_trainer(compose_config, experiment):
+    """Each experiment's data, module (its model shrunk 32 times, in the same ratio) and trainer are
+    built from its config; then the module and trainer run a training and a validation step on the
+    synthetic task (the real corpus would take minutes to read and tokenize)."""
     cfg = compose_config(f"experiment={experiment}")
-    shrunk = {k: cfg.model[k] // 32 for k in ("embed_size", "hidden_size")}  # tiny, in the same ratio
-    tiny_model(**{**cfg.model, **shrunk})
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, TranslationDataModule) and callable(datamodule.load_corpus)
+    toy = compose_config(f"experiment={experiment}", "data=toy", "+trainer.fast_dev_run=1", *QUIET)
+    assert toy.model == cfg.model and toy.trainer.max_time == cfg.trainer.max_time
+    toy_data = instantiate(toy.data)
+    toy_data.setup("fit")
+    shrunk = {k: cfg.model[k] // 32 for k in ("embed_size", "hidden_size")}
+    module = instantiate(
+        toy.module,
+        model={**OmegaConf.to_container(cfg.model), **shrunk},
+        src_vocab_size=toy_data.tokenizer.src_vocab_size,
+        tgt_vocab_size=toy_data.tokenizer.tgt_vocab_size,
+        decoding=OmegaConf.to_container(toy.decoding),
+        _convert_="all",
+    )
+    module.tokenizer = toy_data.tokenizer
+    assert module.model.decoder.attention is not None if cfg.model.attention else True
+    callbacks = [instantiate(c) for c in toy.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in toy.logger.values() if c is not None]
+    trainer = instantiate(toy.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(module, datamodule=toy_data)
+    assert trainer.global_step == 1 and "val_bleu" in trainer.callback_metrics
 
 
 @pytest.mark.slow

