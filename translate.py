@@ -13,7 +13,7 @@ def main(cfg: DictConfig) -> None:
     settings = SearchSettings(cfg.beam, cfg.alpha, cfg.max_len_a, cfg.max_len_b, cfg.min_len, cfg.nbest)
     # ckpt=PATH, or ckpt=[PATH,PATH,...]: an ensemble
     paths = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
-    translator = Translator.from_checkpoints(paths, cfg.device)
+    translator = Translator.from_checkpoints(paths, cfg.device, cfg.precision)
     report = translate_file(
         translator, cfg.input, cfg.output, settings, cfg.batch_tokens, cfg.chunk_lines, cfg.ref, cfg.progress
     )

@@ -1,12 +1,15 @@
 """Decoding speed on the Bible test split: batched greedy, batched beam, and beam one sentence at a time.
 
     python bench/decode.py --ckpt outputs/.../checkpoints/best-....ckpt [--limit N] [--threads T]
+        [--precisions fp32 bf16]
 
 Prints sentences/s, output tokens/s and GFLOP/s (against the CPU's peak and against plain training
 steps of the same model, measured in the same run) of each (batched: the median of ``--repeats`` runs), the
 speed-up of batching for beam search, and whether batched and one-at-a-time beam search gave
-identical translations. The test split is rebuilt from the checkpoint's own data configuration, so it
-is the split the model was scored on.
+identical translations. With several ``--precisions``, the batched modes run in each, side by side,
+with the BLEU of each against the references and how many translations match the first precision's
+(one sentence at a time runs in the first only). The test split is rebuilt from the checkpoint's own
+data configuration, so it is the split the model was scored on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 from flops import FlopCounter, peak_flops, training_flops
 
 from seq2seq.data import EncodedSplit, TokenBucketBatchSampler, load_bible
+from seq2seq.metrics import corpus_scores
+from seq2seq.precision import DECODING_PRECISIONS
 from seq2seq.tokenization import PAD_ID
 from seq2seq.translator import DEFAULT_BATCH_TOKENS, SearchSettings, Translator
 
@@ -74,6 +79,10 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS)
     parser.add_argument("--repeats", type=int, default=3, help="batched runs, the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32"], choices=DECODING_PRECISIONS, help="e.g. fp32 bf16"
+    )
+    parser.add_argument("--skip-one-by-one", action="store_true", help="only the batched modes")
     parser.add_argument("--ghz", type=float, default=2.6, help="core clock for the peak")
     parser.add_argument("--flops-per-cycle", type=int, default=32, help="fp32 FLOP per cycle and core")
     args = parser.parse_args()
@@ -86,7 +95,7 @@ def main() -> None:
     if corpus_config.get("_target_") != "seq2seq.data.load_bible":
         raise SystemExit(f"{args.ckpt} was not trained on data=bible; this benchmark needs its test split")
     corpus = load_bible(**{k: v for k, v in corpus_config.items() if not k.startswith("_")})
-    sources = corpus.test.src[: args.limit]
+    sources, references = corpus.test.src[: args.limit], corpus.test.tgt[: args.limit]
     print(
         f"{len(sources)} test sentences ({corpus.test.origin}); beam {args.beam}, alpha {args.alpha};"
         f" torch threads: {torch.get_num_threads()}; fp32 peak: {how}"
@@ -94,33 +103,43 @@ def main() -> None:
 
     greedy = SearchSettings(beam=1)
     beam = SearchSettings(beam=args.beam, alpha=args.alpha)
-    rows = []
-    _, seconds, tokens, flops = timed(translator, sources, greedy, args.batch_tokens, args.repeats)
-    rows.append(("greedy, batched", seconds, tokens, flops))
-    batched, seconds, tokens, flops = timed(translator, sources, beam, args.batch_tokens, args.repeats)
-    rows.append((f"beam {args.beam}, batched", seconds, tokens, flops))
-    one_by_one, totals = [], [0.0, 0, 0]
-    for sentence in sources:
-        texts, *figures = timed(translator, [sentence], beam, args.batch_tokens)
-        one_by_one += texts
-        totals = [total + figure for total, figure in zip(totals, figures, strict=True)]
-    rows.append((f"beam {args.beam}, one sentence at a time", *totals))
-    train_rate = training_flop_rate(translator, corpus.test.src, corpus.test.tgt)
+    rows = []  # (mode, precision, seconds, output tokens, FLOPs, translations)
+    for precision in args.precisions:
+        translator = Translator.from_checkpoint(args.ckpt, precision=precision)
+        for mode, settings in (("greedy, batched", greedy), (f"beam {args.beam}, batched", beam)):
+            texts, *figures = timed(translator, sources, settings, args.batch_tokens, args.repeats)
+            rows.append((mode, translator.precision, *figures, texts))
+    first = Translator.from_checkpoint(args.ckpt, precision=args.precisions[0])
+    if not args.skip_one_by_one:
+        one_by_one, totals = [], [0.0, 0, 0]
+        for sentence in sources:
+            texts, *figures = timed(first, [sentence], beam, args.batch_tokens)
+            one_by_one += texts
+            totals = [total + figure for total, figure in zip(totals, figures, strict=True)]
+        rows.append((f"beam {args.beam}, one sentence at a time", first.precision, *totals, one_by_one))
+    train_rate = training_flop_rate(first, corpus.test.src, corpus.test.tgt)
 
     print(
-        f"{'mode':<34}{'seconds':>9}{'sentences/s':>13}{'tokens/s':>10}"
-        f"{'GFLOP/s':>9}{'of peak':>9}{'of training':>13}"
+        f"{'mode':<34}{'precision':<10}{'seconds':>9}{'sentences/s':>13}{'tokens/s':>10}"
+        f"{'GFLOP/s':>9}{'of peak':>9}{'of training':>13}{'BLEU':>7}{'same':>6}"
     )
-    for name, seconds, tokens, flops in rows:
+    # same: translations identical to the first row of the same mode (first precision, or batched)
+    reference_texts = {}
+    for mode, precision, seconds, tokens, flops, texts in rows:
         rate = flops / seconds
+        compared = reference_texts.setdefault(mode.replace("one sentence at a time", "batched"), texts)
+        same = sum(a == b for a, b in zip(texts, compared, strict=True))
         print(
-            f"{name:<34}{seconds:>9.1f}{len(sources) / seconds:>13.1f}{tokens / seconds:>10.0f}"
+            f"{mode:<34}{precision:<10}{seconds:>9.1f}"
+            f"{len(sources) / seconds:>13.1f}{tokens / seconds:>10.0f}"
             f"{rate / 1e9:>9.1f}{rate / peak:>9.1%}{rate / train_rate:>13.1%}"
+            f"{corpus_scores(texts, references).bleu:>7.2f}{same:>6}"
         )
-    print(f"{'training steps (plain loop)':<66}{train_rate / 1e9:>9.1f}{train_rate / peak:>9.1%}")
-    print(f"batched beam {args.beam} vs one at a time: {totals[0] / rows[1][1]:.1f}x faster")
-    same = sum(a == b for a, b in zip(batched, one_by_one, strict=True))
-    print(f"identical translations, batched vs one at a time: {same} of {len(sources)}")
+    print(
+        f"{'training steps (plain loop, fp32)':<44}{'':>32}{train_rate / 1e9:>9.1f}{train_rate / peak:>9.1%}"
+    )
+    if not args.skip_one_by_one:
+        print(f"batched beam {args.beam} vs one at a time: {rows[-1][2] / rows[1][2]:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from seq2seq.checkpoints import read_checkpoint
 from seq2seq.data import TranslationDataModule
 from seq2seq.module import TranslationModule
+from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.sweep import write_result
 from seq2seq.translator import FileReport, SearchSettings, Translator, translate_file
 
@@ -53,6 +54,9 @@ def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says, print the test scores of the best checkpoint, return its validation BLEU."""
     # Mistakes in the options that are only used later fail now, before any data is read.
     test_settings, test_batch_tokens = evaluation_settings(cfg)
+    # trainer.precision=auto and evaluate.precision=auto probe the host's CPU bf16 (once per process).
+    precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    test_precision = resolve_decoding_precision(cfg.evaluate.precision, "cpu", "evaluate.precision")
     if cfg.get("ckpt_path"):
         check_resume_checkpoint(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
@@ -77,7 +81,7 @@ def train(cfg: DictConfig) -> float:
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_minutes = (time.perf_counter() - started) / 60
@@ -98,11 +102,11 @@ def train(cfg: DictConfig) -> float:
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
     if trainer.is_global_zero:
         if "test" in datamodule.texts:
-            translator = Translator.from_checkpoint(checkpoint.best_model_path)
+            translator = Translator.from_checkpoint(checkpoint.best_model_path, precision=test_precision)
             report = evaluate_test(translator, datamodule, output_dir, test_settings, test_batch_tokens)
             print(
                 f"Test split ({datamodule.texts['test'].origin}), beam {test_settings.beam},"
-                f" checkpoint {checkpoint.best_model_path}:\n{report}"
+                f" {test_precision}, checkpoint {checkpoint.best_model_path}:\n{report}"
             )
         write_result(
             output_dir, status="ok", val_bleu=best_bleu, train_minutes=train_minutes, parameters=parameters,
@@ -115,6 +119,7 @@ def evaluation_settings(cfg: DictConfig) -> tuple[SearchSettings, int]:
     """The search settings and batch size of the test scoring, from ``cfg.evaluate``."""
     settings = OmegaConf.to_container(cfg.evaluate, resolve=True)
     batch_tokens = settings.pop("batch_tokens")
+    del settings["precision"]  # the Translator's, not the search's
     try:
         return SearchSettings(**settings), batch_tokens
     except (TypeError, ValueError) as err:
