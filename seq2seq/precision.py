@@ -68,10 +68,15 @@ def bf16_lstm_step() -> None:
 
 @functools.cache
 def probe_cpu_bf16() -> Bf16Probe:
-    """Whether CPU bf16 autocast works on this host, probed once per process (a few milliseconds)."""
+    """Whether CPU bf16 autocast works on this host, probed once per process (a fraction of a second).
+
+    The probe leaves the global random state alone and runs its backward pass even when called under
+    ``torch.no_grad()`` or ``torch.inference_mode()``.
+    """
     capability = torch.backends.cpu.get_cpu_capability()
     try:
-        bf16_lstm_step()
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+            bf16_lstm_step()
     except (RuntimeError, FloatingPointError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return Bf16Probe(first_line, has_native_bf16(), capability)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from seq2seq import precision as precision_module
 from seq2seq.precision import probe_cpu_bf16, resolve_decoding_precision, resolve_trainer_precision
@@ -46,6 +47,16 @@ def test_the_probe_answers_a_valid_precision_and_says_why(caplog, fresh_probe):
     assert f"trainer.precision=auto: {chosen}, because {probe}" in caplog.text
     assert resolve_decoding_precision("auto", "cpu") == ("bf16" if probe.usable else "fp32")
     assert probe_cpu_bf16() is probe  # once per process
+
+
+def test_the_probe_leaves_random_state_and_grad_mode_alone(fresh_probe):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        probe = probe_cpu_bf16()
+    assert torch.equal(torch.rand(3), expected)
+    assert probe.error is None or probe.capability != "AVX512" or not probe.native
 
 
 def test_explicit_precision_wins_and_gpus_stay_fp32():
