@@ -6,9 +6,10 @@
 Prints sentences/s, output tokens/s and GFLOP/s (against the CPU's peak and against plain training
 steps of the same model, measured in the same run) of each (batched: the median of ``--repeats`` runs), the
 speed-up of batching for beam search, and whether batched and one-at-a-time beam search gave
-identical translations. With several ``--precisions``, the batched modes run in each, side by side,
-with the BLEU of each against the references and how many translations match the first precision's
-(one sentence at a time runs in the first only). The test split is rebuilt from the checkpoint's own
+identical translations. With several ``--precisions``, the batched modes run in each, side by side
+(``--chunk`` sentences at a time, each precision in turn), with the BLEU of each against the
+references and how many translations match the first precision's (one sentence at a time runs in
+the first only). The test split is rebuilt from the checkpoint's own
 data configuration, so it is the split the model was scored on.
 """
 
@@ -43,6 +44,24 @@ def timed(
     texts = [hyps[0][0] for hyps in results]
     tokens = sum(len(hyps[0][1].tokens) for hyps in results)
     return texts, statistics.median(times), tokens, counter.flops // repeats
+
+
+def side_by_side(
+    translators: list[Translator], sources: list[str], settings: SearchSettings, args: argparse.Namespace
+) -> list[tuple[list[str], float, int, int]]:
+    """:func:`timed` for each translator, summed over chunks of ``args.chunk`` sentences that each
+    translator takes in turn (the first one rotating), so that load from other processes falls on all
+    alike. Per translator: translations, seconds, output tokens, FLOPs."""
+    totals = [([], 0.0, 0, 0) for _ in translators]
+    chunk = args.chunk or len(sources)
+    for number, start in enumerate(range(0, len(sources), chunk)):
+        for index in [(number + k) % len(translators) for k in range(len(translators))]:
+            texts, *figures = timed(
+                translators[index], sources[start : start + chunk], settings, args.batch_tokens, args.repeats
+            )
+            done_texts, *done = totals[index]
+            totals[index] = (done_texts + texts, *(a + b for a, b in zip(done, figures, strict=True)))
+    return totals
 
 
 def training_flop_rate(translator: Translator, src: list[str], tgt: list[str], steps: int = 10) -> float:
@@ -83,6 +102,9 @@ def main() -> None:
         "--precisions", nargs="+", default=["fp32"], choices=DECODING_PRECISIONS, help="e.g. fp32 bf16"
     )
     parser.add_argument("--skip-one-by-one", action="store_true", help="only the batched modes")
+    parser.add_argument(
+        "--chunk", type=int, default=0, help="batched modes: sentences per turn of each precision (0: all)"
+    )
     parser.add_argument("--ghz", type=float, default=2.6, help="core clock for the peak")
     parser.add_argument("--flops-per-cycle", type=int, default=32, help="fp32 FLOP per cycle and core")
     args = parser.parse_args()
@@ -104,10 +126,10 @@ def main() -> None:
     greedy = SearchSettings(beam=1)
     beam = SearchSettings(beam=args.beam, alpha=args.alpha)
     rows = []  # (mode, precision, seconds, output tokens, FLOPs, translations)
-    for precision in args.precisions:
-        translator = Translator.from_checkpoint(args.ckpt, precision=precision)
-        for mode, settings in (("greedy, batched", greedy), (f"beam {args.beam}, batched", beam)):
-            texts, *figures = timed(translator, sources, settings, args.batch_tokens, args.repeats)
+    translators = [Translator.from_checkpoint(args.ckpt, precision=p) for p in args.precisions]
+    for mode, settings in (("greedy, batched", greedy), (f"beam {args.beam}, batched", beam)):
+        results = side_by_side(translators, sources, settings, args)
+        for translator, (texts, *figures) in zip(translators, results, strict=True):
             rows.append((mode, translator.precision, *figures, texts))
     first = Translator.from_checkpoint(args.ckpt, precision=args.precisions[0])
     if not args.skip_one_by_one:
