@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     quiet_third_party()
     settings = DecodingSettings.from_config(cfg)  # the decoding group's keys; alpha=auto: the checkpoint's
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    translator = Translator.from_checkpoints(paths, device)
+    translator = Translator.from_checkpoints(paths, device, cfg.precision)
     # A terminal on stdin: translate each line as it is entered, with no progress bar in the way.
     interactive = cfg.input == "-" and sys.stdin.isatty()
     report = translate_file(

@@ -235,7 +235,7 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         run(
             [sys.executable, "train.py", *data, "model=tiny", *strategy, f"trainer.max_steps={args.steps}",
-             f"trainer.val_check_interval={args.steps}", "trainer.limit_val_batches=2", "evaluate.beam=1",
+             f"trainer.val_check_interval={args.steps}", "trainer.limit_val_batches=2", "decoding.beam=1",
              "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
              "+callbacks.memory._target_=data_scale.RecordMemory", f"+callbacks.memory.path={record}",
              f"+callbacks.memory.cache={cache}"],

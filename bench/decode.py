@@ -2,13 +2,17 @@
 and the cost of ``decoding.alpha=auto`` on the validation split.
 
     python bench/decode.py --ckpt outputs/.../checkpoints/best-....ckpt [--limit N] [--threads T]
+        [--precisions fp32 bf16]
 
 Prints sentences/s, output tokens/s and GFLOP/s (against the CPU's peak and against plain training
 steps of the same model, measured in the same run) of each (batched: the median of ``--repeats`` runs), the
 speed-up of batching for beam search, and whether batched and one-at-a-time beam search gave
-identical translations. The test split is rebuilt from the checkpoint's own data configuration, so it
-is the split the model was scored on. Then, on the validation split, what choosing alpha from
-``evaluate.alpha_grid`` costs (one beam search rescored for every alpha, as training does) against one
+identical translations. With several ``--precisions``, the batched modes run in each, side by side
+(``--chunk`` sentences at a time, each precision in turn), with the BLEU of each against the
+references and how many translations match the first precision's (one sentence at a time runs in
+the first only). The test split is rebuilt from the checkpoint's own data configuration, so it is the
+split the model was scored on. Then, on the validation split, what choosing alpha from
+``--alpha-grid`` costs (one beam search rescored for every alpha, as training does) against one
 beam search decoding of that split and against decoding it once per alpha, with a check that the
 choice's translations are those of a beam search with the chosen alpha. ``--skip-speed`` runs only that.
 """
@@ -26,6 +30,8 @@ from flops import FlopCounter, peak_flops
 
 from seq2seq.data import EncodedSplit, TokenBucketBatchSampler, load_bible
 from seq2seq.flops import training_flops
+from seq2seq.metrics import corpus_scores
+from seq2seq.precision import DECODING_PRECISIONS
 from seq2seq.search import DecodingSettings
 from seq2seq.tokenization import PAD_ID
 from seq2seq.translator import Translator
@@ -47,6 +53,24 @@ def timed(
     texts = [hyps[0][0] for hyps in results]
     tokens = sum(len(hyps[0][1].tokens) for hyps in results)
     return texts, statistics.median(times), tokens, counter.flops // repeats
+
+
+def side_by_side(
+    translators: list[Translator], sources: list[str], settings: DecodingSettings, args: argparse.Namespace
+) -> list[tuple[list[str], float, int, int]]:
+    """:func:`timed` for each translator, summed over chunks of ``args.chunk`` sentences that each
+    translator takes in turn (the first one rotating), so that load from other processes falls on all
+    alike. Per translator: translations, seconds, output tokens, FLOPs."""
+    totals = [([], 0.0, 0, 0) for _ in translators]
+    chunk = args.chunk or len(sources)
+    for number, start in enumerate(range(0, len(sources), chunk)):
+        for index in [(number + k) % len(translators) for k in range(len(translators))]:
+            texts, *figures = timed(
+                translators[index], sources[start : start + chunk], settings, args.repeats
+            )
+            done_texts, *done = totals[index]
+            totals[index] = (done_texts + texts, *(a + b for a, b in zip(done, figures, strict=True)))
+    return totals
 
 
 def training_flop_rate(translator: Translator, src: list[str], tgt: list[str], steps: int = 10) -> float:
@@ -85,6 +109,13 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true", help="measure only the cost of alpha=auto")
     parser.add_argument("--repeats", type=int, default=3, help="batched runs, the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32"], choices=DECODING_PRECISIONS, help="e.g. fp32 bf16"
+    )
+    parser.add_argument("--skip-one-by-one", action="store_true", help="only the batched modes")
+    parser.add_argument(
+        "--chunk", type=int, default=0, help="batched modes: sentences per turn of each precision (0: all)"
+    )
     parser.add_argument("--ghz", type=float, default=2.6, help="core clock for the peak")
     parser.add_argument("--flops-per-cycle", type=int, default=32, help="fp32 FLOP per cycle and core")
     args = parser.parse_args()
@@ -100,44 +131,55 @@ def main() -> None:
     alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
     beam = translator.settings(beam=args.beam, alpha=alpha, batch_tokens=args.batch_tokens)
     if not args.skip_speed:
-        speed(translator, corpus.test, beam, args.limit, args.repeats, peak, how)
+        speed(args, corpus.test, beam, peak, how)
     alpha_cost(translator, corpus.valid, beam, args.alpha_grid, args.limit)
 
 
-def speed(translator: Translator, test, beam: DecodingSettings, limit: int, repeats: int, peak, how) -> None:
-    sources = test.src[:limit]
+def speed(args: argparse.Namespace, test, beam: DecodingSettings, peak: float, how: str) -> None:
+    """Greedy and beam search, batched in each precision, and beam search one sentence at a time."""
+    sources, references = test.src[: args.limit], test.tgt[: args.limit]
     print(
         f"{len(sources)} test sentences ({test.origin}); beam {beam.beam}, alpha {beam.alpha};"
         f" torch threads: {torch.get_num_threads()}; fp32 peak: {how}"
     )
     greedy = dataclasses.replace(beam, beam=1)
-    rows = []
-    _, seconds, tokens, flops = timed(translator, sources, greedy, repeats)
-    rows.append(("greedy, batched", seconds, tokens, flops))
-    batched, seconds, tokens, flops = timed(translator, sources, beam, repeats)
-    rows.append((f"beam {beam.beam}, batched", seconds, tokens, flops))
-    one_by_one, totals = [], [0.0, 0, 0]
-    for sentence in sources:
-        texts, *figures = timed(translator, [sentence], beam)
-        one_by_one += texts
-        totals = [total + figure for total, figure in zip(totals, figures, strict=True)]
-    rows.append((f"beam {beam.beam}, one sentence at a time", *totals))
-    train_rate = training_flop_rate(translator, test.src, test.tgt)
+    rows = []  # (mode, precision, seconds, output tokens, FLOPs, translations)
+    translators = [Translator.from_checkpoint(args.ckpt, precision=p) for p in args.precisions]
+    for mode, settings in (("greedy, batched", greedy), (f"beam {beam.beam}, batched", beam)):
+        results = side_by_side(translators, sources, settings, args)
+        for translator, (texts, *figures) in zip(translators, results, strict=True):
+            rows.append((mode, translator.precision, *figures, texts))
+    first = translators[0]
+    if not args.skip_one_by_one:
+        one_by_one, totals = [], [0.0, 0, 0]
+        for sentence in sources:
+            texts, *figures = timed(first, [sentence], beam)
+            one_by_one += texts
+            totals = [total + figure for total, figure in zip(totals, figures, strict=True)]
+        rows.append((f"beam {beam.beam}, one sentence at a time", first.precision, *totals, one_by_one))
+    train_rate = training_flop_rate(first, test.src, test.tgt)
 
     print(
-        f"{'mode':<34}{'seconds':>9}{'sentences/s':>13}{'tokens/s':>10}"
-        f"{'GFLOP/s':>9}{'of peak':>9}{'of training':>13}"
+        f"{'mode':<34}{'precision':<10}{'seconds':>9}{'sentences/s':>13}{'tokens/s':>10}"
+        f"{'GFLOP/s':>9}{'of peak':>9}{'of training':>13}{'BLEU':>7}{'same':>6}"
     )
-    for name, seconds, tokens, flops in rows:
+    # same: translations identical to the first row of the same mode (first precision, or batched)
+    reference_texts = {}
+    for mode, precision, seconds, tokens, flops, texts in rows:
         rate = flops / seconds
+        compared = reference_texts.setdefault(mode.replace("one sentence at a time", "batched"), texts)
+        same = sum(a == b for a, b in zip(texts, compared, strict=True))
         print(
-            f"{name:<34}{seconds:>9.1f}{len(sources) / seconds:>13.1f}{tokens / seconds:>10.0f}"
+            f"{mode:<34}{precision:<10}{seconds:>9.1f}"
+            f"{len(sources) / seconds:>13.1f}{tokens / seconds:>10.0f}"
             f"{rate / 1e9:>9.1f}{rate / peak:>9.1%}{rate / train_rate:>13.1%}"
+            f"{corpus_scores(texts, references).bleu:>7.2f}{same:>6}"
         )
-    print(f"{'training steps (plain loop)':<66}{train_rate / 1e9:>9.1f}{train_rate / peak:>9.1%}")
-    print(f"batched beam {beam.beam} vs one at a time: {totals[0] / rows[1][1]:.1f}x faster")
-    same = sum(a == b for a, b in zip(batched, one_by_one, strict=True))
-    print(f"identical translations, batched vs one at a time: {same} of {len(sources)}")
+    print(
+        f"{'training steps (plain loop, fp32)':<44}{'':>32}{train_rate / 1e9:>9.1f}{train_rate / peak:>9.1%}"
+    )
+    if not args.skip_one_by_one:
+        print(f"batched beam {beam.beam} vs one at a time: {rows[-1][2] / rows[1][2]:.1f}x faster")
 
 
 def alpha_cost(translator: Translator, valid, beam: DecodingSettings, grid: list[float], limit: int) -> None:

@@ -5,7 +5,8 @@
 For each model and precision, the first ``--warmup + --steps`` training batches of the Bible split's
 first epoch are run through (1) this project's TranslationModule driven by ``lightning.Trainer`` and
 (2) a plain loop calling the same module's loss, ``backward``, gradient clipping, AdamW and the
-learning-rate schedule, in ``--rounds`` alternating rounds (the fastest round of each is kept).
+learning-rate schedule, in ``--rounds`` alternating rounds; each step's fastest time over the rounds
+is kept (load from other processes only slows steps down, so this is the closest to an idle machine).
 Prints target tokens/s of the timed steps of each and their ratio, the padding efficiency of a whole
 epoch's batches, and the achieved GFLOP/s against the CPU's peak (see flops.py).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import time
 from pathlib import Path
@@ -34,18 +36,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class StepTimer(L.Callback):
-    """Wall time from the start of batch ``warmup`` to the end of the last batch."""
+    """Wall time of each batch from ``warmup`` on: from its start to the next one's (the last: to its end)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.started = self.ended = 0.0
+        self.marks: list[float] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.warmup:
-            self.started = time.perf_counter()
+        if trainer.global_step >= self.warmup:
+            self.marks.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        self.ended = time.perf_counter()
+        self.end = time.perf_counter()
+
+    def step_seconds(self) -> list[float]:
+        marks = [*self.marks, self.end]
+        return [b - a for a, b in itertools.pairwise(marks)]
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")  # Lightning's names
@@ -81,7 +87,9 @@ def new_module(cfg, datamodule: TranslationDataModule) -> TranslationModule:
     return module
 
 
-def run_lightning(cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float) -> float:
+def run_lightning(
+    cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float
+) -> list[float]:
     timer = StepTimer(warmup)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=precision, max_steps=len(batches), gradient_clip_val=clip,
@@ -90,10 +98,10 @@ def run_lightning(cfg, datamodule, batches: list[Batch], warmup: int, precision:
         use_distributed_sampler=False,
     )  # fmt: skip
     trainer.fit(new_module(cfg, datamodule), train_dataloaders=DataLoader(batches, batch_size=None))
-    return timer.ended - timer.started
+    return timer.step_seconds()
 
 
-def run_plain(cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float) -> float:
+def run_plain(cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float) -> list[float]:
     module = new_module(cfg, datamodule)
     if precision == "bf16-true":  # as Lightning's bf16-true: weights and activations in bf16
         module.to(torch.bfloat16)
@@ -103,10 +111,10 @@ def run_plain(cfg, datamodule, batches: list[Batch], warmup: int, precision: str
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     )
-    started = 0.0
+    marks = []
     for step, batch in enumerate(batches):
-        if step == warmup:
-            started = time.perf_counter()
+        if step >= warmup:
+            marks.append(time.perf_counter())
         with autocast:
             losses, _ = module.smoothed_losses(batch)
         losses.mean().backward()
@@ -114,7 +122,8 @@ def run_plain(cfg, datamodule, batches: list[Batch], warmup: int, precision: str
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
+    marks.append(time.perf_counter())
+    return [b - a for a, b in itertools.pairwise(marks)]
 
 
 def main() -> None:
@@ -133,7 +142,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest is kept")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds; per step, the fastest is kept"
+    )
     parser.add_argument("--ghz", type=float, default=2.6, help="core clock for the peak")
     parser.add_argument("--flops-per-cycle", type=int, default=32, help="fp32 FLOP per cycle and core")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_tokens=6000")
@@ -161,9 +172,10 @@ def main() -> None:
         )
         print(f"{'precision':<12}{'loop':<11}{'tokens/s':>10}{'GFLOP/s':>10}{'of peak':>9}")
         for precision in args.precisions:
-            seconds: dict[str, float] = {}
+            # Per step, the fastest of the rounds: other processes on the machine only slow steps down.
+            step_seconds: dict[str, list[float]] = {}
             failed: set[str] = set()
-            # Alternating rounds, the fastest of each kept, so that neither gains from going second.
+            # Alternating rounds, so that neither gains from going second.
             for _ in range(args.rounds):
                 for name, run in (("plain", run_plain), ("Lightning", run_lightning)):
                     if name in failed:
@@ -174,7 +186,8 @@ def main() -> None:
                         print(f"{precision:<12}{name:<11}failed: {str(err).splitlines()[0][:100]}")
                         failed.add(name)
                         continue
-                    seconds[name] = min(elapsed, seconds.get(name, elapsed))
+                    step_seconds[name] = list(map(min, elapsed, step_seconds.get(name, elapsed)))
+            seconds = {name: sum(steps) for name, steps in step_seconds.items()}
             for name, elapsed in seconds.items():
                 rate, speed = flops / elapsed, tokens / elapsed
                 print(f"{precision:<12}{name:<11}{speed:>10.0f}{rate / 1e9:>10.1f}{rate / peak:>9.1%}")

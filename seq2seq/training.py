@@ -27,6 +27,7 @@ from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
 from seq2seq.metrics import check_bleu_tokenize
 from seq2seq.module import TranslationModule
+from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.search import AUTO, DecodingSettings
 from seq2seq.sweep import write_result
 from seq2seq.tokenization import Tokenizer
@@ -110,6 +111,9 @@ def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says, print the test scores of the best checkpoint, return its validation BLEU."""
     # Mistakes in the options that are only used later fail now, before any data is read.
     decoding = evaluation_settings(cfg)
+    # trainer.precision=auto and evaluate.precision=auto probe the host's CPU bf16 (once per process).
+    precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    resolve_decoding_precision(cfg.evaluate.precision, "cpu", "evaluate.precision")  # checked early
     if cfg.get("ckpt_path"):
         check_resume_checkpoint(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
@@ -144,7 +148,7 @@ def train(cfg: DictConfig) -> float:
     if cfg.get("ckpt_path"):
         callbacks.append(CarryBestCheckpoint())
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_minutes = (time.perf_counter() - started) / 60
@@ -164,7 +168,9 @@ def train(cfg: DictConfig) -> float:
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
     if trainer.is_global_zero:
         # On the device that trained (a GPU decodes many times faster than the CPU).
-        translator = Translator.from_checkpoint(checkpoint.best_model_path, trainer.strategy.root_device)
+        translator = Translator.from_checkpoint(
+            checkpoint.best_model_path, trainer.strategy.root_device, cfg.evaluate.precision
+        )
         tuned, test_bleu = {}, None
         if decoding.alpha == AUTO and decoding.beam > 1:  # greedy search has no use for a length penalty
             choice = choose_alpha(translator, datamodule, decoding, cfg.evaluate.alpha_grid)
@@ -176,7 +182,7 @@ def train(cfg: DictConfig) -> float:
             test_bleu = report.scores.bleu
             print(
                 f"Test split ({datamodule.texts['test'].origin}), beam {decoding.beam},"
-                f" alpha {translator.settings(decoding).alpha},"
+                f" alpha {translator.settings(decoding).alpha}, {translator.precision},"
                 f" checkpoint {checkpoint.best_model_path}:\n{report}"
             )
         write_result(

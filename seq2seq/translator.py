@@ -21,6 +21,7 @@ from seq2seq.data.batching import TokenBucketBatchSampler, pad
 from seq2seq.data.corpora import read_lines, read_text_lines
 from seq2seq.metrics import CorpusScores, corpus_scores
 from seq2seq.model import Ensemble, Seq2Seq
+from seq2seq.precision import resolve_decoding_precision
 from seq2seq.search import (
     AUTO,
     UNTUNED_ALPHA,
@@ -43,6 +44,9 @@ class Translator:
     Decoding settings with ``alpha="auto"`` use ``alpha``: the length penalty chosen for this model on
     its validation split (None: there is none, and ``UNTUNED_ALPHA`` is used). ``tgt_lang`` and
     ``bleu_tokenize`` choose BLEU's tokenizer when scoring.
+
+    ``precision`` is ``fp32``, ``bf16`` (the model runs under bf16 autocast; the weights stay fp32) or
+    ``auto`` (bf16 on a CPU that runs it natively, see :mod:`seq2seq.precision`; fp32 elsewhere).
     """
 
     def __init__(
@@ -54,8 +58,10 @@ class Translator:
         alpha: float | None = None,
         tgt_lang: str | None = None,
         bleu_tokenize: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.device = torch.device(device)
+        self.precision = resolve_decoding_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.max_src_len = max_src_len
@@ -66,12 +72,16 @@ class Translator:
         self.run_config: dict = {}  # the training run's resolved configuration, when loaded from a checkpoint
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Translator:
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"
+    ) -> Translator:
         """Load a ``.ckpt`` written by training; it holds the weights, tokenizer and configuration."""
-        return cls.from_checkpoints([path], device)
+        return cls.from_checkpoints([path], device, precision)
 
     @classmethod
-    def from_checkpoints(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu") -> Translator:
+    def from_checkpoints(
+        cls, paths: Sequence[str | Path], device: str | torch.device = "cpu", precision: str = "fp32"
+    ) -> Translator:
         """One checkpoint, or several of one vocabulary that decode as an ensemble: at each step, the
         next-token log-probabilities of the models are averaged. The length penalty for ``alpha=auto``
         and BLEU's language are the first checkpoint's."""
@@ -87,7 +97,7 @@ class Translator:
         model = first.model if len(modules) == 1 else Ensemble([m.model for m in modules])
         alpha = None if first.decoding.alpha == AUTO else first.decoding.alpha
         translator = cls(
-            model, first.tokenizer, max_src_len, device, alpha, first.tgt_lang, first.bleu_tokenize
+            model, first.tokenizer, max_src_len, device, alpha, first.tgt_lang, first.bleu_tokenize, precision
         )
         translator.run_config = first.run_config or {}
         return translator
@@ -178,11 +188,12 @@ class Translator:
             return Alignment([], [], torch.zeros(0, 0))
         src = torch.tensor([source], device=self.device)
         tgt_in = torch.tensor([[BOS_ID, *hypothesis.tokens]], device=self.device)
-        _, weights = self.model.forward_with_attention(src, torch.tensor([len(source)]), tgt_in)
+        with self._autocast():
+            _, weights = self.model.forward_with_attention(src, torch.tensor([len(source)]), tgt_in)
         return Alignment(
             source=[self.tokenizer.src.id_to_piece(i) for i in source],
             target=[self.tokenizer.tgt.id_to_piece(i) for i in hypothesis.tokens] + ["</s>"],
-            weights=weights[0].cpu(),
+            weights=weights[0].float().cpu(),
         )
 
     def _hypotheses(
@@ -211,9 +222,15 @@ class Translator:
             rows = [todo[b] for b in batch]
             src = pad([ids[i] for i in rows]).to(self.device)
             lengths = torch.tensor([len(ids[i]) for i in rows])
-            for row, hyps in zip(rows, search(src, lengths), strict=True):
+            with self._autocast():
+                hypotheses = search(src, lengths)
+            for row, hyps in zip(rows, hypotheses, strict=True):
                 results[row] = hyps
         return results
+
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast when ``precision`` is bf16 (weights cast once per batch), else a no-op."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
 def check_alpha_grid(grid: Sequence[float]) -> list[float]:

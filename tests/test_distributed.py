@@ -138,7 +138,7 @@ def test_eight_processes_share_three_batches_without_hanging(tmp_path):
     epoch, and validation and test scoring finish (a process with no batch would hang the others)."""
     tiny = [
         "data.corpus.sizes={train:60,valid:8,test:8}", "data.equal_source_length=false",
-        "data.batch_tokens=200", "model.embed_size=8", "model.hidden_size=8", "evaluate.beam=1",
+        "data.batch_tokens=200", "model.embed_size=8", "model.hidden_size=8", "decoding.beam=1",
     ]  # fmt: skip
     steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.devices=8"]
     result = smoke(

@@ -203,7 +203,7 @@ def test_a_killed_prepare_leaves_no_usable_looking_cache(tmp_path):
 def test_two_ddp_processes_with_workers_prepare_once_and_train(tmp_path):
     result = run_script(
         "train.py", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.max_steps=6", "trainer.val_check_interval=6", "data.num_workers=2", "evaluate.beam=1",
+        "trainer.max_steps=6", "trainer.val_check_interval=6", "data.num_workers=2", "decoding.beam=1",
         f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}", *QUIET,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -231,7 +231,7 @@ def test_test_split_is_decoded_on_the_training_device(compose_config, monkeypatc
 
     monkeypatch.setattr(Translator, "from_checkpoint", from_checkpoint)
     cfg = compose_config(
-        "experiment=smoke", SMALL, "trainer.max_steps=4", "trainer.val_check_interval=4", "evaluate.beam=1",
+        "experiment=smoke", SMALL, "trainer.max_steps=4", "trainer.val_check_interval=4", "decoding.beam=1",
         "+callbacks.claim._target_=tests.test_training_step.ClaimDeviceAfterFit", *QUIET,
     )  # fmt: skip
     train(cfg)
@@ -240,7 +240,7 @@ def test_test_split_is_decoded_on_the_training_device(compose_config, monkeypatc
 
 def test_a_resumed_run_scores_the_best_model_of_the_whole_run(compose_config, tmp_path):
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    quick = ["experiment=smoke", SMALL, "trainer.val_check_interval=10", "evaluate.beam=1", *QUIET]
+    quick = ["experiment=smoke", SMALL, "trainer.val_check_interval=10", "decoding.beam=1", *QUIET]
     train(compose_config(*quick, "trainer.max_steps=20", f"paths.output_dir={first}"))
     (best,) = (first / "checkpoints").glob("best-*.ckpt")
     best_score = json.loads((first / "result.json").read_text())["val_bleu"]

@@ -130,4 +130,5 @@ class Decoder(nn.Module):
     def step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         """One step for search. tokens: (batch,) previous ids -> (batch, vocab_size) log-probs, new state."""
         outputs, state, _ = self(tokens.unsqueeze(1), state)
-        return self.logits(outputs.squeeze(1)).log_softmax(dim=-1), state
+        # fp32 log-probs under bf16 autocast too: search sums them over many steps.
+        return self.logits(outputs.squeeze(1)).float().log_softmax(dim=-1), state
