@@ -191,13 +191,14 @@ class TranslationModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is None or not gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not gradient_clip_val:
             return
-        # 16-mixed: Lightning refuses to clip for an optimizer that unscales in its step (fused AdamW);
-        # unscaling here (on the device) first makes clipping exact, and the scaler then skips unscaling.
-        scaler.unscale_(optimizer)
+        # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales in its step
+        # (fused AdamW), under bf16-mixed too, where nothing is scaled. Under 16-mixed the gradients are
+        # unscaled here first (on the device; the scaler then skips it), so the plain clip is exact.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # Lightning's default
         Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, algorithm)
 

@@ -153,9 +153,7 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_minutes = (time.perf_counter() - started) / 60
     log.info("Training took %.1f minutes", train_minutes)
-    for callback in trainer.checkpoint_callbacks:
-        if getattr(callback, "save_last", False):  # Lightning saves last.ckpt at the end only if it never did
-            trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
+    save_last_checkpoint(trainer)
 
     by_bleu = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val_bleu"]
     checkpoint = by_bleu[0] if by_bleu else None
@@ -196,6 +194,24 @@ def train(cfg: DictConfig) -> float:
             **tuned,
         )
     return best_bleu
+
+
+def save_last_checkpoint(trainer: L.Trainer) -> None:
+    """Write ``last.ckpt`` now that training has ended (Lightning saves it at the end only if it never did).
+
+    When training ended with an epoch, the epoch loop still counts that epoch's batches; saved so, a
+    resumed run would find the next epoch already at its end, skip it, and draw the following epoch's
+    batch order. So the counts are first reset as Lightning resets them when an epoch starts.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if epoch_loop._num_ready_batches_reached():
+        epoch_loop.batch_progress.reset_on_run()
+        epoch_loop.scheduler_progress.reset_on_run()
+        epoch_loop.automatic_optimization.optim_progress.reset_on_run()
+        epoch_loop.val_loop.batch_progress.total.reset()
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "save_last", False):
+            trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
 
 
 class CarryBestCheckpoint(L.Callback):

@@ -118,12 +118,6 @@ def test_batches_of_mixed_source_lengths_score_each_sentence_as_alone(compose_co
         torch.testing.assert_close(per_sentence[row], alone.sum(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resume handling (issue 14's area): a last.ckpt written when training stops exactly at an"
-    " epoch's end records epoch 1 with epoch 0 completed, and Lightning resumes it as epoch 2, so the"
-    " resumed run draws epoch 2's batch order where an uninterrupted run draws epoch 1's",
-)
 def test_a_run_stopped_at_an_epoch_boundary_resumes_with_the_next_epoch(compose_config, tmp_path):
     small = ["experiment=smoke", "data.corpus.sizes.train=300", "decoding.beam=1", *QUIET]
     datamodule = instantiate(compose_config(*small).data)
