@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 
 from seq2seq.data import TokenBucketBatchSampler
 from seq2seq.module import TranslationModule
+from seq2seq.precision import resolve_trainer_precision
 from tests.fault_callbacks import read_records
 from tests.test_training import QUIET, REPO, run_script
 
@@ -126,7 +127,12 @@ def test_ddp_on_two_cpu_processes(tmp_path, compose_config):
     logged = [row for row in csv.DictReader((run / "logs" / "metrics.csv").open()) if row.get("val_bleu")]
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     module = TranslationModule.load_from_checkpoint(best, weights_only=False)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    precision = resolve_trainer_precision(
+        cfg.trainer.precision, "cpu"
+    )  # what the run trained and validated in
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision=precision, logger=False, enable_progress_bar=False
+    )
     (single,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     assert float(logged[-1]["val_bleu"]) == pytest.approx(single["val_bleu"], abs=1e-6)
     assert float(logged[-1]["val_loss"]) == pytest.approx(single["val_loss"], rel=1e-5)

@@ -7,6 +7,7 @@ fallback is exercised by making the probe's bf16 step fail as it fails on AVX2-o
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -101,7 +102,10 @@ def test_a_run_with_auto_precision_trains_and_scores(compose_config, tmp_path, c
     assert f"trainer.precision=auto: {chosen}" in caplog.text
     assert best_bleu > 0
     stdout = capsys.readouterr().out
-    assert f"beam 2, {'bf16' if probe.usable else 'fp32'}" in stdout and "BLEU = " in stdout
+    assert (
+        re.search(rf"beam 2, alpha [\d.]+, {'bf16' if probe.usable else 'fp32'}", stdout)
+        and "BLEU = " in stdout
+    )
     assert (tmp_path / "run" / "test.hyp").read_text().count("\n") == 200
 
 

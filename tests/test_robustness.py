@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from seq2seq.data import TranslationDataModule, load_synthetic
+from seq2seq.precision import resolve_trainer_precision
 from seq2seq.search import DecodingSettings
 from seq2seq.tokenization import SubwordSettings, train_or_load
 from seq2seq.training import train
@@ -232,7 +233,8 @@ def test_every_experiment_builds_its_module_data_and_trainer(compose_config, exp
     assert module.model.decoder.attention is not None if cfg.model.attention else True
     callbacks = [instantiate(c) for c in toy.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in toy.logger.values() if c is not None]
-    trainer = instantiate(toy.trainer, callbacks=callbacks, logger=loggers)
+    precision = resolve_trainer_precision(toy.trainer.precision, toy.trainer.accelerator)  # as train() does
+    trainer = instantiate(toy.trainer, callbacks=callbacks, logger=loggers, precision=precision)
     trainer.fit(module, datamodule=toy_data)
     assert trainer.global_step == 1 and "val_bleu" in trainer.callback_metrics
 
@@ -405,7 +407,11 @@ def test_translate_mistakes_print_one_line_and_exit_2(attention_run, tmp_path):
 def test_help_lists_groups_options_and_main_keys_with_current_values():
     train = run_script("train.py", "--help")
     assert train.returncode == 0
-    assert "model: base, large, small, tiny" in train.stdout and "trainer: cpu, ddp, gpu" in train.stdout
+    assert (
+        "model: base, large, small, tiny" in train.stdout
+        and "trainer: cpu, ddp, ddp_cpu, gpu" in train.stdout
+    )
+    assert "model.hidden_size=512" in train.stdout and "decoding.alpha=auto" in train.stdout
     assert "model.hidden_size=512" in train.stdout and "trainer.max_time=00:00:28:00" in train.stdout
     assert "model.hidden_size=1024" in run_script("train.py", "model=base", "--help").stdout
     translate = run_script("translate.py", "--help")

@@ -225,9 +225,9 @@ class ClaimDeviceAfterFit(L.Callback):
 def test_test_split_is_decoded_on_the_training_device(compose_config, monkeypatch):
     devices = []
 
-    def from_checkpoint(path, device="cpu"):
+    def from_checkpoint(path, device="cpu", precision="fp32"):
         devices.append(torch.device(device))
-        return Translator.from_checkpoints([path])  # on the CPU, which this machine has
+        return Translator.from_checkpoints([path], precision=precision)  # on the CPU, which this machine has
 
     monkeypatch.setattr(Translator, "from_checkpoint", from_checkpoint)
     cfg = compose_config(
