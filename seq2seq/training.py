@@ -110,6 +110,10 @@ def discard_unused_run_dir(output_dir: str) -> bool:
 def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says, print the test scores of the best checkpoint, return its validation BLEU."""
     # Mistakes in the options that are only used later fail now, before any data is read.
+    if missing := sorted(OmegaConf.missing_keys(cfg)):  # Hydra would drop them from a partial call
+        raise ValueError(
+            f"Missing mandatory value(s): {', '.join(missing)} (give them on the command line: key=value)"
+        )
     decoding = evaluation_settings(cfg)
     # trainer.precision=auto and evaluate.precision=auto probe the host's CPU bf16 (once per process).
     precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
@@ -158,7 +162,7 @@ def train(cfg: DictConfig) -> float:
     by_bleu = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val_bleu"]
     checkpoint = by_bleu[0] if by_bleu else None
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
-        raise RuntimeError(
+        raise ValueError(
             "Training ended before any validation: no best checkpoint to evaluate"
             f" (validation runs every trainer.val_check_interval={cfg.trainer.val_check_interval} batches)"
         )

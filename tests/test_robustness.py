@@ -151,6 +151,11 @@ def test_train_mistakes_print_one_line_exit_2_and_leave_no_outputs(tmp_path):
     cases = [
         ([*files, f"data.corpus.train_src={missing}"], f"error: Corpus file not found: {missing}\n"),
         (["experiment=smoke", "model.hidden_size=-1"], "error: model.hidden_size must be positive, got -1\n"),
+        (
+            files[:2],  # data=files without data.corpus.train_src and train_tgt
+            "error: Missing mandatory value(s): data.corpus.train_src, data.corpus.train_tgt"
+            " (give them on the command line: key=value)\n",
+        ),
     ]
     for overrides, message in cases:
         result = train_in(tmp_path, "data=files" if "data.corpus" in overrides[0] else "seed=1", *overrides)
@@ -296,7 +301,7 @@ def attention_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("attention")
     result = run_script(
         "train.py", "experiment=smoke", "model.attention=bahdanau", f"hydra.run.dir={root / 'run'}",
-        f"paths.cache_dir={root / 'cache'}", "callbacks.progress_log.every_seconds=1", "callbacks=averaging",
+        f"paths.cache_dir={root / 'cache'}", "callbacks.progress_log.every_seconds=0", "callbacks=averaging",
         "callbacks.periodic_checkpoint.every_n_train_steps=10", "callbacks.periodic_checkpoint.save_top_k=2",
         "trainer.max_steps=30", "trainer.val_check_interval=30",
     )  # fmt: skip
