@@ -1,4 +1,4 @@
-"""Subword tokenization with sentencepiece: training, caching and the special token ids.
+"""Subword tokenization with sentencepiece: sampling and training, and the special token ids.
 
 This module is the one place that defines the ids of padding, unknown, begin- and end-of-sentence.
 A trained :class:`Tokenizer` serializes to bytes, so checkpoints carry it and need no other file.
@@ -6,16 +6,10 @@ A trained :class:`Tokenizer` serializes to bytes, so checkpoints carry it and ne
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import io
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import sentencepiece as spm
@@ -174,45 +168,11 @@ class SubwordSamples:
         )
 
 
-def cache_key(src_lines: Sequence[str], tgt_lines: Sequence[str], settings: SubwordSettings) -> str:
-    """A digest of the training text and the settings: equal keys give equal models."""
-    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
-    for side in (src_lines, tgt_lines):
-        digest.update(b"\x00side\x00")
-        for line in side:
-            digest.update(line.encode("utf-8", "surrogatepass") + b"\n")
-    return digest.hexdigest()[:16]
-
-
-def train_or_load(
-    src_lines: Sequence[str], tgt_lines: Sequence[str], settings: SubwordSettings, cache_dir: str | Path
+def train_tokenizer(
+    src_lines: Sequence[str], tgt_lines: Sequence[str], settings: SubwordSettings
 ) -> Tokenizer:
-    """Train sentencepiece on in-memory lines, or reuse the cached model of the same lines and settings.
-
-    Training runs take their model from the prepared data cache instead (:mod:`seq2seq.data.prepared`).
-    """
-    folder = Path(cache_dir) / "sentencepiece" / cache_key(src_lines, tgt_lines, settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "joint.model"] if settings.joint else [folder / "src.model", folder / "tgt.model"]
-    # Processes started together (DDP ranks under torchrun or SLURM) train once: the others wait here.
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if all(path.exists() for path in paths):
-            log.info("Reusing cached sentencepiece model(s) from %s", folder)
-            models = [path.read_bytes() for path in paths]
-            return Tokenizer(models[0], None if settings.joint else models[1])
-        log.info("Training sentencepiece (%s) into %s", settings, folder)
-        samples = SubwordSamples(settings)
-        samples.add(src_lines, tgt_lines)
-        tokenizer = samples.train()
-        models = [tokenizer.src_model] if settings.joint else [tokenizer.src_model, tokenizer.tgt_model]
-        for path, model in zip(paths, models, strict=True):
-            write_atomically(path, model)
-    return tokenizer
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` under a temporary name in ``path``'s folder, then rename it into place."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
+    """Train sentencepiece on in-memory lines (training runs take theirs from the prepared data cache,
+    :mod:`seq2seq.data.prepared`, which trains it once per corpus and settings)."""
+    samples = SubwordSamples(settings)
+    samples.add(src_lines, tgt_lines)
+    return samples.train()

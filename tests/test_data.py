@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from seq2seq.data import TokenBucketBatchSampler, load_files, load_synthetic
 from seq2seq.data.corpora import read_parallel_files
-from seq2seq.tokenization import EOS_ID, PAD_ID, SubwordSettings, train_or_load
+from seq2seq.tokenization import EOS_ID, PAD_ID, SubwordSettings, train_tokenizer
 
 
 def write(path, lines):
@@ -42,32 +42,11 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
         read_parallel_files(tmp_path / "bad.de", tmp_path / "ok.en")
 
 
-def test_sentencepiece_is_reused_from_cache(tmp_path, caplog):
-    corpus = load_synthetic("copy", 20, 2, 6, {"train": 300, "valid": 5, "test": 5}, seed=1)
-    settings = SubwordSettings(vocab_size=30, model_type="word")
-    caplog.set_level(logging.INFO, logger="seq2seq.tokenization")
-    first = train_or_load(corpus.train.src, corpus.train.tgt, settings, tmp_path)
-    models = list(tmp_path.rglob("*.model"))
-    stamps = [m.stat().st_mtime_ns for m in models]
-    second = train_or_load(corpus.train.src, corpus.train.tgt, settings, tmp_path)
-    assert "Reusing cached sentencepiece" in caplog.text
-    assert [m.stat().st_mtime_ns for m in models] == stamps
-    assert second.state_dict() == first.state_dict()
-    # Other settings, or other data, give another model.
-    train_or_load(
-        corpus.train.src,
-        corpus.train.tgt,
-        SubwordSettings(vocab_size=30, model_type="word", joint=False),
-        tmp_path,
-    )
-    assert len(list(tmp_path.rglob("*.model"))) == 3
-
-
 def test_separate_vocabularies(tmp_path):
     corpus = load_synthetic("copy", 20, 2, 6, {"train": 300, "valid": 5, "test": 5}, seed=1)
     tgt = [line.upper() for line in corpus.train.tgt]
-    tokenizer = train_or_load(
-        corpus.train.src, tgt, SubwordSettings(vocab_size=30, model_type="word", joint=False), tmp_path
+    tokenizer = train_tokenizer(
+        corpus.train.src, tgt, SubwordSettings(vocab_size=30, model_type="word", joint=False)
     )
     assert not tokenizer.joint
     assert tokenizer.decode_tgt(tokenizer.encode_tgt(["W3 W4"])) == ["W3 W4"]

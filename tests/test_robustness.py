@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from seq2seq.data import TranslationDataModule, load_synthetic
 from seq2seq.precision import resolve_trainer_precision
 from seq2seq.search import DecodingSettings
-from seq2seq.tokenization import SubwordSettings, train_or_load
+from seq2seq.tokenization import SubwordSettings, train_tokenizer
 from seq2seq.training import train
 from seq2seq.translator import Translator, translate_file
 from tests.conftest import tiny_model
@@ -38,14 +38,13 @@ NAN_AT_BATCH_3 = ["+callbacks.nan._target_=tests.fault_callbacks.NanAtBatch", "+
 
 
 @pytest.fixture(scope="module")
-def random_translator(tmp_path_factory) -> Translator:
+def random_translator() -> Translator:
     """An untrained model with a real sentencepiece model: what it outputs does not matter here."""
     corpus = load_synthetic("copy", 8, 2, 6, {"train": 300, "valid": 5, "test": 5}, seed=1)
-    tokenizer = train_or_load(
+    tokenizer = train_tokenizer(
         corpus.train.src,
         corpus.train.tgt,
         SubwordSettings(vocab_size=12, model_type="word"),
-        tmp_path_factory.mktemp("spm"),
     )
     return Translator(tiny_model(), tokenizer, max_src_len=16)
 

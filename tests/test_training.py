@@ -17,7 +17,7 @@ from seq2seq.averaging import average_checkpoints
 from seq2seq.checkpoints import load_module
 from seq2seq.data import load_synthetic
 from seq2seq.search import DecodingSettings, output_limits
-from seq2seq.tokenization import BOS_ID, EOS_ID, SubwordSettings, train_or_load
+from seq2seq.tokenization import BOS_ID, EOS_ID, SubwordSettings, train_tokenizer
 from seq2seq.training import train
 from seq2seq.translator import Translator
 from tests.conftest import tiny_model
@@ -261,7 +261,7 @@ def test_ensemble_of_different_checkpoints_decodes_with_the_mean_of_log_probabil
 def test_ensembles_and_averages_need_one_vocabulary(lone_checkpoint, tmp_path):
     corpus = load_synthetic("copy", 30, 2, 6, {"train": 300, "valid": 5, "test": 5}, seed=3)
     settings = SubwordSettings(vocab_size=40, model_type="word")
-    other = train_or_load(corpus.train.src, corpus.train.tgt, settings, tmp_path)
+    other = train_tokenizer(corpus.train.src, corpus.train.tgt, settings)
     checkpoint = torch.load(lone_checkpoint, weights_only=False)
     checkpoint["tokenizer"] = other.state_dict()
     foreign = tmp_path / "other_vocabulary.ckpt"
