@@ -7,14 +7,11 @@ A trained :class:`Tokenizer` serializes to bytes, so checkpoints carry it and ne
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import sentencepiece as spm
-
-log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
