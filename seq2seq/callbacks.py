@@ -1,9 +1,11 @@
-"""Callbacks of a training run: progress for log files, FLOP counts, and a checkpoint on stopping."""
+"""Callbacks of a training run: progress for log files, FLOP counts and throughput, a checkpoint on
+stopping, and the best checkpoint carried into a resumed run."""
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -135,3 +138,61 @@ class InterruptionCheckpoint(L.Callback):
             return
         if trainer.is_global_zero:
             log.warning("%s %s: saved %s; resume with ckpt_path=%s", reason, where, path, path)
+
+
+class ThroughputMonitor(LightningThroughputMonitor):
+    """Lightning's callback, timing only the batches whose logs are written.
+
+    Lightning synchronises CUDA after every batch so that its clock reads the GPU's progress, which
+    stalls the host's queue each step. Here every batch is counted, but the clock is read (after that
+    synchronisation) only on logging steps (``trainer.log_every_n_steps``), so each rate spans whole
+    logging intervals: ``window_size`` of them.
+    """
+
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        if trainer._logger_connector.should_update_logs:
+            super()._update(trainer, pl_module, batch, iter_num)
+            return
+        stage = trainer.state.stage
+        if self.length_fn is not None:
+            self._lengths[stage] += self.length_fn(batch)
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._batches[stage] += 1
+
+
+class CarryBestCheckpoint(L.Callback):
+    """A run resumed into a new run directory keeps competing with the best checkpoint of the run it resumes.
+
+    Lightning restores a checkpoint callback's best score only if its folder did not change; otherwise
+    the next validation would become "best" whatever its score, and the test split would be scored with
+    a worse model than the run already had. So the best checkpoint is copied into the new folder and the
+    callback state points at the copy: later validations compete with it, and the test scores are those of
+    the best model of the whole run. The old run directory is left as it was.
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get("callbacks", {})
+        for callback in trainer.checkpoint_callbacks:
+            state = states.get(callback.state_key)
+            if not state or state.get("dirpath") in (None, callback.dirpath):
+                continue  # not saved, or resumed in the same folder: Lightning restores it all
+            best, score = state.get("best_model_path"), state.get("best_model_score")
+            state.update(
+                dirpath=callback.dirpath, best_model_path="", kth_best_model_path="", last_model_path=""
+            )
+            state["best_k_models"] = {}
+            if not callback.monitor or not best or score is None:
+                continue
+            if not Path(best).is_file():
+                log.warning(
+                    "The best checkpoint of the resumed run, %s, is gone: its score is forgotten", best
+                )
+                state["best_model_score"] = None
+                continue
+            copy = Path(callback.dirpath) / Path(best).name
+            if trainer.is_global_zero:
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(best, copy)
+            state.update(best_model_path=str(copy), kth_best_model_path=str(copy), kth_value=score)
+            state["best_k_models"] = {str(copy): score}
+            log.info("Resumed with the best checkpoint so far: %s (%s %.2f)", copy, callback.monitor, score)

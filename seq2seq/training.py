@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from seq2seq.callbacks import CarryBestCheckpoint
 from seq2seq.checkpoints import read_checkpoint
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
@@ -216,44 +217,6 @@ def save_last_checkpoint(trainer: L.Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if getattr(callback, "save_last", False):
             trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
-
-
-class CarryBestCheckpoint(L.Callback):
-    """A run resumed into a new run directory keeps competing with the best checkpoint of the run it resumes.
-
-    Lightning restores a checkpoint callback's best score only if its folder did not change; otherwise
-    the next validation would become "best" whatever its score, and the test split would be scored with
-    a worse model than the run already had. So the best checkpoint is copied into the new folder and the
-    callback state points at the copy: later validations compete with it, and the test scores are those of
-    the best model of the whole run. The old run directory is left as it was.
-    """
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        states = checkpoint.get("callbacks", {})
-        for callback in trainer.checkpoint_callbacks:
-            state = states.get(callback.state_key)
-            if not state or state.get("dirpath") in (None, callback.dirpath):
-                continue  # not saved, or resumed in the same folder: Lightning restores it all
-            best, score = state.get("best_model_path"), state.get("best_model_score")
-            state.update(
-                dirpath=callback.dirpath, best_model_path="", kth_best_model_path="", last_model_path=""
-            )
-            state["best_k_models"] = {}
-            if not callback.monitor or not best or score is None:
-                continue
-            if not Path(best).is_file():
-                log.warning(
-                    "The best checkpoint of the resumed run, %s, is gone: its score is forgotten", best
-                )
-                state["best_model_score"] = None
-                continue
-            copy = Path(callback.dirpath) / Path(best).name
-            if trainer.is_global_zero:
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(best, copy)
-            state.update(best_model_path=str(copy), kth_best_model_path=str(copy), kth_value=score)
-            state["best_k_models"] = {str(copy): score}
-            log.info("Resumed with the best checkpoint so far: %s (%s %.2f)", copy, callback.monitor, score)
 
 
 def log_run_start(cfg: DictConfig, tokenizer: Tokenizer, parameters: int) -> None:

@@ -20,9 +20,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
+from seq2seq.callbacks import ThroughputMonitor
 from seq2seq.data.batching import EncodedSplit, batch_size, target_tokens
 from seq2seq.module import TranslationModule, is_logging_step
-from seq2seq.throughput import ThroughputMonitor
 from seq2seq.training import train
 from seq2seq.translator import Translator
 from tests.test_training import QUIET
