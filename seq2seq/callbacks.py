@@ -46,11 +46,14 @@ class ProgressLog(L.Callback):
         self.started = self.last_time = time.perf_counter()
         self.first_step = self.last_step = trainer.global_step
         self.tokens = 0
+        self.total_tokens = 0  # this process's target tokens, for the run's mean rate (sweep summaries)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Batch, batch_idx: int
     ) -> None:
-        self.tokens += target_tokens(batch)
+        tokens = target_tokens(batch)
+        self.tokens += tokens
+        self.total_tokens += tokens
         now = time.perf_counter()
         if not self.plain:
             left = self.time_left(trainer, now)

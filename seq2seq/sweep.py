@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.csv"
 COLUMNS = (
-    "trial", "status", "val_bleu", "test_bleu", "train_minutes", "parameters", "checkpoint",
+    "trial", "status", "val_bleu", "test_bleu", "train_minutes", "steps", "tokens_per_second", "parameters",
+    "checkpoint",
     "overrides",  # the swept keys' values only
     "error",
 )  # fmt: skip
@@ -90,16 +91,25 @@ def write_summary(sweep_dir: str | Path, swept: set[str] | None = None) -> list[
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
-    header = (
-        f"{'trial':>5}  {'status':<11}  {'val BLEU':>8}  {'test BLEU':>9}  {'minutes':>7}  {'parameters':>11}"
-    )
-    lines = [f"{header}  swept values"]
+    """The summary as a text table; tokens/s shows a trial that other work on the machine slowed down."""
+    header = f"{'trial':>5}  {'status':<11}  {'val BLEU':>8}  {'test BLEU':>9}  {'minutes':>7}  {'steps':>6}"
+    lines = [f"{header}  {'tokens/s':>8}  {'parameters':>11}  swept values"]
+
+    def shown(value: Any, spec: str, width: int) -> str:
+        return f"{value:{spec}}".rjust(width) if isinstance(value, int | float) else "-".rjust(width)
+
     for row in rows:
-        val, test = (f"{row[k]:.2f}" if isinstance(row[k], float) else "-" for k in ("val_bleu", "test_bleu"))
-        minutes = f"{row['train_minutes']:.1f}" if isinstance(row["train_minutes"], float) else "-"
-        params = f"{row['parameters']:,}" if isinstance(row["parameters"], int) else "-"
+        numbers = "  ".join(
+            (
+                shown(row["val_bleu"], ".2f", 8),
+                shown(row["test_bleu"], ".2f", 9),
+                shown(row["train_minutes"], ".1f", 7),
+                shown(row["steps"], ",", 6),
+                shown(row["tokens_per_second"], ",.0f", 8),
+                shown(row["parameters"], ",", 11),
+            )
+        )
         detail = row["overrides"] + (f"  [{row['error']}]" if row["error"] else "")
-        numbers = f"{val:>8}  {test:>9}  {minutes:>7}  {params:>11}"
         lines.append(f"{row['trial']:>5}  {row['status']:<11}  {numbers}  {detail}")
     return "\n".join(lines)
 

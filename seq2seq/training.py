@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq.callbacks import CarryBestCheckpoint
+from seq2seq.callbacks import CarryBestCheckpoint, ProgressLog
 from seq2seq.checkpoints import read_checkpoint
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
@@ -170,17 +170,21 @@ def train(cfg: DictConfig) -> float:
     best_bleu = float(checkpoint.best_model_score)
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
     if trainer.is_global_zero:
-        # On the device that trained (a GPU decodes many times faster than the CPU).
-        translator = Translator.from_checkpoint(
-            checkpoint.best_model_path, trainer.strategy.root_device, cfg.evaluate.precision
-        )
         tuned, test_bleu = {}, None
-        if decoding.alpha == AUTO and decoding.beam > 1:  # greedy search has no use for a length penalty
+        # Greedy search has no use for a length penalty; without test scoring there is nothing to tune it for.
+        tune_alpha = decoding.alpha == AUTO and decoding.beam > 1 and cfg.evaluate.test
+        score_test = cfg.evaluate.test and "test" in datamodule.texts
+        if tune_alpha or score_test:
+            # On the device that trained (a GPU decodes many times faster than the CPU).
+            translator = Translator.from_checkpoint(
+                checkpoint.best_model_path, trainer.strategy.root_device, cfg.evaluate.precision
+            )
+        if tune_alpha:
             choice = choose_alpha(translator, datamodule, decoding, cfg.evaluate.alpha_grid)
             store_alpha(checkpoint.best_model_path, choice)
             translator.alpha = choice.alpha
             tuned = {"alpha": choice.alpha, "alpha_bleu": choice.bleu, "alpha_seconds": choice.seconds}
-        if "test" in datamodule.texts:
+        if score_test:
             report = evaluate_test(translator, datamodule, output_dir, decoding)
             test_bleu = report.scores.bleu
             print(
@@ -188,13 +192,18 @@ def train(cfg: DictConfig) -> float:
                 f" alpha {translator.settings(decoding).alpha}, {translator.precision},"
                 f" checkpoint {checkpoint.best_model_path}:\n{report}"
             )
+        progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(
             output_dir,
             status="ok",
             val_bleu=best_bleu,
             test_bleu=test_bleu,
             train_minutes=train_minutes,
+            steps=trainer.global_step,
+            # Per process; a trial slowed by other work on the machine shows here.
+            tokens_per_second=progress.total_tokens / (train_minutes * 60) if progress else None,
             parameters=parameters,
+            precision=str(trainer.precision),
             checkpoint=checkpoint.best_model_path,
             **tuned,
         )
