@@ -1,13 +1,14 @@
 """Encoded splits, padded batches, and the token-budget batch sampler with length bucketing.
 
-Everything here works on numpy arrays (memory-mapped from the prepared cache in training runs), so
-a split of 10M pairs costs its DataLoader workers and DDP processes no private copy, and an epoch's
-batches are planned with a few vectorized sorts.
+Everything here works on numpy arrays: a split's lengths, from which an epoch's batches are planned
+with a few vectorized sorts, and its ids, read a batch at a time from the prepared cache in training
+runs, so that a split of 10M pairs costs a process 8 bytes a pair, its DataLoader workers and DDP
+processes no private copy of the ids.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,72 +58,98 @@ def pad(sequences: Sequence[Sequence[int]], prefix: int | None = None, suffix: i
     return out
 
 
-def map_array(path: Path, dtype: Any, count: int) -> np.ndarray:
-    """``count`` values of ``dtype`` in ``path``, memory-mapped read-only (an empty file maps to [])."""
-    if count == 0:
-        return np.zeros(0, dtype)
-    with path.open("rb") as stream:  # the mapping outlives the file descriptor
-        mapping = mmap.mmap(stream.fileno(), 0, prot=mmap.PROT_READ)
-    return np.frombuffer(mapping, dtype=dtype, count=count)
-
-
-def unmap_pages(array: np.ndarray) -> None:
-    """Drop ``array``'s pages from this process's page tables if it is memory-mapped (see map_array).
-
-    The pages stay in the OS page cache, shared with every other process; touching them again is a
-    minor fault. Without this, each process maps every page it has ever read (and the kernel maps
-    neighbours along with each), so its resident and unique memory grow with the corpus.
-    """
-    if isinstance(array.base, memoryview) and isinstance(array.base.obj, mmap.mmap):
-        array.base.obj.madvise(mmap.MADV_DONTNEED)
+def every_nth(path: Path, count: int, n: int, chunk: int = 1 << 20) -> np.ndarray:
+    """Values 0, n, 2n, ... of the ``count`` int64 values in ``path``, read a chunk at a time."""
+    chunk -= chunk % n  # so that each chunk starts at a multiple of n
+    parts = []
+    with path.open("rb") as stream:
+        for first in range(0, count, chunk):
+            values = np.fromfile(stream, np.int64, count=min(chunk, count - first))
+            if len(values) < min(chunk, count - first):
+                raise ValueError(f"{path}: {first + len(values)} values, expected {count}")
+            parts.append(values[::n])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 class RaggedIds:
     """Id sequences of varying length stored flat: sequence i is ``ids[offsets[i]:offsets[i + 1]]``.
 
-    ``ids``, ``offsets`` and ``lengths`` are numpy arrays, memory-mapped when the sequences come from
-    the prepared cache (``source`` then says where); pickling such an instance (for spawned DataLoader
-    workers) sends where they are, not the data.
+    Either in memory (:meth:`from_lists`) or in a prepared cache folder (:meth:`open`). From the cache,
+    each sequence is read with ``pread``: from the OS page cache, which every process shares (DDP ranks,
+    DataLoader workers, later runs), without mapping the file into this process. A memory map made each
+    process's unique memory grow with the cache pages it had touched (the kernel maps whole page-cache
+    folios, up to megabytes, per read). In memory are only the lengths (4 bytes a sequence) and every
+    ``BLOCK``-th offset: a sequence starts at its block's offset plus the lengths before it in the block.
+    Pickling one read from the cache (for spawned DataLoader workers) sends where it is, not the data.
     """
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, source: tuple | None = None) -> None:
-        if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(ids):
-            raise ValueError(f"offsets do not match the {len(ids)} ids")
-        self.ids, self.offsets, self.source = ids, offsets, source
-        self.lengths = np.diff(offsets).astype(np.int32) if source is None else None
+    BLOCK = 64
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        block_offsets: np.ndarray,
+        ids: np.ndarray | None,
+        source: tuple | None = None,
+    ) -> None:
+        self.lengths, self.block_offsets, self.ids, self.source = lengths, block_offsets, ids, source
+        if ids is None:  # read from the cache: source is (folder, name, id_type, count, tokens)
+            folder, name, id_type, _, tokens = source
+            self.path = folder / f"{name}.ids"
+            self.id_type = np.dtype(id_type)
+            self.file = self.path.open("rb")  # pread needs no seek: forked workers may share it
+            size = os.fstat(self.file.fileno()).st_size
+            if size != tokens * self.id_type.itemsize:
+                raise ValueError(f"{self.path}: {size} bytes, expected {tokens} ids of {self.id_type}")
 
     @classmethod
     def from_lists(cls, sequences: Sequence[Sequence[int]]) -> RaggedIds:
-        lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+        lengths = np.fromiter(map(len, sequences), dtype=np.int32, count=len(sequences))
         ids = np.fromiter((i for seq in sequences for i in seq), dtype=np.int32, count=int(lengths.sum()))
-        return cls(ids, np.concatenate([[0], np.cumsum(lengths)]))
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        return cls(lengths, offsets[:: cls.BLOCK].copy(), ids)
 
     @classmethod
     def open(cls, folder: Path, name: str, id_type: np.dtype, count: int, tokens: int) -> RaggedIds:
-        """Memory-map the ``count`` sequences (``tokens`` ids) of ``name`` in a prepared cache folder."""
-        ids = map_array(folder / f"{name}.ids", id_type, tokens)
-        offsets = map_array(folder / f"{name}.offsets", np.int64, count + 1)
-        ragged = cls(ids, offsets, source=(folder, name, id_type, count, tokens))
-        ragged.lengths = map_array(folder / f"{name}.lengths", np.int32, count)
-        return ragged
+        """The ``count`` sequences (``tokens`` ids) of ``name`` in a prepared cache folder."""
+        lengths = np.fromfile(folder / f"{name}.lengths", np.int32, count=count)
+        if len(lengths) != count:
+            raise ValueError(f"{folder / name}.lengths: {len(lengths)} lengths, expected {count}")
+        block_offsets = every_nth(folder / f"{name}.offsets", count + 1, cls.BLOCK)
+        return cls(lengths, block_offsets, None, source=(folder, name, id_type, count, tokens))
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.lengths)
+
+    def starts(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices),) int64: where each sequence's ids begin in the flat array."""
+        indices = np.asarray(indices, dtype=np.int64)
+        first = indices - indices % self.BLOCK
+        columns = np.arange(self.BLOCK)
+        block = np.minimum(first[:, None] + columns, len(self.lengths) - 1)  # past the end: masked below
+        before = np.where(columns < (indices - first)[:, None], self.lengths[block], 0).sum(axis=1)
+        return self.block_offsets[indices // self.BLOCK] + before
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """The ``length`` ids from position ``start`` of the flat array."""
+        if self.ids is not None:
+            return self.ids[start : start + length]
+        size = self.id_type.itemsize
+        data = os.pread(self.file.fileno(), length * size, start * size)
+        if len(data) != length * size:
+            raise ValueError(f"{self.path}: ended before id {start + length} (the file changed?)")
+        return np.frombuffer(data, self.id_type)
 
     def __getitem__(self, index: int) -> list[int]:
-        return self.ids[self.offsets[index] : self.offsets[index + 1]].tolist()
+        return self.read(int(self.starts(np.array([index]))[0]), int(self.lengths[index])).tolist()
 
     def padded(self, indices: np.ndarray, width: int) -> np.ndarray:
         """(len(indices), width) int64 ids of the given sequences, PAD_ID after each one's end."""
-        lengths = np.asarray(self.lengths[indices], dtype=np.int64)
-        columns = np.arange(width)
-        real = columns < lengths[:, None]
-        positions = np.where(real, np.asarray(self.offsets[indices], dtype=np.int64)[:, None] + columns, 0)
-        return np.where(real, self.ids[positions], PAD_ID).astype(np.int64)
-
-    def unmap_pages(self) -> None:
-        for array in (self.ids, self.offsets, self.lengths):
-            unmap_pages(array)
+        out = np.full((len(indices), width), PAD_ID, dtype=np.int64)
+        lengths = self.lengths[indices].tolist()
+        for row, (start, length) in enumerate(zip(self.starts(indices).tolist(), lengths, strict=True)):
+            out[row, :length] = self.read(start, length)
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         if self.source is None:
@@ -139,14 +166,8 @@ class RaggedIds:
 class EncodedSplit(Dataset):
     """Subword ids of one split. Items are indices; :meth:`collate` builds the padded :class:`Batch`.
 
-    ``src_ids`` and ``tgt_ids`` are :class:`RaggedIds` (lists of id lists are converted). After every
-    ``UNMAP_AFTER_PAIRS`` pairs it collates, a process drops the memory-mapped pages it has read from its
-    page tables, so its memory stays flat however large the corpus (the pages stay in the shared page
-    cache). The kernel maps up to 64 KB around each page a process reads, so what stays mapped is
-    bounded by about that many pairs x 64 KB per side.
+    ``src_ids`` and ``tgt_ids`` are :class:`RaggedIds` (lists of id lists are converted).
     """
-
-    UNMAP_AFTER_PAIRS = 2048
 
     def __init__(
         self, src_ids: RaggedIds | Sequence[Sequence[int]], tgt_ids: RaggedIds | Sequence[Sequence[int]]
@@ -155,7 +176,6 @@ class EncodedSplit(Dataset):
         self.tgt_ids = tgt_ids if isinstance(tgt_ids, RaggedIds) else RaggedIds.from_lists(tgt_ids)
         if len(self.src_ids) != len(self.tgt_ids):
             raise ValueError(f"{len(self.src_ids)} source but {len(self.tgt_ids)} target sequences")
-        self.collated = 0  # pairs collated by this process since it last dropped its mapped pages
 
     def __len__(self) -> int:
         return len(self.src_ids)
@@ -174,11 +194,6 @@ class EncodedSplit(Dataset):
         return self.tgt_ids.lengths + 1
 
     def collate(self, indices: Sequence[int]) -> Batch:
-        self.collated += len(indices)
-        if self.collated >= self.UNMAP_AFTER_PAIRS:
-            self.src_ids.unmap_pages()
-            self.tgt_ids.unmap_pages()
-            self.collated = 0
         rows = np.asarray(indices, dtype=np.int64)
         src_lengths = np.asarray(self.src_ids.lengths[rows], dtype=np.int64)
         tgt_lengths = np.asarray(self.tgt_ids.lengths[rows], dtype=np.int64)

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import socket
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seq2seq.data.batching import EncodedSplit, RaggedIds, map_array
+from seq2seq.data.batching import EncodedSplit, RaggedIds
 from seq2seq.data.corpora import SPLITS, Corpus
 from seq2seq.tokenization import SubwordSamples, SubwordSettings, Tokenizer
 
@@ -183,6 +184,15 @@ def build(corpus: Corpus, settings: SubwordSettings, max_len: int, folder: Path)
         json.dump(manifest, out, indent=1)
         out.flush()
         os.fsync(out.fileno())
+
+
+def map_array(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    """``count`` values of ``dtype`` in ``path``, memory-mapped read-only (an empty file maps to [])."""
+    if count == 0:
+        return np.zeros(0, dtype)
+    with path.open("rb") as stream:  # the mapping outlives the file descriptor
+        mapping = mmap.mmap(stream.fileno(), 0, prot=mmap.PROT_READ)
+    return np.frombuffer(mapping, dtype=dtype, count=count)
 
 
 class SplitWriter:
