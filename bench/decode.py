@@ -14,7 +14,8 @@ the first only). The test split is rebuilt from the checkpoint's own data config
 split the model was scored on. Then, on the validation split, what choosing alpha from
 ``--alpha-grid`` costs (one beam search rescored for every alpha, as training does) against one
 beam search decoding of that split and against decoding it once per alpha, with a check that the
-choice's translations are those of a beam search with the chosen alpha. ``--skip-speed`` runs only that.
+choice's translations are those of a beam search with the chosen alpha. ``--skip-speed`` runs only that,
+``--skip-alpha`` all but that.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=DEFAULTS.batch_tokens)
     parser.add_argument("--alpha-grid", type=float, nargs="+", default=[0.6, 1.0, 1.5, 2.0])
     parser.add_argument("--skip-speed", action="store_true", help="measure only the cost of alpha=auto")
+    parser.add_argument("--skip-alpha", action="store_true", help="measure only the speed")
     parser.add_argument("--repeats", type=int, default=3, help="batched runs, the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
@@ -132,7 +134,8 @@ def main() -> None:
     beam = translator.settings(beam=args.beam, alpha=alpha, batch_tokens=args.batch_tokens)
     if not args.skip_speed:
         speed(args, corpus.test, beam, peak, how)
-    alpha_cost(translator, corpus.valid, beam, args.alpha_grid, args.limit)
+    if not args.skip_alpha:
+        alpha_cost(translator, corpus.valid, beam, args.alpha_grid, args.limit)
 
 
 def speed(args: argparse.Namespace, test, beam: DecodingSettings, peak: float, how: str) -> None:
