@@ -113,6 +113,8 @@ def measure_loader(overrides: list[str], batches: int, cache: Path) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    import seq2seq  # noqa: F401  (registers decoding/base, which the config composes)
+
     imported = time.time()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["paths.output_dir=/tmp/seq2seq_data_scale/run", *overrides])
