@@ -195,8 +195,8 @@ def alpha_cost(translator: Translator, valid, beam: DecodingSettings, grid: list
     once = {}
     for alpha in grid:
         started = time.perf_counter()
-        once[alpha] = translator.translate(sources, **{**dataclasses.asdict(beam), "alpha": alpha})
-        once[alpha] = (once[alpha], time.perf_counter() - started)
+        texts = translator.translate(sources, **{**dataclasses.asdict(beam), "alpha": alpha})
+        once[alpha] = (texts, time.perf_counter() - started)
     beam_seconds = statistics.median(seconds for _, seconds in once.values())
     print(f"{'one beam search decoding (median of the grid)':<48}{beam_seconds:>8.1f} s")
     print(f"{'alpha=auto (one search, rescored per alpha)':<48}{choice.seconds:>8.1f} s")
