@@ -12,15 +12,17 @@ process so that nothing is shared by accident:
 2. start-up from the cache, in a fresh process: compose the config, check and open the cache, plan
    the epoch, get the first batch (seconds from process start, imports included, and without them);
 3. the DataLoader's batches/s over the epoch's first ``--batches`` batches, with ``data.num_workers``
-   0 and 2, then the peak unique memory (USS) of the process and of each worker over as many batches
-   again (sampled every 20 batches);
+   0 and 2: from a cold page cache (the cache's pages dropped first, as on a node that has not read
+   it since it was written) while the data module's read-ahead fills it, then over as many batches
+   once the read-ahead is done; then the peak unique memory (USS) of the process and of each worker
+   over as many batches again (sampled every 20 batches);
 4. USS of one training process and of each of 2 CPU DDP processes (``train.py`` with ``model=tiny``,
    ``--steps`` steps), measured at the end of training.
 
-USS (private pages, from /proc/PID/smaps) counts the pages of the memory-mapped cache that only this
-process has mapped (clean, file-backed: the kernel can drop them and shares them with any other
-process that maps them); each figure is printed with that part and the anonymous memory. Anonymous
-memory shared with forked workers is not unique, so USS can be below the anonymous figure.
+USS (private pages, from /proc/PID/smaps) would count pages of the cache mapped into the process
+(none are: batches read the ids with pread); each figure is printed with that part and the anonymous
+memory. Anonymous memory shared with forked workers is not unique, so USS can be below the anonymous
+figure.
 """
 
 from __future__ import annotations
@@ -107,14 +109,26 @@ class RecordMemory(L.Callback):
         Path(f"{self.path}.rank{trainer.global_rank}").write_text(json.dumps(record))
 
 
+def evict(folder: Path) -> None:
+    """Drop the page-cache pages of the files under ``folder``: reads then go to the disk, as on a node
+    that has not read the cache since it was written."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(descriptor)
+
+
 def measure_loader(overrides: list[str], batches: int, cache: Path) -> None:
-    """Runs in its own process: start-up from the cache, then the loader's first ``batches`` batches."""
+    """Runs in its own process: start-up from the cache, then the loader's first ``batches`` batches
+    from a cold page cache (while the read-ahead fills it), then as many once the read-ahead is done."""
     import psutil
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     import seq2seq  # noqa: F401  (registers decoding/base, which the config composes)
 
+    evict(cache)
     imported = time.time()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["paths.output_dir=/tmp/seq2seq_data_scale/run", *overrides])
@@ -125,12 +139,19 @@ def measure_loader(overrides: list[str], batches: int, cache: Path) -> None:
     next(loader)
     ready = time.time()
     started = psutil.Process().create_time()
-    timed = time.perf_counter()
-    for _ in range(batches):
-        next(loader)
-    seconds = time.perf_counter() - timed
-    # Memory goes up and down (mapped pages are dropped every few thousand pairs): keep the peak of
-    # samples taken every 20 batches over as many batches again (not timed).
+
+    def batches_per_s() -> float:
+        timed = time.perf_counter()
+        for _ in range(batches):
+            next(loader)
+        return batches / (time.perf_counter() - timed)
+
+    cold = batches_per_s()
+    if datamodule.reading_ahead is not None:
+        datamodule.reading_ahead.join()
+    read_ahead_s = time.time() - ready
+    warm = batches_per_s()
+    # Peak memory of samples taken every 20 batches over as many batches again (not timed).
     children = psutil.Process().children()
     peak = {
         pid: dict.fromkeys(("uss_mb", "cache_pages_mb", "anonymous_mb"), 0.0)
@@ -147,7 +168,9 @@ def measure_loader(overrides: list[str], batches: int, cache: Path) -> None:
             {
                 "startup_s": ready - started,
                 "startup_after_imports_s": ready - imported,
-                "batches_per_s": batches / seconds,
+                "cold_batches_per_s": cold,
+                "read_ahead_done_s": read_ahead_s,
+                "warm_batches_per_s": warm,
                 "main": peak[os.getpid()],
                 "workers": [peak[child.pid] for child in children],
             }
@@ -251,10 +274,12 @@ def main() -> None:
         f"start-up from the cache: {loader[0]['startup_s']:.1f} s from process start"
         f" ({loader[0]['startup_after_imports_s']:.1f} s after imports), to the first batch"
     )
-    print(
-        f"loader: {loader[0]['batches_per_s']:,.0f} batches/s with 0 workers,"
-        f" {loader[2]['batches_per_s']:,.0f} with 2"
-    )
+    for workers, record in loader.items():
+        print(
+            f"loader, {workers} workers: {record['cold_batches_per_s']:,.0f} batches/s from a cold page"
+            f" cache (read-ahead done {record['read_ahead_done_s']:.1f} s after the first batch),"
+            f" {record['warm_batches_per_s']:,.0f} after"
+        )
     print("\n| process | USS MB | of which cache pages | anonymous MB |\n| --- | --- | --- | --- |")
     print(memory_line("loader only, 0 workers", loader[0]["main"]))
     print(memory_line("loader only, main of 2 workers", loader[2]["main"]))

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from seq2seq.data import EncodedSplit, ParallelFiles, RaggedIds
+from seq2seq.data.batching import read_ahead
 from seq2seq.data.prepared import stale_reason
 from seq2seq.tokenization import LineSample
 from tests.test_training import QUIET, REPO, run_script
@@ -242,3 +243,33 @@ def test_batches_read_from_the_cache_map_none_of_it_and_equal_the_encoding(compo
     # Read with pread through the page cache, which every process shares: nothing of the ids is
     # mapped into this process, so its unique memory does not grow with the pages it has read.
     assert mapped_kb(tmp_path / "cache") == 0
+
+
+def bytes_read() -> int:
+    """Bytes this process has read with read syscalls (from the disk or the page cache)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
+def test_training_setup_reads_the_training_ids_ahead_into_the_page_cache(compose_config, caplog):
+    datamodule = instantiate(compose_config("data=toy").data)
+    with caplog.at_level(logging.INFO, logger="seq2seq.data.batching"):
+        datamodule.setup("fit")
+        datamodule.reading_ahead.join()
+    assert "in the page cache after" in caplog.text
+    files = datamodule.splits["train"].cache_files()
+    assert [path.name for path in files] == ["train.src.ids", "train.tgt.ids"]
+    before = bytes_read()
+    read_ahead(files, available=1 << 30).join()
+    assert bytes_read() - before >= sum(path.stat().st_size for path in files)
+
+
+def test_read_ahead_is_skipped_when_the_files_would_not_fit(tmp_path, caplog):
+    ids = tmp_path / "train.src.ids"
+    ids.write_bytes(bytes(4096))
+    with caplog.at_level(logging.INFO, logger="seq2seq.data.batching"):
+        assert read_ahead([ids], available=8191) is None
+    assert "Not reading the training ids (0.0 GB) ahead" in caplog.text
+    assert read_ahead([ids], available=None) is None  # the OS does not say: no guess
+    assert read_ahead([], available=1 << 30) is None  # ids in memory: nothing to read
+    read_ahead([ids], available=8192).join()

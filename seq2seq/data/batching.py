@@ -8,7 +8,10 @@ processes no private copy of the ids.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +23,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from seq2seq.tokenization import BOS_ID, EOS_ID, PAD_ID
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +74,52 @@ def every_nth(path: Path, count: int, n: int, chunk: int = 1 << 20) -> np.ndarra
                 raise ValueError(f"{path}: {first + len(values)} values, expected {count}")
             parts.append(values[::n])
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def memory_available() -> int | None:
+    """Bytes the OS could give without swapping (``MemAvailable``), or None where it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def read_ahead(paths: list[Path], available: int | None) -> threading.Thread | None:
+    """Read ``paths`` once, in a background thread, so that the OS page cache holds them.
+
+    Batches read their sequences at random places; from a cold page cache each read waits on the disk
+    (150 batches/s instead of 1,900 at 10M pairs here, worse on network file systems), while one
+    sequential read fills the cache at the disk's full speed (4 s for 1.9 GB here). Skipped (None)
+    unless the files fit in half the ``available`` memory: reading more would evict what it read.
+    """
+    size = sum(path.stat().st_size for path in paths)
+    if not paths or available is None:
+        return None
+    if size > available // 2:
+        log.info(
+            "Not reading the training ids (%.1f GB) ahead: more than half the memory available (%.1f GB)",
+            size / 1e9, available / 1e9,
+        )  # fmt: skip
+        return None
+
+    def read() -> None:
+        started = time.perf_counter()
+        buffer = bytearray(1 << 24)
+        for path in paths:
+            with path.open("rb", buffering=0) as stream:
+                while stream.readinto(buffer):  # the GIL is released while the OS reads
+                    pass
+        log.info(
+            "Training ids (%.1f GB) in the page cache after %.1f s", size / 1e9, time.perf_counter() - started
+        )
+
+    thread = threading.Thread(target=read, name="read-ahead", daemon=True)
+    thread.start()
+    return thread
 
 
 class RaggedIds:
@@ -179,6 +230,10 @@ class EncodedSplit(Dataset):
 
     def __len__(self) -> int:
         return len(self.src_ids)
+
+    def cache_files(self) -> list[Path]:
+        """The files the ids are read from: none when they are in memory."""
+        return [ids.path for ids in (self.src_ids, self.tgt_ids) if ids.ids is None]
 
     def __getitem__(self, index: int) -> int:
         return index

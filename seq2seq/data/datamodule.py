@@ -1,9 +1,10 @@
 """The LightningDataModule: prepares the data once (sentencepiece and encoded ids, cached on disk),
-then memory-maps it and batches it."""
+then reads it from there and batches it."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from seq2seq.data.batching import EncodedSplit, TokenBucketBatchSampler
+from seq2seq.data.batching import EncodedSplit, TokenBucketBatchSampler, memory_available, read_ahead
 from seq2seq.data.corpora import Corpus, ParallelText
 from seq2seq.data.prepared import open_prepared, prepare
 from seq2seq.tokenization import SubwordSettings, Tokenizer
@@ -24,10 +25,11 @@ class TranslationDataModule(L.LightningDataModule):
 
     :meth:`prepare_data` builds the prepared cache (:mod:`seq2seq.data.prepared`) if no process has:
     sentencepiece trained on a seeded sample of the training split, every split encoded in chunks.
-    :meth:`setup` memory-maps it; every process (DDP ranks, DataLoader workers) shares the mapped
-    pages, and no split's ids are held in Python objects. ``texts[split]`` holds the raw text of the
-    kept pairs of each split the corpus holds in memory: validation and test always (BLEU needs
-    them), training too for the Bible and synthetic corpora, never for files.
+    :meth:`setup` opens it: batches read their ids from the OS page cache, which every process (DDP
+    ranks, DataLoader workers) shares, so no split's ids are held in Python objects; for training, one
+    process a node first reads the training ids into that cache in the background. ``texts[split]``
+    holds the raw text of the kept pairs of each split the corpus holds in memory: validation and
+    test always (BLEU needs them), training too for the Bible and synthetic corpora, never for files.
 
     Args:
         corpus: a callable returning the :class:`Corpus` (a Hydra ``_partial_`` of a reader).
@@ -88,6 +90,7 @@ class TranslationDataModule(L.LightningDataModule):
         self.splits: dict[str, EncodedSplit] = {}
         # Raw text of the kept pairs of the splits held in memory, aligned with ``self.splits``.
         self.texts: dict[str, ParallelText] = {}
+        self.reading_ahead: threading.Thread | None = None
 
     def prepare_data(self) -> None:
         """Build the prepared cache, unless it is up to date (then only check it)."""
@@ -115,6 +118,9 @@ class TranslationDataModule(L.LightningDataModule):
                     [text.src[i] for i in kept], [text.tgt[i] for i in kept], text.origin
                 )
             self._log_split(name, text.origin, split, prepared.counts[name])
+        # One process a node fills the page cache that the others, and their workers, read from.
+        if stage in (None, "fit") and (self.trainer is None or self.trainer.local_rank == 0):
+            self.reading_ahead = read_ahead(self.splits["train"].cache_files(), memory_available())
 
     def _log_split(self, name: str, origin: str, split: EncodedSplit, counts: dict[str, int]) -> None:
         """Say what was read, dropped and truncated, and how well the batches fill."""
