@@ -269,7 +269,7 @@ def test_read_ahead_is_skipped_when_the_files_would_not_fit(tmp_path, caplog):
     ids.write_bytes(bytes(4096))
     with caplog.at_level(logging.INFO, logger="seq2seq.data.batching"):
         assert read_ahead([ids], available=8191) is None
-    assert "Not reading the training ids (0.0 GB) ahead" in caplog.text
+    assert "Not reading the training ids (0 MB) ahead" in caplog.text
     assert read_ahead([ids], available=None) is None  # the OS does not say: no guess
     assert read_ahead([], available=1 << 30) is None  # ids in memory: nothing to read
     read_ahead([ids], available=8192).join()

@@ -101,8 +101,8 @@ def read_ahead(paths: list[Path], available: int | None) -> threading.Thread | N
         return None
     if size > available // 2:
         log.info(
-            "Not reading the training ids (%.1f GB) ahead: more than half the memory available (%.1f GB)",
-            size / 1e9, available / 1e9,
+            "Not reading the training ids (%.0f MB) ahead: more than half the memory available (%.0f MB)",
+            size / 1e6, available / 1e6,
         )  # fmt: skip
         return None
 
@@ -114,7 +114,7 @@ def read_ahead(paths: list[Path], available: int | None) -> threading.Thread | N
                 while stream.readinto(buffer):  # the GIL is released while the OS reads
                     pass
         log.info(
-            "Training ids (%.1f GB) in the page cache after %.1f s", size / 1e9, time.perf_counter() - started
+            "Training ids (%.0f MB) in the page cache after %.1f s", size / 1e6, time.perf_counter() - started
         )
 
     thread = threading.Thread(target=read, name="read-ahead", daemon=True)

@@ -1,5 +1,5 @@
 """The prepared data cache: the sentencepiece model(s) and the encoded ids of every split, built once
-and memory-mapped by every process (DDP ranks, DataLoader workers, later runs).
+and read by every process (DDP ranks, DataLoader workers, later runs) through the OS page cache.
 
 A cache folder, ``<cache_dir>/prepared/<key>/``, holds per split and side (fairseq's layout) a flat
 array of ids (``.ids``: uint16 when the vocabulary allows, else int32), their ``.offsets`` (int64,
@@ -242,7 +242,7 @@ class SplitWriter:
 
 @dataclass
 class PreparedData:
-    """A prepared cache, opened: the tokenizer, each split's memory-mapped ids and its counts."""
+    """A prepared cache, opened: the tokenizer, each split's ids (read from the cache) and its counts."""
 
     folder: Path
     tokenizer: Tokenizer
