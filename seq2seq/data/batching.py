@@ -96,9 +96,9 @@ def read_ahead(paths: list[Path], available: int | None) -> threading.Thread | N
     sequential read fills the cache at the disk's full speed (4 s for 1.9 GB here). Skipped (None)
     unless the files fit in half the ``available`` memory: reading more would evict what it read.
     """
-    size = sum(path.stat().st_size for path in paths)
     if not paths or available is None:
         return None
+    size = sum(path.stat().st_size for path in paths)
     if size > available // 2:
         log.info(
             "Not reading the training ids (%.0f MB) ahead: more than half the memory available (%.0f MB)",
