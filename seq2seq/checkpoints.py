@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from seq2seq.files import atomic_write
 
 if TYPE_CHECKING:
     import lightning as L
@@ -92,6 +93,5 @@ def store_alpha(path: str | Path, alpha: float, bleu_by_alpha: dict[float, float
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     checkpoint["hyper_parameters"]["decoding"]["alpha"] = alpha
     checkpoint["alpha_choice"] = {"alpha": alpha, "bleu_by_alpha": bleu_by_alpha}
-    partial = Path(f"{path}.part")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    with atomic_write(path) as file:
+        torch.save(checkpoint, file)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from tqdm import tqdm
 from seq2seq.checkpoints import load_module
 from seq2seq.data.collate import length_sorted_batches, pad
 from seq2seq.data.corpora import read_lines, read_text_lines
+from seq2seq.files import atomic_write
 from seq2seq.metrics import CorpusScores, corpus_scores
 from seq2seq.model import Ensemble, Seq2Seq
 from seq2seq.precision import decoding_autocast, resolve_decoding_precision
@@ -273,16 +272,12 @@ def translate_file(
     with contextlib.ExitStack() as stack:
         source = sys.stdin.buffer if input_path == "-" else stack.enter_context(open(input_path, "rb"))
         if output_path == "-":
-            sink, temporary = sys.stdout, None
+            sink = sys.stdout
         else:
             out_dir = Path(output_path).resolve().parent
             if not out_dir.is_dir():
                 raise FileNotFoundError(f"Output folder not found: {out_dir}")
-            sink = stack.enter_context(
-                tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out_dir, delete=False, suffix=".part")
-            )
-            temporary = Path(sink.name)
-            stack.callback(lambda: temporary.unlink(missing_ok=True))
+            sink = stack.enter_context(atomic_write(output_path, "w", encoding="utf-8"))
         bar = stack.enter_context(
             tqdm(total=total, unit="line", file=sys.stderr, disable=not progress, desc="Translating")
         )
@@ -303,9 +298,6 @@ def translate_file(
             count += len(chunk)
             bar.update(len(chunk))
         seconds = time.perf_counter() - started
-        if temporary is not None:
-            sink.close()
-            os.replace(temporary, output_path)
 
     scores = None
     if references is not None:

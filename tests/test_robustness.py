@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from seq2seq.averaging import average_checkpoints
 from seq2seq.data import TranslationDataModule, load_synthetic
 from seq2seq.precision import resolve_trainer_precision
 from seq2seq.search import DecodingSettings
@@ -85,6 +86,25 @@ def test_interrupted_translation_leaves_no_output_file(random_translator, tmp_pa
     with pytest.raises(ValueError, match=r"in\.txt, line 3: invalid UTF-8"):
         translate_file(random_translator, str(source), str(output), DecodingSettings(beam=1), chunk_lines=1)
     assert list(tmp_path.iterdir()) == [source]  # neither out.txt nor its temporary file
+
+
+@pytest.fixture
+def umask_027():
+    """The umask of a shared cluster's group: files we write must be group-readable under it."""
+    previous = os.umask(0o027)
+    yield 0o666 & ~0o027
+    os.umask(previous)
+
+
+def test_written_files_get_the_users_umask_not_private_modes(random_translator, tmp_path, umask_027):
+    source = write_lines(tmp_path / "in.txt", ["w1 w2", "w3"])
+    translate_file(random_translator, str(source), str(tmp_path / "out.txt"), progress=False)
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "tokenizer": None}, checkpoint)
+    average_checkpoints([checkpoint, checkpoint], tmp_path / "averaged.ckpt")
+    for name in ("out.txt", "averaged.ckpt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == umask_027, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged.ckpt", "in.txt", "model.ckpt", "out.txt"]
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
