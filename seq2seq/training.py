@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq.callbacks import CarryBestCheckpoint, ProgressLog
+from seq2seq.callbacks import CarryBestCheckpoint, FinalValidation, ProgressLog
 from seq2seq.checkpoints import check_resume_checkpoint, save_last_checkpoint
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
@@ -73,7 +74,10 @@ def train(cfg: DictConfig) -> float:
     precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     resolve_decoding_precision(cfg.evaluate.precision, "cpu", "evaluate.precision")  # checked early
     if cfg.get("ckpt_path"):
-        check_resume_checkpoint(cfg.ckpt_path)
+        max_time = cfg.trainer.get("max_time")  # "DD:HH:MM:SS", or a datetime.timedelta _target_
+        check_resume_checkpoint(
+            cfg.ckpt_path, instantiate(max_time) if isinstance(max_time, DictConfig) else max_time
+        )
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):  # "high": TF32 matrix products on GPUs that have them
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
@@ -102,11 +106,20 @@ def train(cfg: DictConfig) -> float:
     parameters = sum(p.numel() for p in module.parameters())
     log_run_start(cfg, tokenizer, parameters)
 
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    final_validation = FinalValidation()  # a best checkpoint even from a run shorter than val_check_interval
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [final_validation]
     if cfg.get("ckpt_path"):
         callbacks.append(CarryBestCheckpoint())
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
+    # A progress bar only in a terminal: in a log file, its frames are noise (ProgressLog writes lines there).
+    progress_bar = cfg.trainer.enable_progress_bar and sys.stdout.isatty()
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        precision=precision,
+        enable_progress_bar=progress_bar,
+    )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_minutes = (time.perf_counter() - started) / 60
@@ -130,6 +143,15 @@ def train(cfg: DictConfig) -> float:
             output_dir,
             decoding,
             cfg.evaluate,
+            final_validation.count,
+        )
+        log.info(
+            "Time by phase: validation %.0f s (%d validations while training), alpha tuning %s,"
+            " test decoding %s",
+            final_validation.seconds,
+            final_validation.count,
+            "-" if scores.get("alpha_seconds") is None else f"{scores['alpha_seconds']:.0f} s",
+            "-" if scores.get("test_seconds") is None else f"{scores['test_seconds']:.0f} s",
         )
         progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(

@@ -242,6 +242,19 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def _prompted(lines: Iterator[str], prompt: str) -> Iterator[str]:
+    """``lines``, with ``prompt`` written to stderr before each is read (none if it is empty)."""
+    while True:
+        if prompt:
+            print(prompt, end="", file=sys.stderr, flush=True)
+        line = next(lines, None)
+        if line is None:
+            if prompt:  # the report goes on a line of its own, not after the last prompt
+                print(file=sys.stderr)
+            return
+        yield line
+
+
 def translate_file(
     translator: Translator,
     input_path: str,
@@ -250,6 +263,7 @@ def translate_file(
     chunk_lines: int = 5000,
     ref_path: str | None = None,
     progress: bool = True,
+    prompt: str = "",
 ) -> FileReport:
     """Translate a file (``-`` is stdin/stdout) line by line, streaming ``chunk_lines`` at a time.
 
@@ -257,6 +271,8 @@ def translate_file(
     ``index ||| translation ||| score`` per input line, index counted from 0). A file output appears
     only when complete (written to a temporary file, then renamed). With ``ref_path``, scores the
     translations against it with sacrebleu (BLEU tokenized for the translator's target language).
+    ``prompt`` is written to stderr before each line is read (a terminal on stdin). The report's time is
+    the time spent translating, not waiting for input.
     """
     settings = translator.settings(settings)
     if input_path != "-" and not Path(input_path).is_file():
@@ -281,10 +297,11 @@ def translate_file(
         bar = stack.enter_context(
             tqdm(total=total, unit="line", file=sys.stderr, disable=not progress, desc="Translating")
         )
-        started = time.perf_counter()
+        seconds = 0.0
         count = tokens = 0
         kept: list[str] = []
-        for chunk in _chunks(read_text_lines(source, input_path), chunk_lines):
+        for chunk in _chunks(_prompted(read_text_lines(source, input_path), prompt), chunk_lines):
+            started = time.perf_counter()
             results = translator.translate_nbest(chunk, settings, first_line=count + 1)
             for offset, hyps in enumerate(results):
                 tokens += len(hyps[0][1].tokens)
@@ -295,9 +312,9 @@ def translate_file(
                 if references is not None:
                     kept.append(hyps[0][0])
             sink.flush()
+            seconds += time.perf_counter() - started
             count += len(chunk)
             bar.update(len(chunk))
-        seconds = time.perf_counter() - started
 
     scores = None
     if references is not None:
