@@ -29,6 +29,7 @@ from seq2seq.data import TranslationDataModule
 from seq2seq.metrics import check_bleu_tokenize
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
+from seq2seq.pruning import trial_pruning
 from seq2seq.search import AUTO, DecodingSettings
 from seq2seq.sweep import write_result
 from seq2seq.tokenization import Tokenizer
@@ -152,6 +153,8 @@ def train(cfg: DictConfig) -> float:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if cfg.get("ckpt_path"):
         callbacks.append(CarryBestCheckpoint())
+    if pruning := trial_pruning():  # a trial of hydra/sweeper=seq2seq: validations go to the study
+        callbacks.append(pruning)
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
     started = time.perf_counter()
@@ -172,8 +175,9 @@ def train(cfg: DictConfig) -> float:
     if trainer.is_global_zero:
         tuned, test_bleu = {}, None
         # Greedy search has no use for a length penalty; without test scoring there is nothing to tune it for.
-        tune_alpha = decoding.alpha == AUTO and decoding.beam > 1 and cfg.evaluate.test
-        score_test = cfg.evaluate.test and "test" in datamodule.texts
+        pruned = pruning is not None and pruning.pruned_at is not None  # nothing more to learn from it
+        tune_alpha = decoding.alpha == AUTO and decoding.beam > 1 and cfg.evaluate.test and not pruned
+        score_test = cfg.evaluate.test and "test" in datamodule.texts and not pruned
         if tune_alpha or score_test:
             # On the device that trained (a GPU decodes many times faster than the CPU).
             translator = Translator.from_checkpoint(
@@ -195,7 +199,7 @@ def train(cfg: DictConfig) -> float:
         progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(
             output_dir,
-            status="ok",
+            status="pruned" if pruned else "ok",
             val_bleu=best_bleu,
             test_bleu=test_bleu,
             train_minutes=train_minutes,
@@ -206,6 +210,7 @@ def train(cfg: DictConfig) -> float:
             precision=str(trainer.precision),
             checkpoint=checkpoint.best_model_path,
             **tuned,
+            **(pruning.record() if pruning else {}),
         )
     return best_bleu
 
