@@ -257,15 +257,24 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Optuna's failing of trials without a heartbeat (database storages with heartbeat_interval)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def fail_orphaned_trials(
     study: optuna.Study, spec: StudySpec, sweep_dir: Path, dead_workers: set[str] = frozenset()
 ) -> None:
     """Fail the running trials whose worker is gone: one of ``dead_workers``, or a process of this host
     that no longer exists (a command killed before). Database storages with a heartbeat also fail
     trials that stopped beating (on any host)."""
-    import optuna
-
-    optuna.storages.fail_stale_trials(study)
+    fail_stale_trials(study)
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(optuna_state("RUNNING"),)):
         worker = trial.user_attrs.get(WORKER)
@@ -327,9 +336,7 @@ class Worker:
         lock.acquire()
         try:
             if self.spec.heartbeat_interval:
-                import optuna
-
-                optuna.storages.fail_stale_trials(study)
+                fail_stale_trials(study)
             states = [t.state.name for t in study.get_trials(deepcopy=False)]
             claimed = sum(states.count(s) for s in ("COMPLETE", "PRUNED", "RUNNING"))
             max_failed = self.sweeper.max_failed_trials
