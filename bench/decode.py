@@ -30,6 +30,7 @@ import torch
 from flops import FlopCounter, peak_flops
 
 from seq2seq.data import EncodedSplit, TokenBucketBatchSampler, load_bible
+from seq2seq.evaluation import choose_alpha
 from seq2seq.flops import training_flops
 from seq2seq.metrics import corpus_scores
 from seq2seq.precision import DECODING_PRECISIONS
@@ -191,7 +192,7 @@ def alpha_cost(translator: Translator, valid, beam: DecodingSettings, grid: list
     print(
         f"\nalpha=auto on {len(sources)} validation sentences ({valid.origin}), beam {beam.beam}, grid {grid}"
     )
-    choice = translator.choose_alpha(sources, references, beam, grid)
+    choice = choose_alpha(translator, sources, references, beam, grid)
     once = {}
     for alpha in grid:
         started = time.perf_counter()

@@ -28,7 +28,8 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from seq2seq.data import TranslationDataModule
-from seq2seq.data.batching import Batch
+from seq2seq.data.collate import Batch
+from seq2seq.data.sampler import padding_efficiency
 from seq2seq.flops import training_flops
 from seq2seq.module import TranslationModule
 
@@ -156,7 +157,7 @@ def main() -> None:
         datamodule, cfg, clip = build(model_name, args.overrides)
         split = datamodule.splits["train"]
         epoch = datamodule._batch_sampler(split, "train").batches(epoch=0)
-        src_efficiency, tgt_efficiency = split.padding_efficiency(epoch)
+        src_efficiency, tgt_efficiency = padding_efficiency(split.src_lengths(), split.tgt_lengths(), epoch)
         batches = [split.collate(indices) for indices in epoch[: args.warmup + args.steps]]
         timed = batches[args.warmup :]
         tokens = sum(b.num_target_tokens for b in timed)

@@ -1,7 +1,9 @@
-"""Reading checkpoint files with errors that name the file."""
+"""Checkpoint files: reading them with errors that name the file, and the edits a run makes to them
+(``last.ckpt`` at the end of training, the chosen length penalty in the best checkpoint)."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from collections.abc import Sequence
@@ -9,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import lightning as L
     import torch
 
     from seq2seq.module import TranslationModule
@@ -55,3 +58,40 @@ def load_module(path: str | Path, device: str | torch.device = "cpu") -> Transla
         raise ValueError(
             f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})"
         ) from None
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """Fail clearly, before training starts, if ``ckpt_path`` is not a training checkpoint of ours."""
+    try:
+        read_checkpoint(path, required=("state_dict", "tokenizer", "loops"))
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"ckpt_path: {err}") from None
+
+
+def save_last_checkpoint(trainer: L.Trainer) -> None:
+    """Write ``last.ckpt`` now that training has ended (Lightning saves it at the end only if it never did).
+
+    When training ended with an epoch, the epoch loop still counts that epoch's batches; saved so, a
+    resumed run would find the next epoch already at its end, skip it, and draw the following epoch's
+    batch order. So the counts are first reset as Lightning resets them when an epoch starts.
+    """
+    from seq2seq.lightning_private import restart_finished_epoch
+
+    restart_finished_epoch(trainer)
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "save_last", False):
+            trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
+
+
+def store_alpha(path: str | Path, alpha: float, bleu_by_alpha: dict[float, float]) -> None:
+    """Write a chosen length penalty into a checkpoint's decoding settings (where translate.py's
+    ``alpha=auto`` finds it), with the BLEU of each alpha it was chosen from; the file is replaced
+    atomically."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["decoding"]["alpha"] = alpha
+    checkpoint["alpha_choice"] = {"alpha": alpha, "bleu_by_alpha": bleu_by_alpha}
+    partial = Path(f"{path}.part")
+    torch.save(checkpoint, partial)
+    os.replace(partial, path)

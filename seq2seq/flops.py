@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from seq2seq.data.batching import Batch
+from seq2seq.data.collate import Batch
 from seq2seq.model import Seq2Seq
 
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
-from seq2seq.data.batching import Batch
+from seq2seq.data.collate import Batch
+from seq2seq.lightning_private import should_update_logs
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores
 from seq2seq.model import Seq2Seq
+from seq2seq.precision import clip_gradients
 from seq2seq.search import DecodingSettings, decode
 from seq2seq.tokenization import PAD_ID, Tokenizer
 
@@ -152,7 +152,7 @@ class TranslationModule(L.LightningModule):
         else:
             self._window[1] = self._window[1] + tokens
             self._window[2] += 1
-        if is_logging_step(self.trainer):
+        if should_update_logs(self.trainer):
             self.log("train_loss", loss_sum / tokens, prog_bar=True, batch_size=batch.src.size(0))
             self.log("train_ppl", (nll_sum / tokens).exp(), batch_size=batch.src.size(0))
             self.log("train_skipped_steps", self._skipped + self._found_inf, reduce_fx="max")
@@ -191,16 +191,9 @@ class TranslationModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        if not gradient_clip_val:
-            return
-        # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales in its step
-        # (fused AdamW), under bf16-mixed too, where nothing is scaled. Under 16-mixed the gradients are
-        # unscaled here first (on the device; the scaler then skips it), so the plain clip is exact.
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # Lightning's default
-        Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, algorithm)
+        if gradient_clip_val:
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed's GradScaler
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm, scaler)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -327,8 +320,3 @@ def gather_dicts(local: dict[int, Any]) -> dict[int, Any]:
     parts: list[dict[int, Any] | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, local)
     return {key: value for part in parts for key, value in part.items()}
-
-
-def is_logging_step(trainer: L.Trainer) -> bool:
-    """Whether what this training batch logs is written (every ``trainer.log_every_n_steps`` steps)."""
-    return trainer._logger_connector.should_update_logs

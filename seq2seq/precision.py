@@ -1,4 +1,7 @@
-"""Numeric precision per host: bf16 on CPUs that run it natively, fp32 everywhere else.
+"""Numeric precision, in one place: which precision a run trains and decodes in, the gradient clipping
+rule that mixed precision needs with fused AdamW, and the autocast that decoding runs under.
+
+Per host: bf16 on CPUs that run it natively, fp32 everywhere else.
 
 Machines of one kind differ. On a CPU with AVX-512-BF16 (or AMX), oneDNN runs LSTMs and matrix
 products in bf16 under autocast, and training runs faster at the same BLEU per step. On an AVX2-only
@@ -14,6 +17,7 @@ import platform
 from dataclasses import dataclass
 
 import torch
+from torch.optim import Optimizer
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,8 @@ log = logging.getLogger(__name__)
 DECODING_PRECISIONS = ("fp32", "bf16", "auto")
 # Lightning's names of CPU bf16 autocast: these need what the probe checks.
 BF16_AUTOCAST_PRECISIONS = ("bf16-mixed", "bf16")
+# fp16 autocast, which Lightning replaces by bf16 on a CPU.
+FP16_AUTOCAST_PRECISIONS = ("16-mixed", "16", 16)
 
 
 @dataclass(frozen=True)
@@ -94,9 +100,15 @@ def on_cpu(accelerator: str | torch.device) -> bool:
 def resolve_trainer_precision(precision: str | int, accelerator: str) -> str | int:
     """``trainer.precision`` as Lightning takes it. ``auto`` becomes ``bf16-mixed`` on a CPU where
     :func:`probe_cpu_bf16` finds bf16 usable and ``32-true`` otherwise (on a GPU too: the GPU configs
-    set their own precision), and the log says which and why. Any other value is kept, but CPU bf16
-    autocast on a host where it fails raises a ValueError naming the option, before training starts.
+    set their own precision), and the log says which and why; fp16 (``16-mixed``) on a CPU is chosen
+    the same way. Any other value is kept, but CPU bf16 autocast on a host where it fails raises a
+    ValueError naming the option, before training starts.
     """
+    if precision in FP16_AUTOCAST_PRECISIONS and on_cpu(accelerator):
+        # A GPU config (trainer=gpu, ddp) run on the CPU: Lightning would switch to bf16-mixed without
+        # asking whether the CPU runs it, so it is chosen as for auto.
+        log.info("trainer.precision=%s: there is no fp16 autocast on CPU; choosing as for auto", precision)
+        precision = "auto"
     if precision == "auto":
         if not on_cpu(accelerator):
             log.info("trainer.precision=auto: 32-true (accelerator %s; the probe is for CPUs)", accelerator)
@@ -130,3 +142,31 @@ def resolve_decoding_precision(precision: str, device: str | torch.device, optio
     if precision == "bf16" and cpu and probe_cpu_bf16().error is not None:
         raise ValueError(f"{option}=bf16 cannot run on this CPU: {probe_cpu_bf16()}; use fp32 or auto")
     return precision
+
+
+def clip_gradients(
+    optimizer: Optimizer, max_value: float, algorithm: str | None, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Clip the gradients of ``optimizer``'s parameters: their total 2-norm to ``max_value``
+    (``algorithm`` ``norm`` or None, Lightning's default) or each value to +-``max_value`` (``value``).
+
+    Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales in its own step
+    (fused AdamW), under bf16-mixed too, where nothing is scaled. Under 16-mixed the gradients are
+    unscaled here first, by the run's grad ``scaler`` (on the device; its step then skips unscaling),
+    so that the threshold applies to the true gradients.
+    """
+    if algorithm not in (None, "norm", "value"):
+        raise ValueError(f"trainer.gradient_clip_algorithm must be norm or value, got {algorithm!r}")
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(parameters, max_value)
+    else:
+        torch.nn.utils.clip_grad_norm_(parameters, max_value)
+
+
+def decoding_autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast on ``device`` when ``precision`` (resolved: fp32 or bf16) is bf16, else a no-op; the
+    weights stay fp32 and are cast once per batch."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

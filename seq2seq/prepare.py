@@ -8,17 +8,20 @@ cache folder.
 from __future__ import annotations
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from seq2seq.data import TranslationDataModule
+from seq2seq.cli import command, quiet_third_party, run_cli
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
+@command
 def main(cfg: DictConfig) -> None:
-    datamodule: TranslationDataModule = instantiate(cfg.data)
-    print(datamodule.prepared_folder())
+    from hydra.utils import instantiate  # the data code loads only once the config is composed
+
+    quiet_third_party()
+    datamodule = instantiate(cfg.data)
+    print(datamodule.build_or_reuse_cache())
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

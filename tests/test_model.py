@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from seq2seq.data.batching import pad
+from seq2seq.data.collate import pad
 from seq2seq.model.attention import Attention
 from seq2seq.model.encoder import reverse_padded
 from seq2seq.search import greedy_search

@@ -78,6 +78,11 @@ def test_a_host_without_bf16_falls_back_with_a_log_line(caplog, without_bf16):
     # Asked for explicitly, bf16 fails before training or decoding starts, naming the option.
     with pytest.raises(ValueError, match=r"trainer.precision=bf16-mixed cannot run on this CPU.*32-true"):
         resolve_trainer_precision("bf16-mixed", "cpu")
+    # A GPU config's fp16 on the CPU (Lightning would switch it to bf16-mixed unasked) is chosen as auto.
+    with caplog.at_level(logging.INFO, logger="seq2seq.precision"):
+        assert resolve_trainer_precision("16-mixed", "cpu") == "32-true"
+    assert "trainer.precision=16-mixed: there is no fp16 autocast on CPU" in caplog.text
+    assert resolve_trainer_precision("16-mixed", "gpu") == "16-mixed"
     with pytest.raises(ValueError, match="precision=bf16 cannot run on this CPU"):
         Translator(tiny_model(), None, 16, precision="bf16")
 

@@ -19,8 +19,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from seq2seq.data import EncodedSplit, ParallelFiles, RaggedIds
-from seq2seq.data.batching import read_ahead
-from seq2seq.data.prepared import stale_reason
+from seq2seq.data.prepared import read_ahead, stale_reason
 from seq2seq.tokenization import LineSample
 from tests.test_training import QUIET, REPO, run_script
 
@@ -124,7 +123,7 @@ def test_same_corpus_and_settings_prepare_byte_identical_caches(tmp_path, compos
     folders = []
     for cache in ("node1", "node2"):
         datamodule = instantiate(compose_config(*FILES, *corpus, f"paths.cache_dir={tmp_path / cache}").data)
-        folders.append(datamodule.prepared_folder())
+        folders.append(datamodule.build_or_reuse_cache())
     assert folders[0].name == folders[1].name
     for path in folders[0].iterdir():
         if path.name != "manifest.json":  # holds build times
@@ -154,7 +153,7 @@ def test_workers_serve_the_same_batches_and_get_the_file_names_not_the_data(comp
     datamodule = instantiate(compose_config("data=toy").data)
     datamodule.setup("fit")
     split = datamodule.splits["train"]
-    assert len(pickle.dumps(split)) < 2000  # the memory-mapped ids travel as file names
+    assert len(pickle.dumps(split)) < 2000  # ids read from the cache travel as file names
     assert pickle.loads(pickle.dumps(split)).src_ids[5] == split.src_ids[5]
     loader = datamodule.train_dataloader()
     in_process = [(b.indices.tolist(), b.tgt_out.tolist()) for b in loader]
@@ -253,7 +252,7 @@ def bytes_read() -> int:
 
 def test_training_setup_reads_the_training_ids_ahead_into_the_page_cache(compose_config, caplog):
     datamodule = instantiate(compose_config("data=toy").data)
-    with caplog.at_level(logging.INFO, logger="seq2seq.data.batching"):
+    with caplog.at_level(logging.INFO, logger="seq2seq.data.prepared"):
         datamodule.setup("fit")
         datamodule.reading_ahead.join()
     assert "in the page cache after" in caplog.text
@@ -267,7 +266,7 @@ def test_training_setup_reads_the_training_ids_ahead_into_the_page_cache(compose
 def test_read_ahead_is_skipped_when_the_files_would_not_fit(tmp_path, caplog):
     ids = tmp_path / "train.src.ids"
     ids.write_bytes(bytes(4096))
-    with caplog.at_level(logging.INFO, logger="seq2seq.data.batching"):
+    with caplog.at_level(logging.INFO, logger="seq2seq.data.prepared"):
         assert read_ahead([ids], available=8191) is None
     assert "Not reading the training ids (0 MB) ahead" in caplog.text
     assert read_ahead([ids], available=None) is None  # the OS does not say: no guess

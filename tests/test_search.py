@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seq2seq.data.batching import pad
+from seq2seq.data.collate import pad
 from seq2seq.model import Ensemble
 from seq2seq.search import (
     DecodingSettings,

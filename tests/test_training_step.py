@@ -21,8 +21,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from seq2seq.callbacks import ThroughputMonitor
-from seq2seq.data.batching import EncodedSplit, batch_size, target_tokens
-from seq2seq.module import TranslationModule, is_logging_step
+from seq2seq.data.collate import EncodedSplit, batch_size, target_tokens
+from seq2seq.lightning_private import should_update_logs
+from seq2seq.module import TranslationModule
 from seq2seq.training import train
 from seq2seq.translator import Translator
 from tests.test_training import QUIET
@@ -88,7 +89,7 @@ def count_syncs_in_training_steps(monkeypatch, module: TranslationModule) -> lis
             return transfer(batch, device, dataloader_idx)
 
     def counted_step(batch, batch_idx):
-        if is_logging_step(module.trainer):
+        if should_update_logs(module.trainer):
             return training_step(batch, batch_idx)
         OnDevice.calls = []
         try:

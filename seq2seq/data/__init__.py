@@ -1,8 +1,10 @@
-"""Data: corpus readers, batching and the LightningDataModule."""
+"""Data: corpus readers, the prepared cache, collation, the training sampler and the LightningDataModule."""
 
-from seq2seq.data.batching import Batch, EncodedSplit, RaggedIds, TokenBucketBatchSampler
+from seq2seq.data.collate import Batch, EncodedSplit
 from seq2seq.data.corpora import Corpus, ParallelFiles, ParallelText, load_bible, load_files, load_synthetic
 from seq2seq.data.datamodule import TranslationDataModule
+from seq2seq.data.prepared import RaggedIds
+from seq2seq.data.sampler import TokenBucketBatchSampler
 
 __all__ = [
     "Batch",

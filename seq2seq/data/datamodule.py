@@ -12,9 +12,11 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from seq2seq.data.batching import EncodedSplit, TokenBucketBatchSampler, memory_available, read_ahead
+from seq2seq.data.collate import EncodedSplit
 from seq2seq.data.corpora import Corpus, ParallelText
-from seq2seq.data.prepared import open_prepared, prepare
+from seq2seq.data.prepared import build_or_reuse, memory_available, open_prepared, read_ahead
+from seq2seq.data.sampler import ResumableDataLoader, TokenBucketBatchSampler, padding_efficiency
+from seq2seq.lightning_private import batches_done_in_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -94,24 +96,27 @@ class TranslationDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the prepared cache, unless it is up to date (then only check it)."""
-        self.prepared_folder()
+        self.build_or_reuse_cache()
 
-    def prepared_folder(self) -> Path:
-        """The prepared cache folder, built now if no process has built it."""
+    def build_or_reuse_cache(self) -> Path:
+        """The prepared cache folder: checked and reused if up to date, else built now."""
         if self.corpus is None:
             self.corpus = self.load_corpus()
         # Under a lock: a process that finds the cache being built waits, then reuses it.
-        return prepare(self.corpus, self.subword, self.max_len, self.cache_dir)
+        return build_or_reuse(self.corpus, self.subword, self.max_len, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
-        prepared = open_prepared(self.prepared_folder())
+        prepared = open_prepared(self.build_or_reuse_cache())
         self.tokenizer = prepared.tokenizer
-        self.splits = prepared.splits
+        self.splits = {name: EncodedSplit(src, tgt) for name, (src, tgt) in prepared.ids.items()}
         self.tgt_lang = self.tgt_lang or self.corpus.tgt_lang
         for name, split in self.splits.items():
             text = getattr(self.corpus, name)
+            if not split:
+                read = prepared.counts[name]["read"]
+                raise ValueError(f"{text.origin}: no usable pairs in the {name} split ({read} read)")
             if isinstance(text, ParallelText):
                 kept = prepared.kept[name].tolist()
                 self.texts[name] = ParallelText(
@@ -124,10 +129,8 @@ class TranslationDataModule(L.LightningDataModule):
 
     def _log_split(self, name: str, origin: str, split: EncodedSplit, counts: dict[str, int]) -> None:
         """Say what was read, dropped and truncated, and how well the batches fill."""
-        if not split:
-            raise ValueError(f"{origin}: no usable pairs in the {name} split ({counts['read']} read)")
         plan = self._batch_sampler(split, name).plan(epoch=0)
-        src_eff, tgt_eff = split.padding_efficiency(plan)
+        src_eff, tgt_eff = padding_efficiency(split.src_lengths(), split.tgt_lengths(), plan)
         log.info(
             "%s split (%s): %d pairs read, %d dropped (%d with an empty side, %d longer than"
             " data.max_len=%d subwords), %d truncated to data.max_len; %d kept in %d batches;"
@@ -155,8 +158,7 @@ class TranslationDataModule(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def _batches_done(self) -> int:
-        """Training batches of the current epoch that went through a training step."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return batches_done_in_epoch(self.trainer)
 
     def _loader(self, name: str) -> DataLoader:
         split = self.splits[name]
@@ -183,24 +185,3 @@ class TranslationDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid")
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position in the epoch goes into checkpoints.
-
-    Lightning saves ``state_dict()`` with each checkpoint and, on resuming, calls ``load_state_dict``
-    before iterating; the batch sampler then skips the batches already trained on, so a run stopped
-    mid-epoch goes on with the next batch of the same epoch order. The position is the trainer's count
-    of processed batches, not the loader's: the loader runs ahead of training by its prefetching.
-    """
-
-    def __init__(self, *args: Any, batches_done_fn: Callable[[], int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done_fn = batches_done_fn
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_done": self.batches_done_fn()}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        batches_done = state_dict["batches_done"]
-        self.batch_sampler.resume(batches_done if batches_done < len(self.batch_sampler) else 0)

@@ -1,0 +1,226 @@
+"""The training epoch: token-budget batches of similar length (bucketing), their order per epoch, the
+share of each data-parallel rank (sharding), and the position in the epoch that a resumed run continues
+from (the only resume state of the data side).
+
+Everything here works on numpy arrays of lengths: an epoch's batches are planned with a few vectorized
+sorts, so a split of 10M pairs costs a process 8 bytes a pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, Sampler
+
+
+@dataclass
+class BatchPlan:
+    """An epoch's batches without a Python list per batch: batch b is ``order[starts[b]:ends[b]]``.
+
+    ``starts``/``sizes`` are in the order the batches are served (shuffled); ``order`` keeps them in
+    length order.
+    """
+
+    order: np.ndarray
+    starts: np.ndarray
+    sizes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, b: int) -> list[int]:
+        start = self.starts[b]
+        return self.order[start : start + self.sizes[b]].tolist()
+
+    def batches(self) -> list[list[int]]:
+        return [self.batch(b) for b in range(len(self))]
+
+    @classmethod
+    def from_batches(cls, batches: list[list[int]]) -> BatchPlan:
+        sizes = np.fromiter(map(len, batches), dtype=np.int64, count=len(batches))
+        order = np.fromiter((i for b in batches for i in b), dtype=np.int64, count=int(sizes.sum()))
+        return cls(order, np.cumsum(sizes) - sizes, sizes)
+
+
+class TokenBucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length pairs whose padded size stays within ``batch_tokens``.
+
+    Pairs are sorted by source then target length (ties broken at random when shuffling) and cut
+    into batches of at most ``batch_tokens`` padded tokens (batch size x longest side); with
+    ``shuffle`` the batch order is shuffled too. With ``equal_source_length`` a batch never mixes
+    source lengths, so its source needs no padding and the encoder no packing (much faster on CPU).
+    The order is a pure function of ``seed`` and the epoch, read from ``epoch_fn`` when iteration
+    starts, so a run resumed at an epoch sees that epoch's order. Lengths are numpy arrays; the sort
+    and the shuffles are numpy's, and the cut costs one small vectorized step per batch.
+
+    Under data parallelism every rank builds the same global batches and takes every
+    ``num_replicas``-th one from ``rank`` on. The list is first extended by repeating its batches
+    cyclically to ``len(self) * num_replicas``, so every rank gets the same number of batches (a rank
+    with one batch fewer would wait forever in the gradient all-reduce), even with fewer batches than
+    ranks. :meth:`resume` skips the batches that a resumed run has already trained on in the current
+    epoch.
+    """
+
+    def __init__(
+        self,
+        src_lengths: Sequence[int] | np.ndarray,
+        tgt_lengths: Sequence[int] | np.ndarray | None,
+        batch_tokens: int,
+        shuffle: bool,
+        seed: int = 0,
+        epoch_fn: Callable[[], int] = lambda: 0,
+        equal_source_length: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        # An array of lengths (the prepared cache's) is used as it is, not copied.
+        self.src_lengths = np.asarray(src_lengths, dtype=None if len(src_lengths) else np.int64)
+        self.tgt_lengths = np.zeros_like(self.src_lengths) if tgt_lengths is None else np.asarray(tgt_lengths)
+        if len(self.src_lengths) != len(self.tgt_lengths):
+            raise ValueError(f"{len(self.src_lengths)} source but {len(self.tgt_lengths)} target lengths")
+        self.batch_tokens = batch_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch_fn = epoch_fn
+        self.equal_source_length = equal_source_length
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self._plans: dict[int, BatchPlan] = {}  # the last epoch's plan, planned once
+        # Every epoch sorts the same lengths, so the number of batches never changes.
+        self.num_global_batches = len(self.plan(0))
+        self._skip = 0  # batches of the next epoch to skip, set by resume()
+
+    def plan(self, epoch: int) -> BatchPlan:
+        """The epoch's global batches, in the order they are served."""
+        if epoch not in self._plans:
+            self._plans = {epoch: self._plan(epoch)}
+        return self._plans[epoch]
+
+    def _plan(self, epoch: int) -> BatchPlan:
+        rng = np.random.default_rng([self.seed, epoch])
+        count = len(self.src_lengths)
+        widest = int(self.tgt_lengths.max(initial=0)) + 1
+        keys = int(self.src_lengths.max(initial=0) + 1) * widest  # distinct (source, target) lengths
+        key_type = np.uint16 if keys <= 2**16 else np.int64  # 16-bit keys sort by radix, in linear time
+        # Sorting a random permutation stably breaks ties at random.
+        order = rng.permutation(count) if self.shuffle else np.arange(count)
+        order = order.astype(np.int32 if count < 2**31 else np.int64)
+        key = (self.src_lengths[order].astype(np.int64) * widest + self.tgt_lengths[order]).astype(key_type)
+        order = order[np.argsort(key, kind="stable")]
+        # The cut depends only on how many pairs share each (source, target) length.
+        pairs_per_key = np.bincount(key, minlength=keys) if keys <= 2**24 else None
+        del key
+        if pairs_per_key is None:
+            lengths, pairs = np.unique(
+                self.src_lengths.astype(np.int64) * widest + self.tgt_lengths, return_counts=True
+            )
+        else:
+            lengths = np.flatnonzero(pairs_per_key)
+            pairs = pairs_per_key[lengths]
+        sizes = self._cut(lengths // widest, lengths % widest, pairs)
+        starts = np.cumsum(sizes) - sizes
+        if self.shuffle:
+            served = rng.permutation(len(starts))
+            starts, sizes = starts[served], sizes[served]
+        return BatchPlan(order, starts, sizes)
+
+    def _cut(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """Batch sizes of the greedy cut of the length-sorted pairs, given as runs of ``pairs`` pairs
+        of equal (source, target) length: a batch takes pairs while (its size + 1) x its longest side
+        stays within the budget (a pair longer than the budget alone makes a batch)."""
+        sizes: list[int] = []
+        size = longest = 0
+        previous_src = -1
+        for src, tgt, left in zip(src_lengths.tolist(), tgt_lengths.tolist(), pairs.tolist(), strict=True):
+            if size and self.equal_source_length and src != previous_src:
+                sizes.append(size)
+                size = longest = 0
+            previous_src = src
+            while left:
+                wider = max(longest, src, tgt, 1)
+                room = self.batch_tokens // wider - size
+                if size and room < 1:
+                    sizes.append(size)
+                    size = longest = 0
+                    continue
+                taken = min(left, max(room, 1))
+                size, longest, left = size + taken, wider, left - taken
+        if size:
+            sizes.append(size)
+        return np.asarray(sizes, dtype=np.int64)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return self.plan(epoch).batches()
+
+    def rank_batch_numbers(self, epoch: int) -> np.ndarray:
+        """Positions in the epoch's plan of this rank's ``len(self)`` batches."""
+        padded = np.arange(len(self) * self.num_replicas) % max(self.num_global_batches, 1)
+        return padded[self.rank :: self.num_replicas]
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's share of the epoch's batches, ``len(self)`` of them."""
+        plan = self.plan(epoch)
+        return [plan.batch(b) for b in self.rank_batch_numbers(epoch)]
+
+    @property
+    def repeated_batches(self) -> int:
+        """Batches repeated per epoch so that every rank gets the same number."""
+        return len(self) * self.num_replicas - self.num_global_batches
+
+    def resume(self, batches_done: int) -> None:
+        """Make the next iteration start after the first ``batches_done`` batches of its epoch."""
+        self._skip = batches_done
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self._skip = self._skip, 0
+        epoch = self.epoch_fn()
+        plan = self.plan(epoch)
+        for b in self.rank_batch_numbers(epoch)[skip:]:
+            yield plan.batch(b)
+
+    def __len__(self) -> int:
+        return -(-self.num_global_batches // self.num_replicas)
+
+
+def padding_efficiency(
+    src_lengths: np.ndarray, tgt_lengths: np.ndarray, plan: BatchPlan | list[list[int]]
+) -> tuple[float, float]:
+    """Fraction of real (non-pad) tokens in the padded source and target tensors of the batches."""
+    if not isinstance(plan, BatchPlan):
+        plan = BatchPlan.from_batches(plan)
+    in_place = np.argsort(plan.starts)  # batches in the order they lie in plan.order
+    starts, sizes = plan.starts[in_place], plan.sizes[in_place].astype(np.int64)
+    fractions = []
+    for lengths in (src_lengths, tgt_lengths):
+        per_pair = np.asarray(lengths, dtype=np.int64)[plan.order]
+        padded = (np.maximum.reduceat(per_pair, starts) * sizes).sum() if len(plan) else 0
+        fractions.append(float(per_pair.sum() / max(padded, 1)))
+    return fractions[0], fractions[1]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch goes into checkpoints.
+
+    Lightning saves ``state_dict()`` with each checkpoint and, on resuming, calls ``load_state_dict``
+    before iterating; the batch sampler then skips the batches already trained on, so a run stopped
+    mid-epoch goes on with the next batch of the same epoch order. The position is the trainer's count
+    of processed batches, not the loader's: the loader runs ahead of training by its prefetching.
+    """
+
+    def __init__(self, *args: Any, batches_done_fn: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done_fn = batches_done_fn
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self.batches_done_fn()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        batches_done = state_dict["batches_done"]
+        self.batch_sampler.resume(batches_done if batches_done < len(self.batch_sampler) else 0)

@@ -1,0 +1,151 @@
+"""Evaluation after training: the length penalty chosen on the validation split (``decoding.alpha=auto``)
+and the test split scored with the best checkpoint, exactly as ``translate.py ... ref=...`` would."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from seq2seq.checkpoints import store_alpha
+from seq2seq.data.corpora import ParallelText
+from seq2seq.metrics import check_bleu_tokenize, corpus_scores
+from seq2seq.search import AUTO, DecodingSettings, best_for_alpha
+from seq2seq.translator import FileReport, Translator, translate_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AlphaChoice:
+    """What :func:`choose_alpha` found: the chosen alpha, and for each alpha of the grid its BLEU and
+    translations; the seconds it took."""
+
+    alpha: float
+    bleu: dict[float, float]
+    translations: dict[float, list[str]]
+    seconds: float
+
+
+def check_alpha_grid(grid: Sequence[float]) -> list[float]:
+    """The distinct values of ``grid``, sorted; a ValueError naming ``evaluate.alpha_grid`` unless they
+    are numbers >= 0 (at least one)."""
+    if not grid or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in grid):
+        raise ValueError(f"evaluate.alpha_grid must be a non-empty list of numbers >= 0, got {list(grid)}")
+    return sorted({float(alpha) for alpha in grid})
+
+
+def evaluation_settings(cfg: DictConfig) -> DecodingSettings:
+    """The decoding settings of the run, with ``cfg.evaluate`` checked too: mistakes fail before training."""
+    check_bleu_tokenize(cfg.evaluate.bleu_tokenize)
+    check_alpha_grid(OmegaConf.to_container(cfg.evaluate.alpha_grid, resolve=True))
+    return DecodingSettings.from_config(cfg.decoding, prefix="decoding.")
+
+
+def choose_alpha(
+    translator: Translator,
+    sources: Sequence[str],
+    references: Sequence[str],
+    settings: DecodingSettings,
+    grid: Sequence[float],
+) -> AlphaChoice:
+    """The length penalty of ``grid`` whose beam search translations of ``sources`` score the best BLEU
+    against ``references`` (the smallest alpha on a tie).
+
+    One beam search gives every alpha's translations (see :func:`~seq2seq.search.beam_candidates`), so
+    a grid costs about what one decoding of ``sources`` costs.
+    """
+    grid = check_alpha_grid(grid)
+    started = time.perf_counter()
+    candidates = translator.beam_candidates(sources, settings)
+    translations = {
+        alpha: [texts[best_for_alpha([h for _, h in texts], alpha)][0] for texts in candidates]
+        for alpha in grid
+    }
+    bleu = {
+        alpha: corpus_scores(outputs, references, translator.tgt_lang, translator.bleu_tokenize).bleu
+        for alpha, outputs in translations.items()
+    }
+    best = max(grid, key=lambda alpha: bleu[alpha])
+    return AlphaChoice(best, bleu, translations, time.perf_counter() - started)
+
+
+def tune_alpha(
+    translator: Translator,
+    checkpoint: str,
+    valid: ParallelText,
+    settings: DecodingSettings,
+    grid: list[float],
+) -> AlphaChoice:
+    """``decoding.alpha=auto``: choose the length penalty on the validation split, log the BLEU of each
+    alpha, store the choice in ``checkpoint`` and use it in ``translator`` from now on."""
+    choice = choose_alpha(translator, valid.src, valid.tgt, settings, grid)
+    table = ", ".join(f"{alpha:g}: {bleu:.2f}" for alpha, bleu in choice.bleu.items())
+    log.info(
+        "decoding.alpha=auto: alpha %g chosen on the validation split (%d sentences, beam %d;"
+        " BLEU by alpha %s) in %.1f s",
+        choice.alpha,
+        len(valid),
+        settings.beam,
+        table,
+        choice.seconds,
+    )
+    store_alpha(checkpoint, choice.alpha, choice.bleu)
+    translator.alpha = choice.alpha
+    return choice
+
+
+def score_test(
+    translator: Translator, test: ParallelText, output_dir: Path, settings: DecodingSettings
+) -> FileReport:
+    """Score the test split exactly as ``translate.py ... ref=...`` would.
+
+    The run directory keeps test.src, test.ref and test.hyp, so the figures can be reproduced.
+    """
+    source, reference, hypothesis = (output_dir / f"test.{ext}" for ext in ("src", "ref", "hyp"))
+    source.write_text("".join(line + "\n" for line in test.src), encoding="utf-8")
+    reference.write_text("".join(line + "\n" for line in test.tgt), encoding="utf-8")
+    return translate_file(
+        translator, str(source), str(hypothesis), settings, ref_path=str(reference), progress=False
+    )
+
+
+def evaluate_best_checkpoint(
+    checkpoint: str,
+    device: torch.device,
+    texts: dict[str, ParallelText],
+    output_dir: Path,
+    settings: DecodingSettings,
+    evaluate: DictConfig,
+) -> dict[str, Any]:
+    """What a run does with its best checkpoint after training, as ``evaluate`` says: choose its length
+    penalty (``decoding.alpha=auto`` with a beam; greedy search has no use for one, and without test
+    scoring there is nothing to tune it for), then score the test split and print the scores. Decodes
+    on ``device``, the one that trained (a GPU decodes many times faster than the CPU).
+
+    Returns the fields for result.json: ``test_bleu`` and, when tuned, the alpha choice.
+    """
+    tune = settings.alpha == AUTO and settings.beam > 1 and evaluate.test
+    test = texts.get("test") if evaluate.test else None
+    if not (tune or test):
+        return {"test_bleu": None}
+    translator = Translator.from_checkpoint(checkpoint, device, evaluate.precision)
+    fields: dict[str, Any] = {"test_bleu": None}
+    if tune:
+        grid = OmegaConf.to_container(evaluate.alpha_grid, resolve=True)
+        choice = tune_alpha(translator, checkpoint, texts["valid"], settings, grid)
+        fields.update(alpha=choice.alpha, alpha_bleu=choice.bleu, alpha_seconds=choice.seconds)
+    if test is not None:
+        report = score_test(translator, test, output_dir, settings)
+        fields["test_bleu"] = report.scores.bleu
+        print(
+            f"Test split ({test.origin}), beam {settings.beam}, alpha {translator.settings(settings).alpha},"
+            f" {translator.precision}, checkpoint {checkpoint}:\n{report}"
+        )
+    return fields

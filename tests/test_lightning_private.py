@@ -1,0 +1,50 @@
+"""The private Lightning names this package relies on still exist and mean what they did (see
+seq2seq/lightning_private.py, and the ThroughputMonitor subclass in seq2seq/callbacks.py)."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+
+from seq2seq import lightning_private
+from seq2seq.callbacks import ThroughputMonitor as OurThroughputMonitor
+
+
+def test_the_logger_connector_still_decides_which_steps_log():
+    assert isinstance(inspect.getattr_static(_LoggerConnector, "should_update_logs"), property)
+    trainer = L.Trainer(accelerator="cpu", logger=False, log_every_n_steps=3, enable_progress_bar=False)
+    trainer.training = True  # the fit loop is the active loop, as inside fit
+    decisions = []
+    for batches in range(6):
+        trainer.fit_loop.epoch_loop._batches_that_stepped = batches
+        decisions.append(lightning_private.should_update_logs(trainer))
+    assert decisions == [False, False, True, False, False, True]  # every third, counted from 1
+
+
+def test_the_epoch_loop_still_has_what_restart_finished_epoch_resets():
+    assert callable(_TrainingEpochLoop._num_ready_batches_reached)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    loop = trainer.fit_loop.epoch_loop
+    for tracker in (
+        loop.batch_progress,
+        loop.scheduler_progress,
+        loop.automatic_optimization.optim_progress,
+    ):
+        assert callable(tracker.reset_on_run)
+    assert callable(loop.val_loop.batch_progress.total.reset)
+    assert lightning_private.batches_done_in_epoch(trainer) == 0
+    loop.batch_progress.increment_processed()
+    assert lightning_private.batches_done_in_epoch(trainer) == 1
+
+
+def test_the_throughput_monitor_still_counts_in_update_with_private_counters():
+    assert OurThroughputMonitor._update is not ThroughputMonitor._update
+    parameters = set(inspect.signature(ThroughputMonitor._update).parameters)
+    assert parameters == {"self", "trainer", "pl_module", "batch", "iter_num"}
+    monitor = ThroughputMonitor(batch_size_fn=len)
+    for counter in ("_lengths", "_samples", "_batches"):
+        assert isinstance(getattr(monitor, counter), dict)
