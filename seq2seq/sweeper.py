@@ -539,7 +539,9 @@ def run_sweep(
     )
     study = spec.load()
     fail_orphaned_trials(study, spec, sweep_dir)
-    enqueue_fixed_points(study, OmegaConf.to_container(sweeper.fixed_points or []), space, config)
+    enqueue_fixed_points(
+        study, OmegaConf.to_container(sweeper.fixed_points) if sweeper.fixed_points else [], space, config
+    )
     log.info(
         "Study %s in %s: %d trials so far; %d workers until %d trials are complete, pruned or running",
         spec.name,
