@@ -6,6 +6,7 @@ A trained :class:`Tokenizer` serializes to bytes, so checkpoints carry it and ne
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -78,6 +79,13 @@ class Tokenizer:
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return self.tgt.decode([list(seq) for seq in ids])
+
+    def digest(self) -> str:
+        """SHA-256 of the serialized model(s): names this tokenizer in a prepared cache's key."""
+        digest = hashlib.sha256(self.src_model)
+        if self.tgt_model is not None:
+            digest.update(b"\x00tgt\x00" + self.tgt_model)
+        return digest.hexdigest()
 
     def state_dict(self) -> dict[str, bytes | None]:
         """Serialized models, as stored inside checkpoints."""

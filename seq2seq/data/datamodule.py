@@ -49,6 +49,8 @@ class TranslationDataModule(L.LightningDataModule):
             ``cache_dir`` (each node's first process prepares), false for one shared by all nodes.
         tgt_lang: the target language (ISO 639-1), for BLEU's tokenizer; None: the corpus reader's
             (the Bible knows each version's), else unknown. Known after ``setup`` as ``self.tgt_lang``.
+        given_tokenizer: encode with these sentencepiece model(s) instead of training them on the corpus
+            (fine-tuning: the checkpoint's); ``subword`` is then unused.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class TranslationDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         prepare_per_node: bool = True,
         tgt_lang: str | None = None,
+        given_tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -86,6 +89,7 @@ class TranslationDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.prepare_data_per_node = prepare_per_node
         self.tgt_lang = tgt_lang
+        self.given_tokenizer = given_tokenizer
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, EncodedSplit] = {}
@@ -102,7 +106,7 @@ class TranslationDataModule(L.LightningDataModule):
         if self.corpus is None:
             self.corpus = self.load_corpus()
         # Under a lock: a process that finds the cache being built waits, then reuses it.
-        return build_or_reuse(self.corpus, self.subword, self.max_len, self.cache_dir)
+        return build_or_reuse(self.corpus, self.subword, self.max_len, self.cache_dir, self.given_tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
