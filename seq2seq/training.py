@@ -145,6 +145,7 @@ def train(cfg: DictConfig) -> float:
             output_dir,
             decoding,
             cfg.evaluate,
+            corpora_of_test_split(datamodule),
         )
         progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(
@@ -161,6 +162,17 @@ def train(cfg: DictConfig) -> float:
             **scores,
         )
     return best_bleu
+
+
+def corpora_of_test_split(
+    datamodule: TranslationDataModule,
+) -> tuple[list[int], list[tuple[str, str | None]]] | None:
+    """For a mixture of corpora: the corpus of each test pair, and each corpus's name and target language."""
+    corpus_ids = datamodule.corpus_ids.get("test")
+    if corpus_ids is None:
+        return None
+    corpora = [(part.name, part.tgt_lang or datamodule.tgt_lang) for part in datamodule.corpus.parts]
+    return corpus_ids.tolist(), corpora
 
 
 def fine_tuning_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from seq2seq.data.corpora import SPLITS, Corpus
+from seq2seq.data.corpora import SPLITS, ConcatenatedText, Corpus
 from seq2seq.tokenization import PAD_ID, SubwordSamples, SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -184,9 +184,12 @@ def build(
             continue
         check = {path: hashlib.sha256() for path in watched} if name == "train" else None
         writer = SplitWriter(folder, name, id_type, max_len, truncate=name != "train")
-        for src, tgt in text.chunks(CHUNK_LINES, check):
-            writer.add(tokenizer.encode_arrays(src, "src"), tokenizer.encode_arrays(tgt, "tgt"))
-        splits[name] = writer.close()
+        part_ends = []  # pairs read up to the end of each corpus of a mixture
+        for part in text.parts if isinstance(text, ConcatenatedText) else [text]:
+            for src, tgt in part.chunks(CHUNK_LINES, check):
+                writer.add(tokenizer.encode_arrays(src, "src"), tokenizer.encode_arrays(tgt, "tgt"))
+            part_ends.append(writer.counts["read"])
+        splits[name] = {**writer.close(), "part_ends": part_ends}
         if check is not None and digests is None:
             digests = check
         elif check is not None and any(check[p].digest() != digests[p].digest() for p in watched):
@@ -421,13 +424,14 @@ class SplitWriter:
 @dataclass
 class PreparedData:
     """A prepared cache, opened: the tokenizer, each split's (source, target) ids read from the cache,
-    and its counts."""
+    and its counts; for a mixture of corpora, the corpus (its position in the mixture) of each kept pair."""
 
     folder: Path
     tokenizer: Tokenizer
     ids: dict[str, tuple[RaggedIds, RaggedIds]]
     kept: dict[str, np.ndarray]  # where each kept pair was in the raw split
-    counts: dict[str, dict[str, int]]
+    counts: dict[str, dict[str, Any]]
+    corpus_ids: dict[str, np.ndarray | None]  # (kept pairs,) int16; None for a single corpus
 
 
 def open_prepared(folder: Path) -> PreparedData:
@@ -439,7 +443,7 @@ def open_prepared(folder: Path) -> PreparedData:
     ]
     tokenizer = Tokenizer(models[0], models[1] if len(models) > 1 else None)
     id_type = np.dtype(manifest["id_type"])
-    ids, kept = {}, {}
+    ids, kept, corpus_ids = {}, {}, {}
     for name, counts in manifest["splits"].items():
         pairs = counts["kept"]
         src, tgt = (
@@ -448,4 +452,7 @@ def open_prepared(folder: Path) -> PreparedData:
         )
         ids[name] = (src, tgt)
         kept[name] = map_array(folder / f"{name}.kept", np.int64, pairs)
-    return PreparedData(folder, tokenizer, ids, kept, manifest["splits"])
+        ends = counts.get("part_ends", [])
+        many = len(ends) > 1
+        corpus_ids[name] = np.searchsorted(ends, kept[name], side="right").astype(np.int16) if many else None
+    return PreparedData(folder, tokenizer, ids, kept, manifest["splits"], corpus_ids)
