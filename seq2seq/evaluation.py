@@ -158,7 +158,10 @@ def evaluate_best_checkpoint(
             hypotheses = read_lines(output_dir / "test.hyp")
             by_corpus = scores_by_corpus(hypotheses, test.tgt, *test_corpora, evaluate.bleu_tokenize)
             for name, scores in by_corpus.items():
-                print(f"Test split, corpus {name}:\n{scores}")
+                print(
+                    f"Test split, corpus {name}: BLEU {scores.bleu:.2f}, chrF {scores.chrf:.2f}"
+                    f" ({scores.bleu_signature})"
+                )
             fields["test_bleu_by_corpus"] = {name: scores.bleu for name, scores in by_corpus.items()}
             fields["test_bleu"] = sum(fields["test_bleu_by_corpus"].values()) / len(by_corpus)
             print(f"Test BLEU, mean over the {len(by_corpus)} corpora: {fields['test_bleu']:.2f}")

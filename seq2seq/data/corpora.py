@@ -143,7 +143,8 @@ class ConcatenatedText:
 
     def __init__(self, parts: list[TaggedText]) -> None:
         self.parts = parts
-        self.origin = " + ".join(part.origin for part in parts)
+        origins = [part.origin for part in parts]
+        self.origin = " + ".join(origins) if len(parts) <= 3 else f"{origins[0]} + ... + {origins[-1]}"
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -313,12 +314,21 @@ def bible_db_path() -> Path:
     return path
 
 
-def load_bible(src_version: str, tgt_version: str, valid_size: int, test_size: int, seed: int) -> Corpus:
+def load_bible(
+    src_version: str,
+    tgt_version: str,
+    valid_size: int,
+    test_size: int,
+    seed: int,
+    train_size: int | None = None,
+) -> Corpus:
     """Verse-aligned pairs of two Bible versions with a seeded hold-out for validation and test.
 
     Verses are matched on (book, chapter, verse); the hold-out is a seeded permutation of the verse
-    keys, so the same seed always gives the same disjoint splits. The target language is the version's
-    (``BIBLE_LANGUAGES``).
+    keys, so the same seed always gives the same disjoint splits (and, as every version of the database
+    has all 31,102 verses, the same held-out verses for every pair of versions: a many-to-one model
+    never trains on a held-out verse). ``train_size`` keeps only the first that many training verses
+    (for quick trials; null: all). The target language is the version's (``BIBLE_LANGUAGES``).
     """
     # Version names are strings, but Hydra reads `data.corpus.src_version=9` as the integer 9.
     src_version, tgt_version = str(src_version), str(tgt_version)
@@ -347,6 +357,10 @@ def load_bible(src_version: str, tgt_version: str, valid_size: int, test_size: i
     random.Random(seed).shuffle(order)
     held_valid, held_test = order[:valid_size], order[valid_size : valid_size + test_size]
     train = sorted(order[valid_size + test_size :])  # keep canonical order for training
+    if train_size is not None:
+        if train_size < 1:
+            raise ValueError(f"data.corpus.train_size must be positive or null, got {train_size}")
+        train = train[:train_size]
 
     def split(indices: list[int], name: str) -> ParallelText:
         return ParallelText(
