@@ -1,5 +1,5 @@
-"""Callbacks of a training run: progress for log files, FLOP counts and throughput, a checkpoint on
-stopping, and the best checkpoint carried into a resumed run."""
+"""Callbacks of a training run: progress and validation results for log files, FLOP counts and
+throughput, a checkpoint on stopping, and the best checkpoint carried into a resumed run."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughput
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from seq2seq.cli import log_to_files
 from seq2seq.data.collate import Batch, target_tokens
 from seq2seq.flops import training_flops
 from seq2seq.lightning_private import should_update_logs
@@ -92,6 +93,72 @@ class ProgressLog(L.Callback):
                 total = trainer.max_epochs * steps_per_epoch
                 estimates.append(((total - trainer.global_step) * seconds_per_step, "max_epochs"))
         return min(estimates) if estimates else None
+
+
+class ValidationLog(L.Callback):
+    """One line per validation, as fairseq and OpenNMT-py print it: step, validation loss, BLEU, chrF,
+    the best BLEU so far, and whether a new best checkpoint was saved (with per-corpus BLEU when the
+    run trains on several corpora).
+
+    Always in train.log; on the console too when stdout is not a terminal (in a terminal the progress
+    bar shows the scores). Lightning runs checkpoint callbacks after all others, so the line is written
+    at the next training hook, once the best checkpoint (the first ModelCheckpoint monitoring
+    ``val_bleu``) has decided whether to save.
+    """
+
+    def __init__(self) -> None:
+        self.pending: tuple[int, dict[str, float], str | None] | None = None  # step, metrics, best before
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
+                   if name.startswith(("val_loss", "val_bleu", "val_chrf"))}  # fmt: skip
+        checkpoint = self.best_checkpoint(trainer)
+        self.pending = (trainer.global_step, metrics, checkpoint.best_model_path if checkpoint else None)
+
+    @staticmethod
+    def best_checkpoint(trainer: L.Trainer) -> Any:
+        return next(
+            (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val_bleu"), None
+        )
+
+    def flush(self, trainer: L.Trainer) -> None:
+        if self.pending is None:
+            return
+        (step, metrics, best_before), self.pending = self.pending, None
+        checkpoint = self.best_checkpoint(trainer)
+        parts = [
+            f"validation at step {step}",
+            f"loss {metrics.get('val_loss', math.nan):.3f}",
+            f"BLEU {metrics.get('val_bleu', math.nan):.2f}",
+            f"chrF {metrics.get('val_chrf', math.nan):.2f}",
+        ]
+        by_corpus = {
+            name.split("/", 1)[1]: value for name, value in metrics.items() if name.startswith("val_bleu/")
+        }
+        if by_corpus:
+            parts.append(
+                "BLEU by corpus " + ", ".join(f"{name} {value:.2f}" for name, value in by_corpus.items())
+            )
+        if checkpoint is not None and checkpoint.best_model_score is not None:
+            saved = checkpoint.best_model_path != best_before
+            parts.append(f"best BLEU {float(checkpoint.best_model_score):.2f}")
+            parts.append(f"new best saved: {checkpoint.best_model_path}" if saved else "not a new best")
+        line = " | ".join(parts)
+        if sys.stdout.isatty():
+            log_to_files(logging.INFO, line)
+        else:
+            log.info(line)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.flush(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush(trainer)
 
 
 class TrainingFlops(L.Callback):
