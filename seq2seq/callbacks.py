@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -36,7 +37,9 @@ class ProgressLog(L.Callback):
     about every ``every_seconds`` of training, on the console and in train.log: step, epoch, training
     loss, target tokens/s, time elapsed and time left before the first of ``trainer.max_time``,
     ``max_steps`` and ``max_epochs`` stops the run. In a terminal, the progress bar shows the time left
-    instead (``left``), since its own estimate covers only the current epoch.
+    instead (``left``), since its own estimate covers only the current epoch, and the training loss.
+    The loss is read on logging steps (``trainer.log_every_n_steps``) only: reading it from the device
+    is a wait.
     """
 
     def __init__(self, every_seconds: float = 30.0) -> None:
@@ -48,6 +51,7 @@ class ProgressLog(L.Callback):
         self.first_step = self.last_step = trainer.global_step
         self.tokens = 0
         self.total_tokens = 0  # this process's target tokens, for the run's mean rate (sweep summaries)
+        self.loss: float | None = None  # as of the latest logging step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Batch, batch_idx: int
@@ -56,20 +60,25 @@ class ProgressLog(L.Callback):
         self.tokens += tokens
         self.total_tokens += tokens
         now = time.perf_counter()
+        if should_update_logs(trainer) and "train_loss" in trainer.callback_metrics:
+            self.loss = float(trainer.callback_metrics["train_loss"])
         if not self.plain:
+            # The dict the bar displays (Lightning's ProgressBar.get_metrics).
+            if self.loss is not None:
+                trainer.progress_bar_metrics["train_loss"] = round(self.loss, 3)
             left = self.time_left(trainer, now)
-            if left is not None:  # the dict the bar displays (Lightning's ProgressBar.get_metrics)
+            if left is not None:
                 trainer.progress_bar_metrics["left"] = clock(left[0])
             return
         if now - self.last_time < self.every_seconds or not trainer.is_global_zero:
             return
-        loss = trainer.callback_metrics.get("train_loss")
+        loss = self.loss
         rate = self.tokens / (now - self.last_time)
         per_process = " per process" if trainer.world_size > 1 else ""
         left = self.time_left(trainer, now)
         log.info(
             "step %d | epoch %d | loss %s | %s target tokens/s%s | elapsed %s | left %s",
-            trainer.global_step, trainer.current_epoch, "-" if loss is None else f"{float(loss):.3f}",
+            trainer.global_step, trainer.current_epoch, "-" if loss is None else f"{loss:.3f}",
             f"{rate:,.0f}", per_process, clock(now - self.started),
             "unknown" if left is None else f"{clock(left[0])} ({left[1]})",
         )  # fmt: skip
@@ -165,6 +174,26 @@ class ThroughputMonitor(LightningThroughputMonitor):
             self._lengths[stage] += self.length_fn(batch)
         self._samples[stage] += self.batch_size_fn(batch)
         self._batches[stage] += 1
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's, with its clock (``train_time_interval``) read on logging steps only.
+
+    Lightning reads the clock after every training batch and, under DDP, broadcasts the first process's
+    decision (a pickled bool) to all: a collective and a wait each step. Here a time-based checkpoint is
+    saved at the first logging step (``trainer.log_every_n_steps``) after the interval has passed.
+    """
+
+    def __init__(self, *, train_time_interval: timedelta | None = None, **kwargs: Any) -> None:
+        super().__init__(train_time_interval=train_time_interval, **kwargs)
+        self.timed = train_time_interval is not None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # With train_time_interval (which excludes every_n_train_steps) the clock is all a batch's end
+        # checks; validation-end and training-end saves are Lightning's other hooks, untouched.
+        if self.timed and not should_update_logs(trainer):
+            return
+        super().on_train_batch_end(trainer, pl_module, *args)
 
 
 class CarryBestCheckpoint(L.Callback):

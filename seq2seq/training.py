@@ -17,6 +17,7 @@ from seq2seq.checkpoints import check_resume_checkpoint, save_last_checkpoint
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
+from seq2seq.lightning_private import check_sigterm_on_logging_steps
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.run_dir import discard_unused_run_dir, write_run_record
@@ -107,6 +108,7 @@ def train(cfg: DictConfig) -> float:
         callbacks.append(CarryBestCheckpoint())
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
+    check_sigterm_on_logging_steps(trainer)  # not a collective before every batch under DDP
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_minutes = (time.perf_counter() - started) / 60
