@@ -13,16 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from seq2seq.data.collate import Batch, target_tokens
-from seq2seq.flops import training_flops
+from seq2seq.flops import measured_peak_flops, training_flops
 from seq2seq.lightning_private import should_update_logs
 
 log = logging.getLogger(__name__)
+
+# The dtype of the matrix products under each trainer.precision (fp32 otherwise).
+COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def clock(seconds: float) -> str:
@@ -154,22 +158,40 @@ class InterruptionCheckpoint(L.Callback):
 
 
 class ThroughputMonitor(LightningThroughputMonitor):
-    """Lightning's callback, timing only the batches whose logs are written.
+    """Lightning's callback, timing only the batches whose logs are written, with MFU on any device.
 
     Lightning synchronises CUDA after every batch so that its clock reads the GPU's progress, which
     stalls the host's queue each step. Here every batch is counted, but the clock is read (after that
     synchronisation) only on logging steps (``trainer.log_every_n_steps``), so each rate spans whole
-    logging intervals: ``window_size`` of them.
+    logging intervals: ``window_size`` of them. The FLOPs of the batches in between are summed, as
+    ``Throughput.update`` expects the FLOPs since its last call. Where Lightning knows no peak for the
+    device (a CPU), MFU divides by a measured one (:func:`~seq2seq.flops.measured_peak_flops`).
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.available_flops is None and trainer.strategy.root_device.type == "cpu":
+            self.available_flops = measured_peak_flops(
+                "cpu", COMPUTE_DTYPES.get(str(trainer.precision), torch.float32)
+            )
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
+        self._flops_since_update: dict[Any, int] = {}
 
     # Private (Lightning 2.6.6, see seq2seq/lightning_private.py): ``_update`` is where the parent counts
     # a batch and reads its clock, and its counters are ``_lengths``/``_samples``/``_batches``; no public
-    # hook counts a batch without the clock. tests/test_lightning_private.py checks they exist.
+    # hook counts a batch without the clock. ``_throughputs`` holds the per-stage Throughput objects, which
+    # copy the peak when set up. tests/test_lightning_private.py checks they exist.
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        stage = trainer.state.stage
+        flops = getattr(pl_module, "flops_per_batch", None)
+        if flops is not None:
+            self._flops_since_update[stage] = self._flops_since_update.get(stage, 0) + flops
         if should_update_logs(trainer):
+            if flops is not None:  # what the parent passes on as the FLOPs since its last update
+                pl_module.flops_per_batch = self._flops_since_update.pop(stage)
             super()._update(trainer, pl_module, batch, iter_num)
             return
-        stage = trainer.state.stage
         if self.length_fn is not None:
             self._lengths[stage] += self.length_fn(batch)
         self._samples[stage] += self.batch_size_fn(batch)

@@ -45,7 +45,7 @@ def test_the_throughput_monitor_still_counts_in_update_with_private_counters():
     parameters = set(inspect.signature(ThroughputMonitor._update).parameters)
     assert parameters == {"self", "trainer", "pl_module", "batch", "iter_num"}
     monitor = ThroughputMonitor(batch_size_fn=len)
-    for counter in ("_lengths", "_samples", "_batches"):
+    for counter in ("_lengths", "_samples", "_batches", "_throughputs"):
         assert isinstance(getattr(monitor, counter), dict)
 
 
