@@ -72,7 +72,6 @@ def train(cfg: DictConfig) -> float:
     decoding = evaluation_settings(cfg)
     # trainer.precision=auto and evaluate.precision=auto probe the host's CPU bf16 (once per process).
     precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    resolve_decoding_precision(cfg.evaluate.precision, "cpu", "evaluate.precision")  # checked early
     if cfg.get("ckpt_path"):
         check_resume_checkpoint(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
@@ -109,6 +108,8 @@ def train(cfg: DictConfig) -> float:
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
     check_sigterm_on_logging_steps(trainer)  # not a collective before every batch under DDP
+    # The test split is decoded where training ran: checked there, before training.
+    resolve_decoding_precision(cfg.evaluate.precision, trainer.strategy.root_device, "evaluate.precision")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_minutes = (time.perf_counter() - started) / 60

@@ -304,3 +304,26 @@ def test_gpu_trainers_compose_with_gpu_settings(compose_config, trainer):
     assert instantiate(cfg.data).pin_memory and cfg.data.num_workers == 4
     last = instantiate(cfg.callbacks.last_checkpoint)
     assert last._train_time_interval == timedelta(minutes=30) and last._every_n_train_steps == 0
+
+
+def test_without_test_scoring_the_best_checkpoint_still_gets_its_alpha(compose_config, tmp_path):
+    """A sweep trial (evaluate.test=false) hands on a best checkpoint whose alpha=auto was tuned."""
+    cfg = compose_config(
+        "experiment=smoke",
+        SMALL,
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=10",
+        "decoding.beam=2",
+        "decoding.alpha=auto",
+        "evaluate.test=false",
+        *QUIET,
+    )
+    train(cfg)
+    (best,) = (tmp_path / "run" / "checkpoints").glob("best-*.ckpt")
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    assert isinstance(checkpoint["hyper_parameters"]["decoding"]["alpha"], float)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert (
+        result["test_bleu"] is None and result["alpha"] == checkpoint["hyper_parameters"]["decoding"]["alpha"]
+    )
+    assert not (tmp_path / "run" / "test.hyp").exists()
