@@ -78,3 +78,14 @@ def check_sigterm_on_logging_steps(trainer: L.Trainer) -> None:
 
     connector._sigterm_notifier_fn = note_sigterm
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = agree_on_sigterm
+
+
+def batches_done_in_epoch(trainer: L.Trainer) -> int:
+    """Training batches of the current epoch that went through a training step: the data position a
+    resumed run continues from (the loader runs ahead of training by its prefetching, so its own count
+    is not it).
+
+    Internal loop state: the epoch loop's progress tracker is not underscored but is not documented API
+    either; Lightning restores it from checkpoints itself.
+    """
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
