@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from seq2seq.checkpoints import store_alpha
 from seq2seq.data.corpora import ParallelText, read_lines
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores, scores_by_corpus
+from seq2seq.precision import DECODING_PRECISIONS
 from seq2seq.search import AUTO, DecodingSettings, best_for_alpha
 from seq2seq.translator import FileReport, Translator, translate_file
 
@@ -44,6 +45,10 @@ def check_alpha_grid(grid: Sequence[float]) -> list[float]:
 def evaluation_settings(cfg: DictConfig) -> DecodingSettings:
     """The decoding settings of the run, with ``cfg.evaluate`` checked too: mistakes fail before training."""
     check_bleu_tokenize(cfg.evaluate.bleu_tokenize)
+    if cfg.evaluate.precision not in DECODING_PRECISIONS:  # checked on the decoding device once it is known
+        raise ValueError(
+            f"evaluate.precision must be one of {DECODING_PRECISIONS}, got {cfg.evaluate.precision!r}"
+        )
     check_alpha_grid(OmegaConf.to_container(cfg.evaluate.alpha_grid, resolve=True))
     return DecodingSettings.from_config(cfg.decoding, prefix="decoding.")
 
@@ -126,9 +131,10 @@ def evaluate_best_checkpoint(
     test_corpora: tuple[Sequence[int], Sequence[tuple[str, str | None]]] | None = None,
 ) -> dict[str, Any]:
     """What a run does with its best checkpoint after training, as ``evaluate`` says: choose its length
-    penalty (``decoding.alpha=auto`` with a beam; greedy search has no use for one, and without test
-    scoring there is nothing to tune it for), then score the test split and print the scores. Decodes
-    on ``device``, the one that trained (a GPU decodes many times faster than the CPU).
+    penalty (``decoding.alpha=auto`` with a beam, on the validation split; greedy search has no use for
+    one), also without test scoring, so that the checkpoint a sweep hands on translates as tuned; then
+    score the test split and print the scores. Decodes on ``device``, the one that trained (a GPU decodes
+    many times faster than the CPU).
 
     ``test_corpora``, for a mixture of corpora: the corpus of each test pair and the (name, target
     language) of each corpus; the test split is then also scored per corpus, and ``test_bleu`` is the
@@ -137,7 +143,7 @@ def evaluate_best_checkpoint(
     Returns the fields for result.json: ``test_bleu`` (and ``test_bleu_by_corpus``) and, when tuned,
     the alpha choice.
     """
-    tune = settings.alpha == AUTO and settings.beam > 1 and evaluate.test
+    tune = settings.alpha == AUTO and settings.beam > 1 and "valid" in texts
     test = texts.get("test") if evaluate.test else None
     if not (tune or test):
         return {"test_bleu": None}

@@ -153,15 +153,26 @@ class TranslationModule(L.LightningModule):
             self._window[1] = self._window[1] + tokens
             self._window[2] += 1
         if should_update_logs(self.trainer):
-            self.log("train_loss", loss_sum / tokens, prog_bar=True, batch_size=batch.src.size(0))
-            self.log("train_ppl", (nll_sum / tokens).exp(), batch_size=batch.src.size(0))
-            self.log("train_skipped_steps", self._skipped + self._found_inf, reduce_fx="max")
-            self._apply_nonfinite_policy()
+            self._log_training_step(loss_sum / tokens, nll_sum / tokens, batch.src.size(0))
         # Lightning divides by accumulate_grad_batches and DDP averages over processes: undone here, so
         # the gradient is the token sum over the first micro-batch's tokens (rescaled before the step).
         return (
             losses.sum() * (self.trainer.world_size * self.trainer.accumulate_grad_batches) / self._window[0]
         )
+
+    def _log_training_step(self, loss: Tensor, nll: Tensor, sentences: int) -> None:
+        """Log the step's loss, perplexity and skipped steps so far, and apply the non-finite policy.
+
+        The values are read from the device in one wait and logged as numbers, off the progress bar:
+        Lightning keeps what is logged until the epoch ends and reads a progress-bar value again after
+        every later batch (a device tensor, or the one it makes of a number: a wait each step).
+        :class:`~seq2seq.callbacks.ProgressLog` puts the loss on the bar.
+        """
+        loss, ppl, skipped = torch.stack([loss, nll.exp(), self._skipped + self._found_inf]).tolist()
+        self.log("train_loss", loss, batch_size=sentences)
+        self.log("train_ppl", ppl, batch_size=sentences)
+        self.log("train_skipped_steps", skipped, reduce_fx="max")
+        self._apply_nonfinite_policy(int(skipped))
 
     def _note_loss(self, loss_sum: Tensor) -> None:
         """Record on the device whether ``loss_sum`` (the same on every process) is finite."""
@@ -203,11 +214,11 @@ class TranslationModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self._found_inf is not None:
-            self._apply_nonfinite_policy()
+            self._apply_nonfinite_policy(int(self._skipped + self._found_inf))
 
-    def _apply_nonfinite_policy(self) -> None:
-        """Read the non-finite record from the device (a wait: logging steps and the end only) and act."""
-        skipped = int(self._skipped + self._found_inf)
+    def _apply_nonfinite_policy(self, skipped: int) -> None:
+        """Act on the non-finite record, ``skipped`` steps so far (read from the device: a wait, on logging
+        steps and at the end only)."""
         if skipped == self._skipped_reported:
             return
         step, value = self._first_nonfinite.tolist()

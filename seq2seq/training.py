@@ -24,6 +24,7 @@ from seq2seq.checkpoints import (
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
+from seq2seq.lightning_private import check_sigterm_on_logging_steps
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.pruning import trial_pruning
@@ -79,7 +80,6 @@ def train(cfg: DictConfig) -> float:
     decoding = evaluation_settings(cfg)
     # trainer.precision=auto and evaluate.precision=auto probe the host's CPU bf16 (once per process).
     precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    resolve_decoding_precision(cfg.evaluate.precision, "cpu", "evaluate.precision")  # checked early
     initial = fine_tuning_checkpoint(cfg)
     if cfg.get("ckpt_path"):
         check_resume_checkpoint(cfg.ckpt_path)
@@ -125,6 +125,9 @@ def train(cfg: DictConfig) -> float:
         callbacks.append(pruning)
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
+    check_sigterm_on_logging_steps(trainer)  # not a collective before every batch under DDP
+    # The test split is decoded where training ran: checked there, before training.
+    resolve_decoding_precision(cfg.evaluate.precision, trainer.strategy.root_device, "evaluate.precision")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_minutes = (time.perf_counter() - started) / 60
