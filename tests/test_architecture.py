@@ -23,6 +23,8 @@ LAYERS = {
     "seq2seq.checkpoints": 4,
     "seq2seq.run_dir": 4,
     "seq2seq.sweep": 4,
+    "seq2seq.sweeper": 4,
+    "seq2seq.pruning": 4,
     "seq2seq.search": 5,
     "seq2seq.metrics": 5,
     "seq2seq.precision": 5,
