@@ -17,6 +17,7 @@ from seq2seq.lightning_private import should_update_logs
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores
 from seq2seq.model import Seq2Seq
 from seq2seq.precision import clip_gradients
+from seq2seq.schedules import BUDGET_SCHEDULES, STEP_SCHEDULES, build_scheduler
 from seq2seq.search import DecodingSettings, decode
 from seq2seq.tokenization import PAD_ID, Tokenizer
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 # TranslationModule moves batches itself, on purpose, whatever data module feeds it.
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `Lightning")
 
-SCHEDULERS = ("inverse_sqrt", "constant", "plateau")
+SCHEDULERS = (*STEP_SCHEDULES, *BUDGET_SCHEDULES, "plateau")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -36,7 +37,9 @@ class TranslationModule(L.LightningModule):
         src_vocab_size, tgt_vocab_size: from the tokenizer.
         optimizer: AdamW keyword arguments (``lr``, ``betas``, ``weight_decay``, ...).
         scheduler: ``name`` is ``inverse_sqrt`` (linear warmup over ``warmup_steps``, then decay with
-            the inverse square root of the step), ``constant`` (warmup, then flat) or ``plateau``
+            the inverse square root of the step), ``constant`` (warmup, then flat), ``linear`` or
+            ``cosine`` (warmup, then decay to ``floor`` x the peak, default 0, at the end of the budget
+            of ``trainer.max_time`` or ``max_steps``: see :mod:`seq2seq.schedules`) or ``plateau``
             (multiply by ``factor`` after ``patience`` validations without a better BLEU; it steps
             after each validation, so its patience counts validations, not epochs).
         label_smoothing: mass spread uniformly over the vocabulary in the training loss.
@@ -286,16 +289,9 @@ class TranslationModule(L.LightningModule):
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val_bleu", "strict": False},
             }
-        warmup = max(int(settings.get("warmup_steps", 0)), 1)
-        decay = settings["name"] == "inverse_sqrt"
-
-        def factor(step: int) -> float:
-            step += 1
-            if step < warmup:
-                return step / warmup
-            return math.sqrt(warmup / step) if decay else 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # The budget-aware schedules read the trainer's budget; the others need no trainer.
+        trainer = self.trainer if settings["name"] in BUDGET_SCHEDULES else None
+        scheduler = build_scheduler(settings, optimizer, trainer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
