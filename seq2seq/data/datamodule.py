@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from seq2seq.data.collate import EncodedSplit
@@ -178,7 +179,9 @@ class TranslationDataModule(L.LightningDataModule):
         }
         if name == "train":
             return ResumableDataLoader(split, batches_done_fn=self._batches_done, **options)
-        return DataLoader(split, **options)
+        # A loader draws its workers' base seed from its generator each time it is iterated: from the
+        # global stream without one, which would shift training's dropout after each validation.
+        return DataLoader(split, generator=torch.Generator().manual_seed(self.seed), **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
