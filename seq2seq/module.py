@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.data.collate import Batch
+from seq2seq.ema import WeightAverage
 from seq2seq.lightning_private import should_update_logs
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores
 from seq2seq.model import Seq2Seq
@@ -51,6 +52,9 @@ class TranslationModule(L.LightningModule):
         nonfinite_loss: what a step with a NaN or infinite loss does: ``stop`` raises an error naming
             the step; ``skip`` leaves the weights untouched, logs a warning and counts the step in
             ``train_skipped_steps``. Either way no update is made from a non-finite loss.
+        ema_decay: None, or the decay of an exponential moving average of the weights, which is
+            validated, saved in the best checkpoints and scored on the test split, while the raw
+            weights train on (see :class:`~seq2seq.ema.WeightAverage`).
 
     Under data parallelism the loss is the mean over all target tokens of all processes, and the
     validation scores are those of the whole validation set: the per-sentence results of all processes
@@ -69,6 +73,7 @@ class TranslationModule(L.LightningModule):
         nonfinite_loss: str = "stop",
         tgt_lang: str | None = None,
         bleu_tokenize: str | None = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -87,6 +92,7 @@ class TranslationModule(L.LightningModule):
         self.tgt_lang, self.bleu_tokenize = tgt_lang, check_bleu_tokenize(bleu_tokenize)
         self.save_hyperparameters()
         self.model = Seq2Seq(src_vocab_size, tgt_vocab_size, **model)
+        self.weight_average = WeightAverage(ema_decay) if ema_decay is not None else None
         self.tokenizer: Tokenizer | None = None  # set by the trainer script or restored from a checkpoint
         self.run_config: dict[str, Any] | None = None  # the resolved run configuration, kept in checkpoints
         # Non-finite losses, recorded on the device: found in this optimizer step (what fused AdamW reads
@@ -298,9 +304,15 @@ class TranslationModule(L.LightningModule):
         if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.weight_average] if self.weight_average is not None else []
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is None:
             raise RuntimeError("TranslationModule.tokenizer must be set before saving a checkpoint")
+        if self.weight_average is not None:
+            # Here, not in the callback: Lightning calls callbacks' hook for full checkpoints only.
+            self.weight_average.fill_checkpoint(checkpoint)
         checkpoint["tokenizer"] = self.tokenizer.state_dict()
         checkpoint["run_config"] = self.run_config
 
