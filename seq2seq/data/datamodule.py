@@ -17,6 +17,7 @@ from seq2seq.data.collate import EncodedSplit
 from seq2seq.data.corpora import Corpus, ParallelText
 from seq2seq.data.prepared import build_or_reuse, memory_available, open_prepared, read_ahead
 from seq2seq.data.sampler import ResumableDataLoader, TokenBucketBatchSampler, padding_efficiency
+from seq2seq.data.sampling import EpochTaggedSampler, ResampledSplit, SamplingSettings
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class TranslationDataModule(L.LightningDataModule):
             ``cache_dir`` (each node's first process prepares), false for one shared by all nodes.
         tgt_lang: the target language (ISO 639-1), for BLEU's tokenizer; None: the corpus reader's
             (the Bible knows each version's), else unknown. Known after ``setup`` as ``self.tgt_lang``.
+        subword_sampling: None, or :class:`SamplingSettings` fields: each training batch is segmented
+            anew from its text by sentencepiece's sampling (:mod:`seq2seq.data.sampling`).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class TranslationDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         prepare_per_node: bool = True,
         tgt_lang: str | None = None,
+        subword_sampling: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -87,6 +91,8 @@ class TranslationDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.prepare_data_per_node = prepare_per_node
         self.tgt_lang = tgt_lang
+        self.sampling = SamplingSettings(**subword_sampling) if subword_sampling else None
+        self.resampled: ResampledSplit | None = None
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, EncodedSplit] = {}
@@ -123,6 +129,17 @@ class TranslationDataModule(L.LightningDataModule):
                     [text.src[i] for i in kept], [text.tgt[i] for i in kept], text.origin
                 )
             self._log_split(name, text.origin, split, prepared.counts[name])
+        if self.sampling is not None:
+            text = self.texts.get("train", self.corpus.train)
+            self.resampled = ResampledSplit(
+                self.splits["train"],
+                text,
+                prepared.kept["train"],
+                self.tokenizer,
+                self.sampling,
+                self.max_len,
+                self.seed,
+            )
         # One process a node fills the page cache that the others, and their workers, read from.
         if stage in (None, "fit") and (self.trainer is None or self.trainer.local_rank == 0):
             self.reading_ahead = read_ahead(self.splits["train"].cache_files(), memory_available())
@@ -142,7 +159,8 @@ class TranslationDataModule(L.LightningDataModule):
     def _batch_sampler(self, split: EncodedSplit, name: str) -> TokenBucketBatchSampler:
         is_train = name == "train"
         trainer = self.trainer
-        return TokenBucketBatchSampler(
+        resampled = is_train and self.sampling is not None
+        return (EpochTaggedSampler if resampled else TokenBucketBatchSampler)(
             split.src_lengths(),
             split.tgt_lengths(),
             self.batch_tokens if is_train else self.eval_batch_tokens,
@@ -177,6 +195,9 @@ class TranslationDataModule(L.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
             "pin_memory": self.pin_memory,
         }
+        if name == "train" and self.resampled is not None:
+            options["collate_fn"] = self.resampled.collate
+            return ResumableDataLoader(self.resampled, batches_done_fn=self._batches_done, **options)
         if name == "train":
             return ResumableDataLoader(split, batches_done_fn=self._batches_done, **options)
         # A loader draws its workers' base seed from its generator each time it is iterated: from the
