@@ -18,6 +18,7 @@ from seq2seq.data.corpora import Corpus, ParallelText
 from seq2seq.data.prepared import build_or_reuse, memory_available, open_prepared, read_ahead
 from seq2seq.data.sampler import ResumableDataLoader, TokenBucketBatchSampler, padding_efficiency
 from seq2seq.data.sampling import EpochTaggedSampler, ResampledSplit, SamplingSettings
+from seq2seq.lightning_private import batches_done_in_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,7 @@ class TranslationDataModule(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def _batches_done(self) -> int:
-        """Training batches of the current epoch that went through a training step."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return batches_done_in_epoch(self.trainer)
 
     def _loader(self, name: str) -> DataLoader:
         split = self.splits[name]
