@@ -195,11 +195,10 @@ class TranslationDataModule(L.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
             "pin_memory": self.pin_memory,
         }
-        if name == "train" and self.resampled is not None:
-            options["collate_fn"] = self.resampled.collate
-            return ResumableDataLoader(self.resampled, batches_done_fn=self._batches_done, **options)
         if name == "train":
-            return ResumableDataLoader(split, batches_done_fn=self._batches_done, **options)
+            dataset = split if self.resampled is None else self.resampled  # resampled: segmented anew
+            options["collate_fn"] = dataset.collate
+            return ResumableDataLoader(dataset, batches_done_fn=self._batches_done, **options)
         # A loader draws its workers' base seed from its generator each time it is iterated: from the
         # global stream without one, which would shift training's dropout after each validation.
         return DataLoader(split, generator=torch.Generator().manual_seed(self.seed), **options)

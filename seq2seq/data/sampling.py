@@ -131,6 +131,7 @@ class ResampledSplit(Dataset):
                 enable_sampling=True,
                 alpha=self.settings.alpha,
                 nbest_size=self.settings.nbest,
+                num_threads=1,  # each thread has its own generator, seeded once: one thread, reproducible
             )
             # A sampled side longer than the limit (or empty) takes the cached segmentation instead.
             kept = [
