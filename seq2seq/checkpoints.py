@@ -68,6 +68,53 @@ def check_resume_checkpoint(path: str) -> None:
         raise type(err)(f"ckpt_path: {err}") from None
 
 
+def read_init_checkpoint(path: str) -> dict[str, Any]:
+    """The checkpoint ``init_from`` names (weights, tokenizer and model settings); a one-line error
+    naming the option if it is missing or not a checkpoint of this toolkit's translation models."""
+    try:
+        checkpoint = read_checkpoint(path, required=("state_dict", "tokenizer", "hyper_parameters"))
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"init_from: {err}") from None
+    if not isinstance(checkpoint["hyper_parameters"].get("model"), dict):
+        raise ValueError(f"init_from: {path} is not a checkpoint of this toolkit (no model settings)")
+    return checkpoint
+
+
+def check_architecture(
+    composed: dict[str, Any], checkpoint: dict[str, Any], overrides: Sequence[str]
+) -> None:
+    """Fine-tuning takes the model's architecture from the checkpoint: a ``model.KEY=VALUE`` (or
+    ``model=NAME``) command-line override that asks for another is a ValueError naming the key.
+
+    ``composed`` is the composed ``model`` config, ``checkpoint`` the checkpoint's, ``overrides`` the
+    command line's overrides (Hydra's ``overrides.task``); settings only the config files set differ
+    freely (the checkpoint's win).
+    """
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "model":
+            differing = [
+                k for k in sorted(composed.keys() | checkpoint.keys()) if composed.get(k) != checkpoint.get(k)
+            ]
+            if differing:
+                first = differing[0]
+                raise ValueError(
+                    f"init_from: {override} conflicts with the checkpoint's architecture (model.{first}:"
+                    f" {composed.get(first)!r} here, {checkpoint.get(first)!r} in the checkpoint); drop it"
+                )
+        elif key.startswith("model."):
+            path = key.removeprefix("model.").split(".")
+            here, there = composed, checkpoint
+            for part in path:
+                here = here.get(part) if isinstance(here, dict) else None
+                there = there.get(part) if isinstance(there, dict) else None
+            if here != there:
+                raise ValueError(
+                    f"init_from: {key}={value} conflicts with the checkpoint's {key}={there!r}: the"
+                    " architecture comes from the checkpoint; drop the override"
+                )
+
+
 def save_last_checkpoint(trainer: L.Trainer) -> None:
     """Write ``last.ckpt`` now that training has ended (Lightning saves it at the end only if it never did).
 

@@ -5,18 +5,26 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seq2seq.callbacks import CarryBestCheckpoint, ProgressLog
-from seq2seq.checkpoints import check_resume_checkpoint, save_last_checkpoint
+from seq2seq.checkpoints import (
+    check_architecture,
+    check_resume_checkpoint,
+    read_init_checkpoint,
+    save_last_checkpoint,
+)
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
+from seq2seq.lightning_private import check_sigterm_on_logging_steps
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.pruning import trial_pruning
@@ -72,7 +80,7 @@ def train(cfg: DictConfig) -> float:
     decoding = evaluation_settings(cfg)
     # trainer.precision=auto and evaluate.precision=auto probe the host's CPU bf16 (once per process).
     precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    resolve_decoding_precision(cfg.evaluate.precision, "cpu", "evaluate.precision")  # checked early
+    initial = fine_tuning_checkpoint(cfg)
     if cfg.get("ckpt_path"):
         check_resume_checkpoint(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
@@ -83,7 +91,8 @@ def train(cfg: DictConfig) -> float:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
         write_run_record(output_dir / "run.json", cfg.seed)
-    datamodule: TranslationDataModule = instantiate(cfg.data)
+    given_tokenizer = Tokenizer.from_state_dict(initial["tokenizer"]) if initial else None
+    datamodule: TranslationDataModule = instantiate(cfg.data, given_tokenizer=given_tokenizer)
     # The model's vocabulary sizes are needed before fit, so the data is prepared (once: other processes
     # wait on the cache's lock, then reuse it) and set up here, as Lightning would do inside fit.
     datamodule.prepare_data()
@@ -98,6 +107,12 @@ def train(cfg: DictConfig) -> float:
         bleu_tokenize=cfg.evaluate.bleu_tokenize,
         _convert_="all",
     )
+    if initial is not None:
+        module.load_state_dict(initial["state_dict"])
+        log.info(
+            "Fine-tuning from %s (its weights, vocabulary and architecture; a new optimizer, schedule"
+            " and data order)", cfg.init_from,
+        )  # fmt: skip
     module.tokenizer = tokenizer
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     parameters = sum(p.numel() for p in module.parameters())
@@ -110,6 +125,9 @@ def train(cfg: DictConfig) -> float:
         callbacks.append(pruning)
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
+    check_sigterm_on_logging_steps(trainer)  # not a collective before every batch under DDP
+    # The test split is decoded where training ran: checked there, before training.
+    resolve_decoding_precision(cfg.evaluate.precision, trainer.strategy.root_device, "evaluate.precision")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_minutes = (time.perf_counter() - started) / 60
@@ -136,6 +154,7 @@ def train(cfg: DictConfig) -> float:
                 output_dir,
                 decoding,
                 cfg.evaluate,
+                corpora_of_test_split(datamodule),
             )
         progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(
@@ -153,6 +172,36 @@ def train(cfg: DictConfig) -> float:
             **(pruning.record() if pruning else {}),
         )
     return best_bleu
+
+
+def corpora_of_test_split(
+    datamodule: TranslationDataModule,
+) -> tuple[list[int], list[tuple[str, str | None]]] | None:
+    """For a mixture of corpora: the corpus of each test pair, and each corpus's name and target language."""
+    corpus_ids = datamodule.corpus_ids.get("test")
+    if corpus_ids is None:
+        return None
+    corpora = [(part.name, part.tgt_lang or datamodule.tgt_lang) for part in datamodule.corpus.parts]
+    return corpus_ids.tolist(), corpora
+
+
+def fine_tuning_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
+    """``init_from``: the checkpoint to start from, read and checked, with ``cfg.model`` set to its
+    architecture (so the run's config says what is trained); None without ``init_from``."""
+    if not cfg.get("init_from"):
+        return None
+    if cfg.get("ckpt_path"):
+        raise ValueError(
+            "ckpt_path (resume a run exactly) and init_from (a new run from a checkpoint's weights)"
+            " exclude each other: give one"
+        )
+    checkpoint = read_init_checkpoint(cfg.init_from)
+    model = checkpoint["hyper_parameters"]["model"]
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    check_architecture(OmegaConf.to_container(cfg.model, resolve=True), model, overrides)
+    with open_dict(cfg):
+        cfg.model = model
+    return checkpoint
 
 
 def log_run_start(cfg: DictConfig, tokenizer: Tokenizer, parameters: int) -> None:

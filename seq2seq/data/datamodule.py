@@ -6,17 +6,24 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from seq2seq.data.collate import EncodedSplit
-from seq2seq.data.corpora import Corpus, ParallelText
+from seq2seq.data.corpora import ConcatenatedText, Corpus, ParallelText
 from seq2seq.data.prepared import build_or_reuse, memory_available, open_prepared, read_ahead
-from seq2seq.data.sampler import ResumableDataLoader, TokenBucketBatchSampler, padding_efficiency
+from seq2seq.data.sampler import (
+    CorpusMixture,
+    ResumableDataLoader,
+    TokenBucketBatchSampler,
+    padding_efficiency,
+)
 from seq2seq.data.sampling import EpochTaggedSampler, ResampledSplit, SamplingSettings
 from seq2seq.lightning_private import batches_done_in_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
@@ -54,6 +61,8 @@ class TranslationDataModule(L.LightningDataModule):
             (the Bible knows each version's), else unknown. Known after ``setup`` as ``self.tgt_lang``.
         subword_sampling: None, or :class:`SamplingSettings` fields: each training batch is segmented
             anew from its text by sentencepiece's sampling (:mod:`seq2seq.data.sampling`).
+        given_tokenizer: encode with these sentencepiece model(s) instead of training them on the corpus
+            (fine-tuning: the checkpoint's); ``subword`` is then unused.
     """
 
     def __init__(
@@ -71,6 +80,7 @@ class TranslationDataModule(L.LightningDataModule):
         prepare_per_node: bool = True,
         tgt_lang: str | None = None,
         subword_sampling: dict[str, Any] | None = None,
+        given_tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -94,12 +104,17 @@ class TranslationDataModule(L.LightningDataModule):
         self.tgt_lang = tgt_lang
         self.sampling = SamplingSettings(**subword_sampling) if subword_sampling else None
         self.resampled: ResampledSplit | None = None
+        self.given_tokenizer = given_tokenizer
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, EncodedSplit] = {}
         # Raw text of the kept pairs of the splits held in memory, aligned with ``self.splits``.
         self.texts: dict[str, ParallelText] = {}
         self.reading_ahead: threading.Thread | None = None
+        # A mixture of corpora (data=corpora): the corpus of each kept pair per split, and the draw of
+        # each training epoch's pairs by weight. None for a single corpus.
+        self.corpus_ids: dict[str, np.ndarray | None] = {}
+        self.mixture: CorpusMixture | None = None
 
     def prepare_data(self) -> None:
         """Build the prepared cache, unless it is up to date (then only check it)."""
@@ -109,8 +124,12 @@ class TranslationDataModule(L.LightningDataModule):
         """The prepared cache folder: checked and reused if up to date, else built now."""
         if self.corpus is None:
             self.corpus = self.load_corpus()
+        tags = self.corpus.tags
+        if self.given_tokenizer is not None:
+            self.given_tokenizer.check_tags(tags, "data.corpus.corpora.*.tag (init_from's vocabulary)")
+        settings = replace(self.subword, user_defined_symbols=tags) if tags else self.subword
         # Under a lock: a process that finds the cache being built waits, then reuses it.
-        return build_or_reuse(self.corpus, self.subword, self.max_len, self.cache_dir)
+        return build_or_reuse(self.corpus, settings, self.max_len, self.cache_dir, self.given_tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
@@ -119,8 +138,11 @@ class TranslationDataModule(L.LightningDataModule):
         self.tokenizer = prepared.tokenizer
         self.splits = {name: EncodedSplit(src, tgt) for name, (src, tgt) in prepared.ids.items()}
         self.tgt_lang = self.tgt_lang or self.corpus.tgt_lang
+        self.corpus_ids = prepared.corpus_ids
         for name, split in self.splits.items():
             text = getattr(self.corpus, name)
+            if isinstance(text, ConcatenatedText):
+                text = text.in_memory() or text
             if not split:
                 read = prepared.counts[name]["read"]
                 raise ValueError(f"{text.origin}: no usable pairs in the {name} split ({read} read)")
@@ -129,9 +151,16 @@ class TranslationDataModule(L.LightningDataModule):
                 self.texts[name] = ParallelText(
                     [text.src[i] for i in kept], [text.tgt[i] for i in kept], text.origin
                 )
+            if name == "train" and self.corpus_ids["train"] is not None:
+                self.mixture = self._mixture(self.corpus_ids["train"])
             self._log_split(name, text.origin, split, prepared.counts[name])
         if self.sampling is not None:
             text = self.texts.get("train", self.corpus.train)
+            if self.tokenizer.src_tags or isinstance(text, ConcatenatedText):
+                raise ValueError(
+                    "data.subword_sampling is not available with target-language tags or with several"
+                    " training corpora read from files"
+                )
             self.resampled = ResampledSplit(
                 self.splits["train"],
                 text,
@@ -144,6 +173,25 @@ class TranslationDataModule(L.LightningDataModule):
         # One process a node fills the page cache that the others, and their workers, read from.
         if stage in (None, "fit") and (self.trainer is None or self.trainer.local_rank == 0):
             self.reading_ahead = read_ahead(self.splits["train"].cache_files(), memory_available())
+
+    def _mixture(self, corpus_ids: np.ndarray) -> CorpusMixture:
+        """The draw of each epoch's training pairs by the corpora's weights; says what each epoch holds."""
+        parts = self.corpus.parts
+        mixture = CorpusMixture(corpus_ids, [part.weight for part in parts], self.seed)
+        for part, members, count in zip(parts, mixture.members, mixture.counts.tolist(), strict=True):
+            if not len(members):
+                raise ValueError(f"data.corpus.corpora.{part.name}: no usable training pairs")
+            log.info(
+                "Corpus %s: %d training pairs, weight %g: %d pairs an epoch (%.2fx); tag %s; target %s",
+                part.name,
+                len(members),
+                part.weight,
+                count,
+                count / len(members),
+                part.tag,
+                part.tgt_lang,
+            )
+        return mixture
 
     def _log_split(self, name: str, origin: str, split: EncodedSplit, counts: dict[str, int]) -> None:
         """Say what was read, dropped and truncated, and how well the batches fill."""
@@ -171,6 +219,7 @@ class TranslationDataModule(L.LightningDataModule):
             equal_source_length=is_train and self.equal_source_length,
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
+            epoch_pairs=self.mixture.draw if is_train and self.mixture is not None else None,
         )
 
     def _current_epoch(self) -> int:
