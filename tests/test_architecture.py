@@ -29,6 +29,8 @@ LAYERS = {
     "seq2seq.metrics": 5,
     "seq2seq.precision": 5,
     "seq2seq.flops": 5,
+    "seq2seq.schedules": 5,
+    "seq2seq.ema": 5,
     "seq2seq.cli": 5,
     "seq2seq": 1,  # the package's __init__: registers the decoding config group for the commands
     "seq2seq.data": 6,
