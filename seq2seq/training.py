@@ -83,9 +83,9 @@ def train(cfg: DictConfig) -> float:
         OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
         write_run_record(output_dir / "run.json", cfg.seed)
     datamodule: TranslationDataModule = instantiate(cfg.data)
-    # The model's vocabulary sizes are needed before fit, so the data is prepared (once: other processes
-    # wait on the cache's lock, then reuse it) and set up here, as Lightning would do inside fit.
-    datamodule.prepare_data()
+    # The model's vocabulary sizes are needed before fit, so the data is prepared and set up here, as
+    # Lightning would do inside fit: prepared by local rank 0 of each node (or global rank 0 only, with
+    # data.prepare_per_node=false) while the other processes wait for it.
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
     module: TranslationModule = instantiate(
