@@ -20,6 +20,7 @@ from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.run_dir import discard_unused_run_dir, write_run_record
+from seq2seq.slurm import SlurmRequeue, newest_checkpoint
 from seq2seq.sweep import write_result
 from seq2seq.tokenization import Tokenizer
 
@@ -72,12 +73,18 @@ def train(cfg: DictConfig) -> float:
     # trainer.precision=auto and evaluate.precision=auto probe the host's CPU bf16 (once per process).
     precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     resolve_decoding_precision(cfg.evaluate.precision, "cpu", "evaluate.precision")  # checked early
-    if cfg.get("ckpt_path"):
-        check_resume_checkpoint(cfg.ckpt_path)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = cfg.get("ckpt_path")
+    slurm = SlurmRequeue(output_dir) if SlurmRequeue.wanted() else None
+    if slurm is not None:
+        slurm.install()
+        if ckpt_path is None and (ckpt_path := newest_checkpoint(output_dir)) is not None:
+            log.info("Requeued SLURM job: resuming from %s", ckpt_path)
+    if ckpt_path:
+        check_resume_checkpoint(str(ckpt_path))
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):  # "high": TF32 matrix products on GPUs that have them
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    output_dir = Path(cfg.paths.output_dir)
     if rank_zero_only.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
@@ -86,6 +93,8 @@ def train(cfg: DictConfig) -> float:
     # The model's vocabulary sizes are needed before fit, so the data is prepared and set up here, as
     # Lightning would do inside fit: prepared by local rank 0 of each node (or global rank 0 only, with
     # data.prepare_per_node=false) while the other processes wait for it.
+    if slurm is not None:
+        slurm.phase = "data preparation"
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
     module: TranslationModule = instantiate(
@@ -103,12 +112,16 @@ def train(cfg: DictConfig) -> float:
     log_run_start(cfg, tokenizer, parameters)
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    if cfg.get("ckpt_path"):
+    if ckpt_path:
         callbacks.append(CarryBestCheckpoint())
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if slurm is not None:
+        slurm.phase, slurm.trainer = "fit", trainer
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if slurm is not None:
+        slurm.phase, slurm.trainer = "evaluation", None
     train_minutes = (time.perf_counter() - started) / 60
     log.info("Training took %.1f minutes", train_minutes)
     save_last_checkpoint(trainer)
