@@ -109,7 +109,8 @@ class TranslationDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the prepared cache, unless it is up to date (then only check it). Lightning calls this
-        in the processes that prepare (:meth:`prepares_here`), and ``train()`` before the Trainer exists."""
+        in the processes that prepare (:meth:`prepares_here`); so does :meth:`setup` there, if nothing
+        has (``train()`` sets up the data before the Trainer exists)."""
         if self.prepared is None:
             self.prepared = self.build_or_reuse_cache()
 
