@@ -41,6 +41,7 @@ class ProgressLog(L.Callback):
 
     def __init__(self, every_seconds: float = 30.0) -> None:
         self.every_seconds = every_seconds
+        self.total_tokens = 0  # also when fit trains nothing (resumed from the end of training)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.plain = trainer.progress_bar_callback is None or not sys.stdout.isatty()

@@ -115,13 +115,13 @@ def test_a_resume_with_another_number_of_ranks_trains_each_batch_once(before, af
 
 @pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_on_two_ranks_with_the_next_global_batches(tmp_path):
-    """Stopped mid-epoch after 12 steps on one process, resumed with trainer=ddp on 2: step 12 + j
+    """Stopped mid-epoch after 12 steps on one process, resumed on 2 (trainer=ddp_cpu): step 12 + j
     trains the batches that one process trains at steps 12 + 2j and 12 + 2j + 1."""
     cache, one_epoch = tmp_path / "cache", ["trainer.val_check_interval=12", "data.corpus.sizes.train=3000"]
     smoke(tmp_path / "first", cache, "trainer.max_steps=12", *one_epoch)
     smoke(tmp_path / "reference", cache, "trainer.max_steps=20", *one_epoch, *record(tmp_path / "ref"))
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "decoding.beam=1"]
+    ddp = ["trainer=ddp_cpu", "decoding.beam=1"]  # 2 gloo processes, the same data settings
     resumed = [f"ckpt_path={last}", "trainer.max_steps=16", *one_epoch, "trainer.val_check_interval=4", *ddp]
     smoke(tmp_path / "resumed", cache, *resumed, *record(tmp_path / "r"))
     expected = {r["step"]: r["indices"] for r in read_records(tmp_path / "ref") if r["step"] >= 12}
