@@ -34,3 +34,14 @@ def restart_finished_epoch(trainer: L.Trainer) -> None:
         epoch_loop.scheduler_progress.reset_on_run()
         epoch_loop.automatic_optimization.optim_progress.reset_on_run()
         epoch_loop.val_loop.batch_progress.total.reset()
+
+
+def batches_done_in_epoch(trainer: L.Trainer) -> int:
+    """Training batches of the current epoch that went through a training step: the data position a
+    resumed run continues from (the loader runs ahead of training by its prefetching, so its own count
+    is not it).
+
+    Internal loop state: the epoch loop's progress tracker is not underscored but is not documented API
+    either; Lightning restores it from checkpoints itself.
+    """
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed

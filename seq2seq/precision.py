@@ -100,8 +100,9 @@ def on_cpu(accelerator: str | torch.device) -> bool:
 def resolve_trainer_precision(precision: str | int, accelerator: str) -> str | int:
     """``trainer.precision`` as Lightning takes it. ``auto`` becomes ``bf16-mixed`` on a CPU where
     :func:`probe_cpu_bf16` finds bf16 usable and ``32-true`` otherwise (on a GPU too: the GPU configs
-    set their own precision), and the log says which and why; so does fp16 (``16-mixed``) on a CPU. Any other value is kept, but CPU bf16
-    autocast on a host where it fails raises a ValueError naming the option, before training starts.
+    set their own precision), and the log says which and why; fp16 (``16-mixed``) on a CPU is chosen
+    the same way. Any other value is kept, but CPU bf16 autocast on a host where it fails raises a
+    ValueError naming the option, before training starts.
     """
     if precision in FP16_AUTOCAST_PRECISIONS and on_cpu(accelerator):
         # A GPU config (trainer=gpu, ddp) run on the CPU: Lightning would switch to bf16-mixed without

@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,15 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.csv"
+# Then one column per swept key, named by short_names; a pruned trial's steps are its last step.
 COLUMNS = (
     "trial", "status", "val_bleu", "test_bleu", "train_minutes", "steps", "tokens_per_second", "parameters",
     "checkpoint",
-    "overrides",  # the swept keys' values only
+    "validations",  # a sweep trial's validations, step:BLEU
     "error",
 )  # fmt: skip
+# Best first: complete trials by validation BLEU, then pruned ones by their best validation, then the rest.
+STATUS_ORDER = {"ok": 0, "pruned": 1}
 
 
 def write_result(output_dir: str | Path, **fields: Any) -> None:
@@ -48,10 +52,11 @@ def swept_keys(config: DictConfig) -> set[str]:
 
 
 def collect_results(sweep_dir: str | Path, swept: set[str] | None = None) -> list[dict[str, Any]]:
-    """Trial records under ``sweep_dir``: completed ones by validation BLEU, best first, then failed.
+    """Trial records under ``sweep_dir``, best first (STATUS_ORDER), with a column per swept key.
 
-    The overrides column holds only the ``swept`` keys' values (without ``swept``: the overrides whose
-    values differ between trials), not the constant overrides repeated in every row.
+    The columns hold only the ``swept`` keys' values (without ``swept``: the overrides whose values
+    differ between trials), not the constant overrides repeated in every row; a key a trial did not
+    set is empty.
     """
     records = {}
     for path in Path(sweep_dir).glob(f"*/{RESULT_FILE}"):
@@ -60,18 +65,33 @@ def collect_results(sweep_dir: str | Path, swept: set[str] | None = None) -> lis
     if swept is None:
         keys = {key for overrides in trial_overrides.values() for key in overrides}
         swept = {k for k in keys if len({str(o.get(k)) for o in trial_overrides.values()}) > 1}
+    keys = sorted({k for overrides in trial_overrides.values() for k in overrides if k.lstrip("+~") in swept})
+    names = short_names(keys)
     rows = []
     for trial, record in records.items():
-        shown = " ".join(f"{k}={v}" for k, v in trial_overrides[trial].items() if k.lstrip("+~") in swept)
-        rows.append(
-            {column: record.get(column, "") for column in COLUMNS} | {"trial": trial, "overrides": shown}
-        )
+        values = {names[key]: trial_overrides[trial].get(key, "") for key in keys}
+        rows.append({column: record.get(column, "") for column in COLUMNS} | {"trial": trial} | values)
 
-    def rank(row: dict[str, Any]) -> tuple[int, float]:
-        ok = row["status"] == "ok" and isinstance(row["val_bleu"], float) and math.isfinite(row["val_bleu"])
-        return (0, -row["val_bleu"]) if ok else (1, 0.0)
+    def rank(row: dict[str, Any]) -> tuple[int, float, str]:
+        bleu = row["val_bleu"]
+        scored = isinstance(bleu, float) and math.isfinite(bleu) and row["status"] in STATUS_ORDER
+        return (STATUS_ORDER[row["status"]], -bleu, "") if scored else (len(STATUS_ORDER), 0.0, row["trial"])
 
     return sorted(rows, key=rank)
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Column names for swept keys: the last part of each (``lr`` for ``module.optimizer.lr``), with
+    more parts where two keys would share a name."""
+    parts = {key: key.lstrip("+~").split(".") for key in keys}
+    depth = dict.fromkeys(keys, 1)
+    while True:
+        names = {key: ".".join(parts[key][-depth[key] :]) for key in keys}
+        clashing = [k for k in keys if list(names.values()).count(names[k]) > 1 and depth[k] < len(parts[k])]
+        if not clashing:
+            return names
+        for key in clashing:
+            depth[key] += 1
 
 
 def overrides_of(record: dict[str, Any]) -> dict[str, str]:
@@ -82,18 +102,26 @@ def overrides_of(record: dict[str, Any]) -> dict[str, str]:
 
 
 def write_summary(sweep_dir: str | Path, swept: set[str] | None = None) -> list[dict[str, Any]]:
+    """Write ``summary.csv``, atomically: workers of a sweep rewrite it as their trials end."""
     rows = collect_results(sweep_dir, swept)
-    with open(Path(sweep_dir, SUMMARY_FILE), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    columns = list(COLUMNS) + [k for k in (rows[0] if rows else {}) if k not in COLUMNS]
+    partial = Path(sweep_dir, f".{SUMMARY_FILE}.{os.getpid()}")
+    with open(partial, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(partial, Path(sweep_dir, SUMMARY_FILE))
     return rows
 
 
+WIDTH = 120  # the printed summary's lines; swept values that do not fit go to a table of their own
+
+
 def format_summary(rows: list[dict[str, Any]]) -> str:
-    """The summary as a text table; tokens/s shows a trial that other work on the machine slowed down."""
-    header = f"{'trial':>5}  {'status':<11}  {'val BLEU':>8}  {'test BLEU':>9}  {'minutes':>7}  {'steps':>6}"
-    lines = [f"{header}  {'tokens/s':>8}  {'parameters':>11}  swept values"]
+    """The summary as text tables of at most WIDTH characters: the trials' figures (tokens/s shows a
+    trial that other work on the machine slowed down), then their swept values."""
+    header = f"{'trial':>5}  {'status':<7}  {'val BLEU':>8}  {'test BLEU':>9}  {'minutes':>7}  {'steps':>6}"
+    lines = [f"{header}  {'tokens/s':>8}  {'parameters':>11}"]
 
     def shown(value: Any, spec: str, width: int) -> str:
         return f"{value:{spec}}".rjust(width) if isinstance(value, int | float) else "-".rjust(width)
@@ -109,8 +137,18 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
                 shown(row["parameters"], ",", 11),
             )
         )
-        detail = row["overrides"] + (f"  [{row['error']}]" if row["error"] else "")
-        lines.append(f"{row['trial']:>5}  {row['status']:<11}  {numbers}  {detail}")
+        lines.append(
+            f"{row['trial']:>5}  {row['status']:<7}  {numbers}"
+            + (f"  [{row['error']}]" if row["error"] else "")
+        )
+    swept = [k for k in (rows[0] if rows else {}) if k not in COLUMNS]
+    widths = {k: max(len(k), *(len(str(row[k])) for row in rows)) for k in swept}
+    while swept:  # tables of swept values, as many columns as fit in WIDTH
+        block = [swept.pop(0)]
+        while swept and 5 + sum(widths[k] + 2 for k in [*block, swept[0]]) <= WIDTH:
+            block.append(swept.pop(0))
+        lines += ["", f"{'trial':>5}" + "".join(f"  {k:>{widths[k]}}" for k in block)]
+        lines += [f"{row['trial']:>5}" + "".join(f"  {row[k]!s:>{widths[k]}}" for k in block) for row in rows]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from seq2seq.data import TranslationDataModule
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
+from seq2seq.pruning import trial_pruning
 from seq2seq.run_dir import discard_unused_run_dir, write_run_record
 from seq2seq.slurm import SlurmRequeue, newest_checkpoint
 from seq2seq.sweep import write_result
@@ -114,6 +115,8 @@ def train(cfg: DictConfig) -> float:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if ckpt_path:
         callbacks.append(CarryBestCheckpoint())
+    if pruning := trial_pruning():  # a trial of hydra/sweeper=seq2seq: validations go to the study
+        callbacks.append(pruning)
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
     started = time.perf_counter()
@@ -136,18 +139,21 @@ def train(cfg: DictConfig) -> float:
     best_bleu = float(checkpoint.best_model_score)
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
     if trainer.is_global_zero:
-        scores = evaluate_best_checkpoint(
-            checkpoint.best_model_path,
-            trainer.strategy.root_device,
-            datamodule.texts,
-            output_dir,
-            decoding,
-            cfg.evaluate,
-        )
+        pruned = pruning is not None and pruning.pruned_at is not None
+        scores = {"test_bleu": None}  # a pruned trial: nothing more to learn from it
+        if not pruned:
+            scores = evaluate_best_checkpoint(
+                checkpoint.best_model_path,
+                trainer.strategy.root_device,
+                datamodule.texts,
+                output_dir,
+                decoding,
+                cfg.evaluate,
+            )
         progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(
             output_dir,
-            status="ok",
+            status="pruned" if pruned else "ok",
             val_bleu=best_bleu,
             train_minutes=train_minutes,
             steps=trainer.global_step,
@@ -157,6 +163,7 @@ def train(cfg: DictConfig) -> float:
             precision=str(trainer.precision),
             checkpoint=checkpoint.best_model_path,
             **scores,
+            **(pruning.record() if pruning else {}),
         )
     return best_bleu
 

@@ -36,6 +36,9 @@ def test_the_epoch_loop_still_has_what_restart_finished_epoch_resets():
     ):
         assert callable(tracker.reset_on_run)
     assert callable(loop.val_loop.batch_progress.total.reset)
+    assert lightning_private.batches_done_in_epoch(trainer) == 0
+    loop.batch_progress.increment_processed()
+    assert lightning_private.batches_done_in_epoch(trainer) == 1
 
 
 def test_the_throughput_monitor_still_counts_in_update_with_private_counters():

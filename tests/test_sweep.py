@@ -1,13 +1,23 @@
-"""Hydra multirun sweeps on the smoke experiment: a grid, an Optuna search, and a failing trial."""
+"""Hydra multirun sweeps on the smoke experiment: a grid, a failing trial, and searches with our sweeper
+(hydra/sweeper=seq2seq): asynchronous workers, pruning, a killed worker, journal and PostgreSQL storages."""
 
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-from .test_training import QUIET, run_script
+from .test_training import QUIET, REPO, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +37,7 @@ def test_grid_sweep_writes_a_summary_best_first(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
     # Only the swept value, not the constant overrides of every trial (experiment=smoke, paths, ...).
-    assert sorted(r["overrides"] for r in rows) == ["model.dropout=0.0", "model.dropout=0.2"]
+    assert sorted(r["dropout"] for r in rows) == ["0.0", "0.2"] and "experiment" not in rows[0]
     bleus = [float(r["val_bleu"]) for r in rows]
     assert bleus == sorted(bleus, reverse=True)
     for row in rows:
@@ -46,30 +56,223 @@ def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path):
     result, rows = sweep(tmp_path, "model.hidden_size=-1,128")
     assert len(rows) == 2
     ok, failed = rows
-    assert ok["status"] == "ok" and ok["overrides"] == "model.hidden_size=128" and float(ok["val_bleu"]) >= 0
-    assert failed["status"] == "failed" and failed["overrides"] == "model.hidden_size=-1"
+    assert ok["status"] == "ok" and ok["hidden_size"] == "128" and float(ok["val_bleu"]) >= 0
+    assert failed["status"] == "failed" and failed["hidden_size"] == "-1"
     assert "model.hidden_size must be positive" in failed["error"]
     # Hydra's grid sweeper reports the failure once every trial has run: a user's mistake, in one line.
     assert result.returncode == 2 and "error: " in result.stderr and "Traceback" not in result.stderr
 
 
-def test_recipe_search_two_trials_in_sqlite_decides_without_test_scores(tmp_path):
+def study_of(sweep_dir: Path, name: str, storage: str | None = None):
+    """The study as another process reads it while the sweep writes it."""
+    from seq2seq.sweeper import JOURNAL_FILE, StudySpec
+
+    spec = StudySpec(storage=storage or str(sweep_dir / JOURNAL_FILE), name=name, direction="maximize")
+    return pytest.importorskip("optuna").load_study(study_name=name, storage=spec.open_storage())
+
+
+def states(study) -> list[str]:
+    return [t.state.name for t in study.trials]
+
+
+def test_pruning_search_two_workers_without_barrier(tmp_path):
+    """conf/hparams_search/smoke_pruning.yaml as shipped: the first sweep a user runs."""
+    pytest.importorskip("optuna")
+    result, rows = sweep(tmp_path, "hparams_search=smoke_pruning")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = study_of(tmp_path / "sweep", "smoke_pruning")
+    assert len(study.trials) == 6 and "PRUNED" in states(study) and "COMPLETE" in states(study)
+    # The baseline (the smoke recipe as it is) is trial 0.
+    assert (
+        study.trials[0].params == {"module.optimizer.lr": 0.01} and study.trials[0].state.name == "COMPLETE"
+    )
+    # The hopeless learning rate stops at its first or second validation (every 30 steps).
+    for trial in study.trials:
+        if trial.params["module.optimizer.lr"] == 1e-7:
+            assert trial.state.name == "PRUNED" and max(trial.intermediate_values) <= 60
+    # Two workers, each taking its next trial as its last one ends: trials overlap in time, and
+    # the trials that ended early (pruned) did not wait for a longer one to end.
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in study.trials)
+    assert any(start < spans[i][1] for i, (_, _) in enumerate(spans) for start, _ in spans[i + 1 :])
+    workers = {t.user_attrs["host_pid"] for t in study.trials}
+    assert len(workers) == 2
+    # summary.csv: every trial, complete ones first; pruned ones with their last step and validations.
+    assert len(rows) == 6 and [r["status"] for r in rows] == sorted(
+        (r["status"] for r in rows), key=["ok", "pruned"].index
+    )
+    pruned = [r for r in rows if r["status"] == "pruned"]
+    assert all(
+        int(r["steps"]) < 120 and r["validations"].split()[-1].startswith(r["steps"] + ":") for r in pruned
+    )
+    assert all(Path(r["checkpoint"]).is_file() for r in rows)  # a pruned trial keeps its best checkpoint
+    assert {r["lr"] for r in rows} <= {"1e-07", "0.001", "0.003", "0.01", "0.03"}
+    for plot in ("optimization_history", "intermediate_values", "param_importances"):
+        assert (tmp_path / "sweep" / f"{plot}.html").stat().st_size > 0
+        assert (tmp_path / "sweep" / f"{plot}.png").stat().st_size > 0
+    assert (
+        "Sweep summary" in result.stdout
+        and max(len(line) for line in result.stdout.splitlines()[-14:]) <= 120
+    )
+
+
+def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study(tmp_path):
+    pytest.importorskip("optuna")
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable, "train.py", "hparams_search=smoke_pruning", f"hydra.sweep.dir={sweep_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.pruner=null", "hydra.sweeper.plots=false", "trainer.max_steps=60",
+        "module.optimizer.lr=choice(0.01,0.03)", "hydra.sweeper.fixed_points=[{}]",
+    ]  # fmt: skip
+    first = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        # Read the journal from this process while the sweep writes it: wait for a trial with a validation.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            running = []
+            if (sweep_dir / "optuna.journal").exists():
+                running = [
+                    t for t in study_of(sweep_dir, "smoke_pruning").trials if t.state.name == "RUNNING"
+                ]
+            if any(t.intermediate_values for t in running):
+                break
+            time.sleep(0.5)
+        victim = next(t for t in running if t.intermediate_values)
+        os.kill(int(victim.user_attrs["host_pid"].rpartition(":")[2]), signal.SIGKILL)
+        # The sweep fails that trial at once; the other worker goes on.
+        while study_of(sweep_dir, "smoke_pruning").trials[victim.number].state.name == "RUNNING":
+            time.sleep(0.5)
+        assert first.poll() is None
+        os.killpg(first.pid, signal.SIGKILL)  # then the whole command, mid-trial
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    study = study_of(sweep_dir, "smoke_pruning")
+    assert study.trials[victim.number].state.name == "FAIL"
+    assert "stopped during the trial" in study.trials[victim.number].user_attrs["error"]
+    # The same command again: the trial left running by the killed command is failed, the study ends
+    # with 3 complete trials and no running one, the baseline was not queued a second time.
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = study_of(sweep_dir, "smoke_pruning")
+    assert (
+        states(study).count("COMPLETE") == 3
+        and "RUNNING" not in states(study)
+        and "WAITING" not in states(study)
+    )
+    assert sum("fixed_point" in t.user_attrs for t in study.trials) == 1
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(rows) == len(study.trials) and len(failed) == states(study).count("FAIL") >= 1
+    assert all(r["lr"] for r in failed) and any("stopped during the trial" in r["error"] for r in failed)
+
+
+def test_recipe_search_in_sqlite_decides_without_test_scores(tmp_path):
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     result, rows = sweep(
-        tmp_path, "hparams_search=bible_recipe", "hydra.sweeper.n_trials=2",
+        tmp_path, "hparams_search=bible_recipe", "hydra.sweeper.n_trials=2", "hydra.sweeper.fixed_points=[]",
         f"hydra.sweeper.storage={storage}", "trainer.max_steps=30", "trainer.val_check_interval=30",
         # the toy corpus's own subwords: it has too few pieces for the searched vocabularies
         "data.subword.vocab_size=32", "data.subword.model_type=word",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
-    searched = ("model.bidirectional", "model.reverse_source", "model.hidden_size", "module.optimizer.lr")
-    assert all(all(f"{key}=" in r["overrides"] for key in searched) for r in rows)
-    assert all("trainer.max_steps" not in r["overrides"] for r in rows)  # constant: not shown
+    assert all(r["bidirectional"] and r["reverse_source"] and r["hidden_size"] and r["lr"] for r in rows)
+    assert "max_steps" not in rows[0]  # constant: not shown
     # evaluate.test=false: no test decoding at all, so the choice cannot see test scores.
     assert all(r["test_bleu"] == "" for r in rows)
     assert not list((tmp_path / "sweep").glob("*/test.hyp"))
     study = optuna.load_study(study_name="bible_recipe", storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert states(study) == ["COMPLETE", "COMPLETE"]
     assert max(t.value for t in study.trials) == pytest.approx(float(rows[0]["val_bleu"]))
+
+
+def test_a_baseline_outside_the_search_space_is_one_line(tmp_path):
+    pytest.importorskip("optuna")
+    result, _ = sweep(tmp_path, "hparams_search=smoke_pruning", "module.optimizer.lr=choice(0.003,0.03)")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        "hydra.sweeper.fixed_points[0]: module.optimizer.lr=0.01 is outside the search space" in result.stderr
+    )
+
+
+def test_without_optuna_the_error_names_the_extra(tmp_path):
+    blocker = tmp_path / "no_optuna" / "optuna"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named optuna')\n")
+    result = subprocess.run(
+        [sys.executable, "train.py", "hparams_search=smoke_pruning", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(blocker.parent), "HYDRA_FULL_ERROR": "0"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "error: hydra/sweeper=seq2seq needs Optuna: pip install 'seq2seq-lstm[sweep]'"
+    )
+
+
+def test_the_sweep_extra_has_current_optuna_and_sqlalchemy():
+    pytest.importorskip("optuna")
+    major = lambda name: int(version(name).split(".")[0])  # noqa: E731
+    assert major("optuna") >= 4 and major("sqlalchemy") >= 2
+    extra = next(
+        line for line in (REPO / "pyproject.toml").read_text().splitlines() if line.startswith("sweep =")
+    )
+    assert "optuna>=4" in extra and not any(
+        old in extra for old in ("hydra-optuna-sweeper", "sqlalchemy", "alembic")
+    )
+
+
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server (initdb, pg_ctl) in a temporary folder, run as an unprivileged user
+    (initdb refuses root), stopped at the end; skipped where none can start."""
+    pytest.importorskip("psycopg2")
+    if not (POSTGRES_BIN / "initdb").exists():
+        pytest.skip(f"no PostgreSQL 15 binaries in {POSTGRES_BIN}")
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    if as_user and not shutil.which("runuser"):
+        pytest.skip("running as root without runuser: initdb refuses root")
+    folder = Path(tempfile.mkdtemp(prefix="pg-"))
+    folder.chmod(0o777)
+    data = folder / "data"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = lambda *args: subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)  # noqa: E731
+    init = run(str(POSTGRES_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
+    if init.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    start = run(
+        str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"
+    )
+    try:
+        if start.returncode != 0:
+            pytest.skip(f"pg_ctl start failed: {start.stderr.strip()[-300:]}")
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        run(str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_on_a_postgresql_study(tmp_path, postgres_url):
+    result, rows = sweep(
+        tmp_path, "hparams_search=smoke_pruning", f"hydra.sweeper.storage={postgres_url}",
+        "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=null", "hydra.sweeper.plots=false",
+        "hydra.sweeper.heartbeat_interval=5", "trainer.max_steps=60",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = study_of(tmp_path / "sweep", "smoke_pruning", storage=postgres_url)
+    assert states(study) == ["COMPLETE"] * 3 and len(rows) == 3
+    assert len({t.user_attrs["host_pid"] for t in study.trials}) == 2
+    assert not (tmp_path / "sweep" / "optuna.journal").exists()

@@ -29,6 +29,7 @@ from seq2seq.data.prepared import (
     wait_for_prepared,
 )
 from seq2seq.data.sampler import ResumableDataLoader, TokenBucketBatchSampler, padding_efficiency
+from seq2seq.lightning_private import batches_done_in_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,7 @@ class TranslationDataModule(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def _batches_done(self) -> int:
-        """Training batches of the current epoch that went through a training step."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return batches_done_in_epoch(self.trainer)
 
     def _loader(self, name: str) -> DataLoader:
         split = self.splits[name]
