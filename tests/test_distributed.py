@@ -115,15 +115,24 @@ def test_a_resume_with_another_number_of_ranks_trains_each_batch_once(before, af
 
 @pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_on_two_ranks_with_the_next_global_batches(tmp_path):
-    """Stopped mid-epoch after 12 steps on one process, resumed on 2 (trainer=ddp_cpu): step 12 + j
-    trains the batches that one process trains at steps 12 + 2j and 12 + 2j + 1."""
+    """A one-process run's checkpoint from step 12 (mid-epoch), resumed on 2 processes (trainer=ddp_cpu):
+    step 12 + j trains the batches that the one process trained at steps 12 + 2j and 12 + 2j + 1."""
     cache, one_epoch = tmp_path / "cache", ["trainer.val_check_interval=12", "data.corpus.sizes.train=3000"]
-    smoke(tmp_path / "first", cache, "trainer.max_steps=12", *one_epoch)
-    smoke(tmp_path / "reference", cache, "trainer.max_steps=20", *one_epoch, *record(tmp_path / "ref"))
-    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    ddp = ["trainer=ddp_cpu", "decoding.beam=1"]  # 2 gloo processes, the same data settings
-    resumed = [f"ckpt_path={last}", "trainer.max_steps=16", *one_epoch, "trainer.val_check_interval=4", *ddp]
-    smoke(tmp_path / "resumed", cache, *resumed, *record(tmp_path / "r"))
+    periodic = ["callbacks.last_checkpoint.every_n_train_steps=12", "callbacks.last_checkpoint.save_top_k=-1",
+                "callbacks.last_checkpoint.filename=at-{step}"]  # fmt: skip
+    smoke(
+        tmp_path / "reference",
+        cache,
+        "trainer.max_steps=20",
+        *one_epoch,
+        *periodic,
+        *record(tmp_path / "ref"),
+    )
+    at_12 = tmp_path / "reference" / "checkpoints" / "at-step=12.ckpt"
+    resumed = [f"ckpt_path={at_12}", "trainer.max_steps=16", *one_epoch, "trainer.val_check_interval=4"]
+    smoke(
+        tmp_path / "resumed", cache, *resumed, "trainer=ddp_cpu", "decoding.beam=1", *record(tmp_path / "r")
+    )
     expected = {r["step"]: r["indices"] for r in read_records(tmp_path / "ref") if r["step"] >= 12}
     got = {
         (r["rank"], r["step"]): r["indices"] for rank in (0, 1) for r in read_records(tmp_path / "r", rank)
@@ -133,9 +142,9 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks_with_the_next_global_batc
     (state,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert state["global_batches_done"] == 20 and state["world_size"] == 2
     # The same checkpoint over another epoch plan: refused in one line.
-    other = [f"hydra.run.dir={tmp_path / 'other'}", f"paths.cache_dir={cache}", f"ckpt_path={last}"]
+    other = [f"hydra.run.dir={tmp_path / 'other'}", f"paths.cache_dir={cache}", f"ckpt_path={at_12}"]
     result = run_script("train.py", "experiment=smoke", *other, "data.batch_tokens=320", *QUIET)
-    assert result.returncode == 2 and "error: ckpt_path: saved after 12 of the" in result.stderr
+    assert result.returncode == 2 and "error: ckpt_path: saved after 12 of the 34 batches" in result.stderr
 
 
 def test_a_resume_over_another_epoch_plan_is_refused():
