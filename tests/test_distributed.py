@@ -118,8 +118,11 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks_with_the_next_global_batc
     """A one-process run's checkpoint from step 12 (mid-epoch), resumed on 2 processes (trainer=ddp_cpu):
     step 12 + j trains the batches that the one process trained at steps 12 + 2j and 12 + 2j + 1."""
     cache, one_epoch = tmp_path / "cache", ["trainer.val_check_interval=12", "data.corpus.sizes.train=3000"]
-    periodic = ["callbacks.last_checkpoint.every_n_train_steps=12", "callbacks.last_checkpoint.save_top_k=-1",
-                "callbacks.last_checkpoint.filename=at-{step}"]  # fmt: skip
+    periodic = [  # a checkpoint at step 12 that stays
+        "callbacks.last_checkpoint.every_n_train_steps=12",
+        "callbacks.last_checkpoint.save_top_k=-1",
+        "+callbacks.last_checkpoint.filename='at-{step}'",
+    ]
     smoke(
         tmp_path / "reference",
         cache,
@@ -129,7 +132,7 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks_with_the_next_global_batc
         *record(tmp_path / "ref"),
     )
     at_12 = tmp_path / "reference" / "checkpoints" / "at-step=12.ckpt"
-    resumed = [f"ckpt_path={at_12}", "trainer.max_steps=16", *one_epoch, "trainer.val_check_interval=4"]
+    resumed = [f"ckpt_path='{at_12}'", "trainer.max_steps=16", *one_epoch, "trainer.val_check_interval=4"]
     smoke(
         tmp_path / "resumed", cache, *resumed, "trainer=ddp_cpu", "decoding.beam=1", *record(tmp_path / "r")
     )
@@ -142,7 +145,7 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks_with_the_next_global_batc
     (state,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert state["global_batches_done"] == 20 and state["world_size"] == 2
     # The same checkpoint over another epoch plan: refused in one line.
-    other = [f"hydra.run.dir={tmp_path / 'other'}", f"paths.cache_dir={cache}", f"ckpt_path={at_12}"]
+    other = [f"hydra.run.dir={tmp_path / 'other'}", f"paths.cache_dir={cache}", f"ckpt_path='{at_12}'"]
     result = run_script("train.py", "experiment=smoke", *other, "data.batch_tokens=320", *QUIET)
     assert result.returncode == 2 and "error: ckpt_path: saved after 12 of the 34 batches" in result.stderr
 
