@@ -1,22 +1,22 @@
-"""The CPU's peak and a hook-based FLOP counter, shared by the benchmarks; the counts per LSTM step,
+"""The host's measured peak and a hook-based FLOP counter, shared by the benchmarks; the counts per LSTM step,
 projection and training step are the package's (seq2seq/flops.py, also behind ThroughputMonitor's FLOP/s).
 """
 
 from __future__ import annotations
 
-import os
-
+import torch
 from torch import nn
 
-from seq2seq.flops import lstm_flops_per_step
+from seq2seq.flops import lstm_flops_per_step, measured_peak_flops
 from seq2seq.model import Seq2Seq
 
 
-def peak_flops(ghz: float, flops_per_cycle: int) -> tuple[float, str]:
-    """Peak FLOP/s of the cores this process may use, and how it was computed."""
-    cores = len(os.sched_getaffinity(0))
-    peak = cores * ghz * 1e9 * flops_per_cycle
-    return peak, f"{cores} cores x {ghz} GHz x {flops_per_cycle} FLOP/cycle = {peak / 1e9:.0f} GFLOP/s"
+def peak_flops(precision: str) -> float:
+    """Peak FLOP/s of this host in the dtype of ``precision`` (a trainer precision such as ``bf16-mixed``
+    or a decoding one such as ``bf16``): measured with a matrix product (see seq2seq/flops.py), not
+    computed from a clock and FLOPs per cycle, which gave 107 % "of peak" on an AVX-512 host."""
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    return measured_peak_flops("cpu", dtype)
 
 
 class FlopCounter:

@@ -146,12 +146,14 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternating rounds; per step, the fastest is kept"
     )
-    parser.add_argument("--ghz", type=float, default=2.6, help="core clock for the peak")
-    parser.add_argument("--flops-per-cycle", type=int, default=32, help="fp32 FLOP per cycle and core")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_tokens=6000")
     args = parser.parse_args()
-    peak, how = peak_flops(args.ghz, args.flops_per_cycle)
-    print(f"fp32 peak: {how}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peaks = {precision: peak_flops(precision) for precision in args.precisions}
+    measured = ", ".join(f"{precision} {peak / 1e9:.0f}" for precision, peak in peaks.items())
+    print(
+        f"peak GFLOP/s (measured matrix product): {measured}; torch {torch.__version__},"
+        f" {torch.get_num_threads()} threads"
+    )
 
     for model_name in args.models:
         datamodule, cfg, clip = build(model_name, args.overrides)
@@ -190,7 +192,7 @@ def main() -> None:
                     step_seconds[name] = list(map(min, elapsed, step_seconds.get(name, elapsed)))
             seconds = {name: sum(steps) for name, steps in step_seconds.items()}
             for name, elapsed in seconds.items():
-                rate, speed = flops / elapsed, tokens / elapsed
+                rate, speed, peak = flops / elapsed, tokens / elapsed, peaks[precision]
                 print(f"{precision:<12}{name:<11}{speed:>10.0f}{rate / 1e9:>10.1f}{rate / peak:>9.1%}")
             if len(seconds) == 2:
                 ratio = seconds["plain"] / seconds["Lightning"]

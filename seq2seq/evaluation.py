@@ -14,9 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.checkpoints import store_alpha
-from seq2seq.data.corpora import ParallelText
-from seq2seq.metrics import check_bleu_tokenize, corpus_scores
-from seq2seq.search import AUTO, DecodingSettings, best_for_alpha
+from seq2seq.data.corpora import ParallelText, read_lines
+from seq2seq.metrics import check_bleu_tokenize, corpus_scores, scores_by_corpus
+from seq2seq.precision import DECODING_PRECISIONS
+from seq2seq.search import AUTO, UNTUNED_ALPHA, DecodingSettings, best_for_alpha
 from seq2seq.translator import FileReport, Translator, translate_file
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,11 @@ class AlphaChoice:
     translations: dict[float, list[str]]
     seconds: float
 
+    @property
+    def tied(self) -> bool:
+        """Whether every alpha scored the same BLEU: there is nothing to choose."""
+        return len(set(self.bleu.values())) == 1
+
 
 def check_alpha_grid(grid: Sequence[float]) -> list[float]:
     """The distinct values of ``grid``, sorted; a ValueError naming ``evaluate.alpha_grid`` unless they
@@ -44,6 +50,10 @@ def check_alpha_grid(grid: Sequence[float]) -> list[float]:
 def evaluation_settings(cfg: DictConfig) -> DecodingSettings:
     """The decoding settings of the run, with ``cfg.evaluate`` checked too: mistakes fail before training."""
     check_bleu_tokenize(cfg.evaluate.bleu_tokenize)
+    if cfg.evaluate.precision not in DECODING_PRECISIONS:  # checked on the decoding device once it is known
+        raise ValueError(
+            f"evaluate.precision must be one of {DECODING_PRECISIONS}, got {cfg.evaluate.precision!r}"
+        )
     check_alpha_grid(OmegaConf.to_container(cfg.evaluate.alpha_grid, resolve=True))
     return DecodingSettings.from_config(cfg.decoding, prefix="decoding.")
 
@@ -87,6 +97,17 @@ def tune_alpha(
     alpha, store the choice in ``checkpoint`` and use it in ``translator`` from now on."""
     choice = choose_alpha(translator, valid.src, valid.tgt, settings, grid)
     table = ", ".join(f"{alpha:g}: {bleu:.2f}" for alpha, bleu in choice.bleu.items())
+    if choice.tied:
+        log.info(
+            "decoding.alpha=auto: not tuned, every alpha scores BLEU %.2f on the validation split (beam %d,"
+            " %.1f s): the length penalty makes no difference to this model yet; alpha=auto uses %g",
+            choice.bleu[choice.alpha],
+            settings.beam,
+            choice.seconds,
+            UNTUNED_ALPHA,
+        )
+        translator.alpha = UNTUNED_ALPHA
+        return choice
     log.info(
         "decoding.alpha=auto: alpha %g chosen on the validation split (%d sentences, beam %d;"
         " BLEU by alpha %s) in %.1f s",
@@ -123,15 +144,36 @@ def evaluate_best_checkpoint(
     output_dir: Path,
     settings: DecodingSettings,
     evaluate: DictConfig,
+    test_corpora: tuple[Sequence[int], Sequence[tuple[str, str | None]]] | None = None,
+    validations: int | None = None,
 ) -> dict[str, Any]:
     """What a run does with its best checkpoint after training, as ``evaluate`` says: choose its length
-    penalty (``decoding.alpha=auto`` with a beam; greedy search has no use for one, and without test
-    scoring there is nothing to tune it for), then score the test split and print the scores. Decodes
-    on ``device``, the one that trained (a GPU decodes many times faster than the CPU).
+    penalty (``decoding.alpha=auto`` with a beam, on the validation split; greedy search has no use for
+    one), also without test scoring, so that the checkpoint a sweep hands on translates as tuned; then
+    score the test split and print the scores. Decodes on ``device``, the one that trained (a GPU decodes
+    many times faster than the CPU).
 
-    Returns the fields for result.json: ``test_bleu`` and, when tuned, the alpha choice.
+    ``test_corpora``, for a mixture of corpora: the corpus of each test pair and the (name, target
+    language) of each corpus; the test split is then also scored per corpus, and ``test_bleu`` is the
+    mean of the corpora's BLEU, as validation's ``val_bleu`` is.
+
+    A run that validated fewer than ``evaluate.min_validations`` times (``validations``; None: not
+    counted) trained too little for the length penalty to matter: alpha is not tuned, which saves a beam
+    search of the validation split.
+
+    Returns the fields for result.json: ``test_bleu`` (and ``test_bleu_by_corpus``), ``test_seconds``
+    and, when tuned, the alpha choice.
     """
-    tune = settings.alpha == AUTO and settings.beam > 1 and evaluate.test
+    tune = settings.alpha == AUTO and settings.beam > 1 and "valid" in texts
+    if tune and validations is not None and validations < evaluate.min_validations:
+        log.info(
+            "decoding.alpha=auto: not tuned, the run validated %d time(s), fewer than"
+            " evaluate.min_validations=%d; alpha=auto uses %g",
+            validations,
+            evaluate.min_validations,
+            UNTUNED_ALPHA,
+        )
+        tune = False
     test = texts.get("test") if evaluate.test else None
     if not (tune or test):
         return {"test_bleu": None}
@@ -140,12 +182,26 @@ def evaluate_best_checkpoint(
     if tune:
         grid = OmegaConf.to_container(evaluate.alpha_grid, resolve=True)
         choice = tune_alpha(translator, checkpoint, texts["valid"], settings, grid)
-        fields.update(alpha=choice.alpha, alpha_bleu=choice.bleu, alpha_seconds=choice.seconds)
+        alpha = None if choice.tied else choice.alpha
+        fields.update(alpha=alpha, alpha_bleu=choice.bleu, alpha_seconds=choice.seconds)
+    elif translator.alpha is None:
+        translator.alpha = UNTUNED_ALPHA  # not tuned, as logged above: no warning about it while testing
     if test is not None:
         report = score_test(translator, test, output_dir, settings)
-        fields["test_bleu"] = report.scores.bleu
+        fields.update(test_bleu=report.scores.bleu, test_seconds=report.seconds)
         print(
             f"Test split ({test.origin}), beam {settings.beam}, alpha {translator.settings(settings).alpha},"
             f" {translator.precision}, checkpoint {checkpoint}:\n{report}"
         )
+        if test_corpora is not None:
+            hypotheses = read_lines(output_dir / "test.hyp")
+            by_corpus = scores_by_corpus(hypotheses, test.tgt, *test_corpora, evaluate.bleu_tokenize)
+            for name, scores in by_corpus.items():
+                print(
+                    f"Test split, corpus {name}: BLEU {scores.bleu:.2f}, chrF {scores.chrf:.2f}"
+                    f" ({scores.bleu_signature})"
+                )
+            fields["test_bleu_by_corpus"] = {name: scores.bleu for name, scores in by_corpus.items()}
+            fields["test_bleu"] = sum(fields["test_bleu_by_corpus"].values()) / len(by_corpus)
+            print(f"Test BLEU, mean over the {len(by_corpus)} corpora: {fields['test_bleu']:.2f}")
     return fields

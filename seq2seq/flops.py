@@ -1,4 +1,5 @@
-"""FLOP counts of the model's matrix products: for ThroughputMonitor's FLOP/s and MFU, and the benchmarks.
+"""FLOP counts of the model's matrix products, for ThroughputMonitor's FLOP/s and MFU, and the benchmarks;
+the peak FLOP/s of the host that MFU divides by.
 
 Counted: the LSTMs (the gate matrix products, 2 x 4h x (input + h) per time step, direction and layer)
 and the output projection (2 x hidden x vocabulary per projected row). Embeddings, element-wise gate
@@ -8,6 +9,10 @@ few percent of the work.
 
 from __future__ import annotations
 
+import functools
+import time
+
+import torch
 from torch import nn
 
 from seq2seq.data.collate import Batch
@@ -39,3 +44,31 @@ def training_flops(model: Seq2Seq, batch: Batch) -> int:
         + batch.num_target_tokens * projection_flops(model)
     )
     return 3 * forward
+
+
+@functools.cache
+def measured_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square matrix product in ``dtype`` on ``device``, the fastest of repeats over about a fifth
+    of a second: the peak that MFU divides by where no table knows the device (a CPU). The size doubles
+    from 256 (up to 2048) until one product takes 20 ms, so that a slow (emulated) dtype costs no more.
+
+    Measured, not computed from a clock and FLOPs per cycle, which differ between cores of one ISA (one
+    or two full-width FMA units) and under a hypervisor. Measured once per process and argument set.
+    """
+
+    def best_seconds(size: int, budget: float) -> float:
+        """The fastest of at least 3 products of two size x size matrices, repeated for ``budget`` s."""
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        times: list[float] = []
+        while len(times) < 3 or sum(times) < budget:
+            started = time.perf_counter()
+            torch.matmul(a, b)
+            if device != "cpu":
+                torch.accelerator.synchronize()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    size = 256
+    while size < 2048 and best_seconds(size, 0) < 0.02:
+        size *= 2
+    return 2 * size**3 / best_seconds(size, 0.2)

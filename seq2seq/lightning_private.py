@@ -6,7 +6,11 @@ tests/test_lightning_private.py fails if a later Lightning renames or removes an
 
 from __future__ import annotations
 
+from types import FrameType
+
 import lightning as L
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 CHECKED_VERSION = "2.6.6"
 
@@ -34,6 +38,46 @@ def restart_finished_epoch(trainer: L.Trainer) -> None:
         epoch_loop.scheduler_progress.reset_on_run()
         epoch_loop.automatic_optimization.optim_progress.reset_on_run()
         epoch_loop.val_loop.batch_progress.total.reset()
+
+
+def check_sigterm_on_logging_steps(trainer: L.Trainer) -> None:
+    """Under DDP, agree on a SIGTERM on logging steps only, not before every training batch.
+
+    Lightning 2.6 broadcasts a SIGTERM flag from the first process and reads it on the host before every
+    batch (``_TrainingEpochLoop._broadcast_sigterm_tensor``; Lightning-AI/pytorch-lightning#21487): a
+    collective and a wait for the device each step. Its handler (``_SignalConnector._sigterm_notifier_fn``)
+    also broadcasts from inside the signal handler, and a process that got the signal stops after its
+    batch whatever the others do, so a SIGTERM to one process leaves the others waiting in their next
+    collective. Here the handler only notes the signal (and passes it to the processes Lightning
+    started, as Lightning's does); on logging steps (``trainer.log_every_n_steps``) the processes
+    all-reduce their notes and, if any got one, all stop together with Lightning's SIGTERMException
+    (which ``InterruptionCheckpoint`` answers with ``last.ckpt``). A single process stops after the batch
+    it got the signal in, as Lightning does. Call before ``fit``: the handler is installed there.
+
+    Private: both are methods of the trainer's loop and signal connector, replaced on these instances;
+    no public hook runs before Lightning's broadcast or replaces its handler.
+    """
+    connector = trainer._signal_connector
+    noted = [False]  # a SIGTERM reached this process
+
+    def note_sigterm(signum: int, frame: FrameType | None) -> None:
+        if not noted[0] and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)
+        noted[0] = True
+        if trainer.world_size == 1:
+            connector.received_sigterm = True  # the training loop stops after this batch
+
+    def agree_on_sigterm() -> None:
+        if not should_update_logs(trainer):
+            return
+        flag = torch.tensor([float(noted[0])], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            connector.received_sigterm = True
+            raise SIGTERMException
+
+    connector._sigterm_notifier_fn = note_sigterm
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = agree_on_sigterm
 
 
 def batches_done_in_epoch(trainer: L.Trainer) -> int:

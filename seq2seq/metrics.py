@@ -55,6 +55,24 @@ def corpus_scores(
     )
 
 
+def scores_by_corpus(
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    corpus_ids: Sequence[int],
+    corpora: Sequence[tuple[str, str | None]],
+    bleu_tokenize: str | None = None,
+) -> dict[str, CorpusScores]:
+    """Corpus scores of each corpus of a mixture, by name: the sentences whose ``corpus_ids`` is the
+    corpus's position in ``corpora`` ((name, target language) pairs), BLEU tokenized for its language."""
+    scores = {}
+    for corpus, (name, tgt_lang) in enumerate(corpora):
+        rows = [row for row, owner in enumerate(corpus_ids) if owner == corpus]
+        scores[name] = corpus_scores(
+            [hypotheses[row] for row in rows], [references[row] for row in rows], tgt_lang, bleu_tokenize
+        )
+    return scores
+
+
 def check_bleu_tokenize(name: str | None) -> str | None:
     """``name`` if it is None or one of sacrebleu's tokenizers; otherwise a ValueError naming the option."""
     if name is not None and name not in BLEU.TOKENIZERS:

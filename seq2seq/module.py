@@ -13,10 +13,12 @@ import torch
 from torch import Tensor
 
 from seq2seq.data.collate import Batch
+from seq2seq.ema import WeightAverage
 from seq2seq.lightning_private import should_update_logs
-from seq2seq.metrics import check_bleu_tokenize, corpus_scores
+from seq2seq.metrics import check_bleu_tokenize, corpus_scores, scores_by_corpus
 from seq2seq.model import Seq2Seq
 from seq2seq.precision import clip_gradients
+from seq2seq.schedules import BUDGET_SCHEDULES, STEP_SCHEDULES, build_scheduler
 from seq2seq.search import DecodingSettings, decode
 from seq2seq.tokenization import PAD_ID, Tokenizer
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 # TranslationModule moves batches itself, on purpose, whatever data module feeds it.
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `Lightning")
 
-SCHEDULERS = ("inverse_sqrt", "constant", "plateau")
+SCHEDULERS = (*STEP_SCHEDULES, *BUDGET_SCHEDULES, "plateau")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -36,7 +38,9 @@ class TranslationModule(L.LightningModule):
         src_vocab_size, tgt_vocab_size: from the tokenizer.
         optimizer: AdamW keyword arguments (``lr``, ``betas``, ``weight_decay``, ...).
         scheduler: ``name`` is ``inverse_sqrt`` (linear warmup over ``warmup_steps``, then decay with
-            the inverse square root of the step), ``constant`` (warmup, then flat) or ``plateau``
+            the inverse square root of the step), ``constant`` (warmup, then flat), ``linear`` or
+            ``cosine`` (warmup, then decay to ``floor`` x the peak, default 0, at the end of the budget
+            of ``trainer.max_time`` or ``max_steps``: see :mod:`seq2seq.schedules`) or ``plateau``
             (multiply by ``factor`` after ``patience`` validations without a better BLEU; it steps
             after each validation, so its patience counts validations, not epochs).
         label_smoothing: mass spread uniformly over the vocabulary in the training loss.
@@ -48,6 +52,9 @@ class TranslationModule(L.LightningModule):
         nonfinite_loss: what a step with a NaN or infinite loss does: ``stop`` raises an error naming
             the step; ``skip`` leaves the weights untouched, logs a warning and counts the step in
             ``train_skipped_steps``. Either way no update is made from a non-finite loss.
+        ema_decay: None, or the decay of an exponential moving average of the weights, which is
+            validated, saved in the best checkpoints and scored on the test split, while the raw
+            weights train on (see :class:`~seq2seq.ema.WeightAverage`).
 
     Under data parallelism the loss is the mean over all target tokens of all processes, and the
     validation scores are those of the whole validation set: the per-sentence results of all processes
@@ -66,6 +73,7 @@ class TranslationModule(L.LightningModule):
         nonfinite_loss: str = "stop",
         tgt_lang: str | None = None,
         bleu_tokenize: str | None = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -84,6 +92,7 @@ class TranslationModule(L.LightningModule):
         self.tgt_lang, self.bleu_tokenize = tgt_lang, check_bleu_tokenize(bleu_tokenize)
         self.save_hyperparameters()
         self.model = Seq2Seq(src_vocab_size, tgt_vocab_size, **model)
+        self.weight_average = WeightAverage(ema_decay) if ema_decay is not None else None
         self.tokenizer: Tokenizer | None = None  # set by the trainer script or restored from a checkpoint
         self.run_config: dict[str, Any] | None = None  # the resolved run configuration, kept in checkpoints
         # Non-finite losses, recorded on the device: found in this optimizer step (what fused AdamW reads
@@ -153,15 +162,26 @@ class TranslationModule(L.LightningModule):
             self._window[1] = self._window[1] + tokens
             self._window[2] += 1
         if should_update_logs(self.trainer):
-            self.log("train_loss", loss_sum / tokens, prog_bar=True, batch_size=batch.src.size(0))
-            self.log("train_ppl", (nll_sum / tokens).exp(), batch_size=batch.src.size(0))
-            self.log("train_skipped_steps", self._skipped + self._found_inf, reduce_fx="max")
-            self._apply_nonfinite_policy()
+            self._log_training_step(loss_sum / tokens, nll_sum / tokens, batch.src.size(0))
         # Lightning divides by accumulate_grad_batches and DDP averages over processes: undone here, so
         # the gradient is the token sum over the first micro-batch's tokens (rescaled before the step).
         return (
             losses.sum() * (self.trainer.world_size * self.trainer.accumulate_grad_batches) / self._window[0]
         )
+
+    def _log_training_step(self, loss: Tensor, nll: Tensor, sentences: int) -> None:
+        """Log the step's loss, perplexity and skipped steps so far, and apply the non-finite policy.
+
+        The values are read from the device in one wait and logged as numbers, off the progress bar:
+        Lightning keeps what is logged until the epoch ends and reads a progress-bar value again after
+        every later batch (a device tensor, or the one it makes of a number: a wait each step).
+        :class:`~seq2seq.callbacks.ProgressLog` puts the loss on the bar.
+        """
+        loss, ppl, skipped = torch.stack([loss, nll.exp(), self._skipped + self._found_inf]).tolist()
+        self.log("train_loss", loss, batch_size=sentences)
+        self.log("train_ppl", ppl, batch_size=sentences)
+        self.log("train_skipped_steps", skipped, reduce_fx="max")
+        self._apply_nonfinite_policy(int(skipped))
 
     def _note_loss(self, loss_sum: Tensor) -> None:
         """Record on the device whether ``loss_sum`` (the same on every process) is finite."""
@@ -203,11 +223,11 @@ class TranslationModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self._found_inf is not None:
-            self._apply_nonfinite_policy()
+            self._apply_nonfinite_policy(int(self._skipped + self._found_inf))
 
-    def _apply_nonfinite_policy(self) -> None:
-        """Read the non-finite record from the device (a wait: logging steps and the end only) and act."""
-        skipped = int(self._skipped + self._found_inf)
+    def _apply_nonfinite_policy(self, skipped: int) -> None:
+        """Act on the non-finite record, ``skipped`` steps so far (read from the device: a wait, on logging
+        steps and at the end only)."""
         if skipped == self._skipped_reported:
             return
         step, value = self._first_nonfinite.tolist()
@@ -242,32 +262,41 @@ class TranslationModule(L.LightningModule):
             self._val_sentences[index] = (text, nll_sum, tokens)
 
     def on_validation_epoch_end(self) -> None:
+        """Log the validation loss, BLEU and chrF. For a mixture of corpora, BLEU and chrF are the means
+        over the corpora, each also logged per corpus (``val_bleu/<name>``, ``val_chrf/<name>``)."""
         sentences = gather_dicts(self._val_sentences)
-        references = self.trainer.datamodule.texts["valid"].tgt
+        datamodule = self.trainer.datamodule
+        references = datamodule.texts["valid"].tgt
         indices = sorted(sentences)
-        scores = corpus_scores(
-            [sentences[i][0] for i in indices],
-            [references[i] for i in indices],
-            self.tgt_lang,
-            self.bleu_tokenize,
-        )
+        hypotheses = [sentences[i][0] for i in indices]
+        kept_references = [references[i] for i in indices]
         val_loss = sum(sentences[i][1] for i in indices) / max(sum(sentences[i][2] for i in indices), 1)
+        metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        corpus_ids = getattr(datamodule, "corpus_ids", {}).get("valid")
+        if corpus_ids is None:
+            scores = corpus_scores(hypotheses, kept_references, self.tgt_lang, self.bleu_tokenize)
+            metrics.update(val_bleu=scores.bleu, val_chrf=scores.chrf)
+        else:
+            corpora = [(part.name, part.tgt_lang or self.tgt_lang) for part in datamodule.corpus.parts]
+            ids = corpus_ids[indices].tolist()
+            by_corpus = scores_by_corpus(hypotheses, kept_references, ids, corpora, self.bleu_tokenize)
+            metrics.update(
+                val_bleu=sum(s.bleu for s in by_corpus.values()) / len(by_corpus),
+                val_chrf=sum(s.chrf for s in by_corpus.values()) / len(by_corpus),
+            )
+            for name, scores in by_corpus.items():
+                metrics.update({f"val_bleu/{name}": scores.bleu, f"val_chrf/{name}": scores.chrf})
         # Every process computed the same values from the gathered sentences: nothing to reduce.
         self.log_dict(
-            {
-                "val_loss": val_loss,
-                "val_ppl": math.exp(min(val_loss, 50.0)),
-                "val_bleu": scores.bleu,
-                "val_chrf": scores.chrf,
-            },
-            prog_bar=True,
+            {name: metrics[name] for name in ("val_loss", "val_ppl", "val_bleu", "val_chrf")}, prog_bar=True
         )
+        self.log_dict({name: value for name, value in metrics.items() if "/" in name})
         scheduler = self.lr_schedulers()
         if (
             isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             and not self.trainer.sanity_checking
         ):
-            scheduler.step(scores.bleu)
+            scheduler.step(metrics["val_bleu"])
 
     def configure_optimizers(self) -> dict[str, Any]:
         # Fused: it takes the non-finite flag as found_inf and skips on the device (see training_step).
@@ -286,25 +315,24 @@ class TranslationModule(L.LightningModule):
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val_bleu", "strict": False},
             }
-        warmup = max(int(settings.get("warmup_steps", 0)), 1)
-        decay = settings["name"] == "inverse_sqrt"
-
-        def factor(step: int) -> float:
-            step += 1
-            if step < warmup:
-                return step / warmup
-            return math.sqrt(warmup / step) if decay else 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # The budget-aware schedules read the trainer's budget; the others need no trainer.
+        trainer = self.trainer if settings["name"] in BUDGET_SCHEDULES else None
+        scheduler = build_scheduler(settings, optimizer, trainer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.weight_average] if self.weight_average is not None else []
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is None:
             raise RuntimeError("TranslationModule.tokenizer must be set before saving a checkpoint")
+        if self.weight_average is not None:
+            # Here, not in the callback: Lightning calls callbacks' hook for full checkpoints only.
+            self.weight_average.fill_checkpoint(checkpoint)
         checkpoint["tokenizer"] = self.tokenizer.state_dict()
         checkpoint["run_config"] = self.run_config
 

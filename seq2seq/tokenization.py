@@ -6,14 +6,19 @@ A trained :class:`Tokenizer` serializes to bytes, so checkpoints carry it and ne
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# A target-language tag (``<2en>``): one token in angle brackets, kept whole by sentencepiece.
+TAG_PATTERN = re.compile(r"<[^<>\s]+>")
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class SubwordSettings:
     input_sentence_size: int = 2_000_000  # lines sampled (seeded) from the training split per model
     sample_seed: int = 0  # seed of that sample and of sentencepiece's own sampling
     train_threads: int = 4  # sentencepiece's result depends on it, so it is a setting, not the core count
+    # Pieces kept whole, such as target-language tags (``<2en>``); set from the corpora, not by users.
+    user_defined_symbols: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.vocab_size < 8:
@@ -52,6 +59,14 @@ class Tokenizer:
         self.tgt_model = tgt_model
         self.src = spm.SentencePieceProcessor(model_proto=src_model)
         self.tgt = self.src if tgt_model is None else spm.SentencePieceProcessor(model_proto=tgt_model)
+        # Target-language tags: the user-defined ``<...>`` pieces of the source vocabulary.
+        pieces = sentencepiece_model_pb2.ModelProto.FromString(src_model).pieces
+        user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        self.src_tags = {
+            piece.piece: i
+            for i, piece in enumerate(pieces)
+            if piece.type == user_defined and TAG_PATTERN.fullmatch(piece.piece)
+        }
 
     @property
     def joint(self) -> bool:
@@ -66,7 +81,7 @@ class Tokenizer:
         return self.tgt.get_piece_size()
 
     def encode_src(self, lines: Sequence[str]) -> list[list[int]]:
-        return self.src.encode(list(lines))
+        return [ids.tolist() for ids in self.encode_arrays(lines, "src")]
 
     def encode_tgt(self, lines: Sequence[str]) -> list[list[int]]:
         return self.tgt.encode(list(lines))
@@ -74,10 +89,35 @@ class Tokenizer:
     def encode_arrays(self, lines: Sequence[str], side: str) -> list[np.ndarray]:
         """Ids of each line as an int32 array, encoded on all cores (``side``: "src" or "tgt")."""
         processor = self.src if side == "src" else self.tgt
-        return processor.encode(list(lines), return_type="numpy", num_threads=-1)
+        if side == "tgt" or not self.src_tags:
+            return processor.encode(list(lines), return_type="numpy", num_threads=-1)
+        # A source line that starts with a tag and a space: the tag's id, then the rest's ids (encoded
+        # whole, sentencepiece would put a word-boundary piece before the tag).
+        tags = [-1] * len(lines)
+        rest = list(lines)
+        for row, line in enumerate(lines):
+            tag, space, text = line.partition(" ")
+            if space and tag in self.src_tags:
+                tags[row], rest[row] = self.src_tags[tag], text
+        encoded = processor.encode(rest, return_type="numpy", num_threads=-1)
+        return [np.concatenate(([tag], ids)).astype(ids.dtype) if tag >= 0 else ids
+                for tag, ids in zip(tags, encoded, strict=True)]  # fmt: skip
+
+    def check_tags(self, tags: Sequence[str], option: str) -> None:
+        """A ValueError naming ``option`` unless every tag is a tag of the source vocabulary."""
+        if missing := [tag for tag in tags if tag not in self.src_tags]:
+            known = sorted(self.src_tags) or "none"
+            raise ValueError(f"{option}: {missing} not in the vocabulary as tags (it has {known})")
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return self.tgt.decode([list(seq) for seq in ids])
+
+    def digest(self) -> str:
+        """SHA-256 of the serialized model(s): names this tokenizer in a prepared cache's key."""
+        digest = hashlib.sha256(self.src_model)
+        if self.tgt_model is not None:
+            digest.update(b"\x00tgt\x00" + self.tgt_model)
+        return digest.hexdigest()
 
     def state_dict(self) -> dict[str, bytes | None]:
         """Serialized models, as stored inside checkpoints."""
@@ -130,6 +170,7 @@ def train_model(lines: Sequence[str], settings: SubwordSettings) -> bytes:
         character_coverage=settings.character_coverage,
         byte_fallback=settings.byte_fallback,
         input_sentence_size=settings.input_sentence_size,
+        user_defined_symbols=list(settings.user_defined_symbols),
         pad_id=PAD_ID,
         unk_id=UNK_ID,
         bos_id=BOS_ID,

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from seq2seq.callbacks import CarryBestCheckpoint, ProgressLog
-from seq2seq.checkpoints import check_resume_checkpoint, save_last_checkpoint
+from seq2seq.callbacks import CarryBestCheckpoint, FinalValidation, ProgressLog
+from seq2seq.checkpoints import (
+    check_architecture,
+    check_resume_checkpoint,
+    read_init_checkpoint,
+    save_last_checkpoint,
+)
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
+from seq2seq.lightning_private import check_sigterm_on_logging_steps
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.pruning import trial_pruning
@@ -73,7 +82,7 @@ def train(cfg: DictConfig) -> float:
     decoding = evaluation_settings(cfg)
     # trainer.precision=auto and evaluate.precision=auto probe the host's CPU bf16 (once per process).
     precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    resolve_decoding_precision(cfg.evaluate.precision, "cpu", "evaluate.precision")  # checked early
+    initial = fine_tuning_checkpoint(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = cfg.get("ckpt_path")
     slurm = SlurmRequeue(output_dir) if SlurmRequeue.wanted() else None
@@ -82,7 +91,10 @@ def train(cfg: DictConfig) -> float:
         if ckpt_path is None and (ckpt_path := newest_checkpoint(output_dir)) is not None:
             log.info("Requeued SLURM job: resuming from %s", ckpt_path)
     if ckpt_path:
-        check_resume_checkpoint(str(ckpt_path))
+        max_time = cfg.trainer.get("max_time")  # "DD:HH:MM:SS", or a datetime.timedelta _target_
+        check_resume_checkpoint(
+            str(ckpt_path), instantiate(max_time) if isinstance(max_time, DictConfig) else max_time
+        )
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):  # "high": TF32 matrix products on GPUs that have them
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
@@ -90,7 +102,8 @@ def train(cfg: DictConfig) -> float:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
         write_run_record(output_dir / "run.json", cfg.seed)
-    datamodule: TranslationDataModule = instantiate(cfg.data)
+    given_tokenizer = Tokenizer.from_state_dict(initial["tokenizer"]) if initial else None
+    datamodule: TranslationDataModule = instantiate(cfg.data, given_tokenizer=given_tokenizer)
     # The model's vocabulary sizes are needed before fit, so the data is prepared and set up here, as
     # Lightning would do inside fit: prepared by local rank 0 of each node (or global rank 0 only, with
     # data.prepare_per_node=false) while the other processes wait for it.
@@ -107,18 +120,36 @@ def train(cfg: DictConfig) -> float:
         bleu_tokenize=cfg.evaluate.bleu_tokenize,
         _convert_="all",
     )
+    if initial is not None:
+        module.load_state_dict(initial["state_dict"])
+        log.info(
+            "Fine-tuning from %s (its weights, vocabulary and architecture; a new optimizer, schedule"
+            " and data order)", cfg.init_from,
+        )  # fmt: skip
     module.tokenizer = tokenizer
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     parameters = sum(p.numel() for p in module.parameters())
     log_run_start(cfg, tokenizer, parameters)
 
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    final_validation = FinalValidation()  # a best checkpoint even from a run shorter than val_check_interval
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [final_validation]
     if ckpt_path:
         callbacks.append(CarryBestCheckpoint())
     if pruning := trial_pruning():  # a trial of hydra/sweeper=seq2seq: validations go to the study
         callbacks.append(pruning)
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
+    # A progress bar only in a terminal: in a log file, its frames are noise (ProgressLog writes lines there).
+    progress_bar = cfg.trainer.enable_progress_bar and sys.stdout.isatty()
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        precision=precision,
+        enable_progress_bar=progress_bar,
+    )
+    check_sigterm_on_logging_steps(trainer)  # not a collective before every batch under DDP
+    # The test split is decoded where training ran: checked there, before training.
+    resolve_decoding_precision(cfg.evaluate.precision, trainer.strategy.root_device, "evaluate.precision")
     started = time.perf_counter()
     if slurm is not None:
         slurm.phase, slurm.trainer = "fit", trainer
@@ -149,7 +180,17 @@ def train(cfg: DictConfig) -> float:
                 output_dir,
                 decoding,
                 cfg.evaluate,
+                corpora_of_test_split(datamodule),
+                final_validation.count,
             )
+        log.info(
+            "Time by phase: validation %.0f s (%d validations while training), alpha tuning %s,"
+            " test decoding %s",
+            final_validation.seconds,
+            final_validation.count,
+            "-" if scores.get("alpha_seconds") is None else f"{scores['alpha_seconds']:.0f} s",
+            "-" if scores.get("test_seconds") is None else f"{scores['test_seconds']:.0f} s",
+        )
         progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(
             output_dir,
@@ -166,6 +207,36 @@ def train(cfg: DictConfig) -> float:
             **(pruning.record() if pruning else {}),
         )
     return best_bleu
+
+
+def corpora_of_test_split(
+    datamodule: TranslationDataModule,
+) -> tuple[list[int], list[tuple[str, str | None]]] | None:
+    """For a mixture of corpora: the corpus of each test pair, and each corpus's name and target language."""
+    corpus_ids = datamodule.corpus_ids.get("test")
+    if corpus_ids is None:
+        return None
+    corpora = [(part.name, part.tgt_lang or datamodule.tgt_lang) for part in datamodule.corpus.parts]
+    return corpus_ids.tolist(), corpora
+
+
+def fine_tuning_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
+    """``init_from``: the checkpoint to start from, read and checked, with ``cfg.model`` set to its
+    architecture (so the run's config says what is trained); None without ``init_from``."""
+    if not cfg.get("init_from"):
+        return None
+    if cfg.get("ckpt_path"):
+        raise ValueError(
+            "ckpt_path (resume a run exactly) and init_from (a new run from a checkpoint's weights)"
+            " exclude each other: give one"
+        )
+    checkpoint = read_init_checkpoint(cfg.init_from)
+    model = checkpoint["hyper_parameters"]["model"]
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    check_architecture(OmegaConf.to_container(cfg.model, resolve=True), model, overrides)
+    with open_dict(cfg):
+        cfg.model = model
+    return checkpoint
 
 
 def log_run_start(cfg: DictConfig, tokenizer: Tokenizer, parameters: int) -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 
 
 class RecordBatches(L.Callback):
@@ -84,3 +87,139 @@ class NanAtBatch(L.Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+class RecordLearningRates(L.Callback):
+    """Appends one JSON line when training starts and one per training batch, after the scheduler has
+    stepped: the step, the rate of the next step, and the share of the time budget used (None without
+    ``trainer.max_time``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.on_train_batch_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        used = None
+        if timer is not None and timer.time_remaining() is not None:
+            used = timer.time_elapsed() / (timer.time_elapsed() + timer.time_remaining())
+        with open(f"{self.path}.rank{trainer.global_rank}", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": trainer.global_step, "lr": lr, "used": used}) + "\n")
+
+
+class StopAtStep(L.Callback):
+    """Ends training (as a limit would) once ``step`` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+# What reads a tensor's value into the host: on a GPU, each waits for the device's queue.
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# The collectives a process can call from Python; DDP's gradient all-reduce is not among them (its
+# reducer calls the process group from C++) and is counted by a communication hook instead.
+COLLECTIVES = (
+    "broadcast",
+    "all_reduce",
+    "all_gather",
+    "all_gather_object",
+    "broadcast_object_list",
+    "barrier",
+    "reduce",
+    "gather",
+    "scatter",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "gather_object",
+)
+
+
+class CountSynchronisations(L.Callback):
+    """Counts, per training batch of this process, every host read of a tensor's value and every
+    collective, with where it was called from (the first caller outside torch); writes them as JSON to
+    ``{path}.rank{N}`` when training ends.
+
+    Events are keyed by the optimizer step they belong to, as Lightning counts it for logging (its
+    ``_batches_that_stepped`` + 1, so that ``step % log_every_n_steps == 0`` is a logging step), and
+    counted only while the trainer is in its training stage (not validating).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.trainer: L.Trainer | None = None
+        self.steps: dict[int, dict[str, int]] = {}
+        self.epoch_ends: dict[str, int] = {}
+        self.in_epoch_end = False
+        self.depth = 0
+        for name in HOST_READS:
+            self._wrap(torch.Tensor, name, f"Tensor.{name}")
+        for name in COLLECTIVES:
+            self._wrap(torch.distributed, name, f"dist.{name}")
+
+    def _wrap(self, owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self.depth:  # inside a counted call: its own reads are part of it
+                return original(*args, **kwargs)
+            self.note(label)
+            self.depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        setattr(owner, name, counted)
+
+    def note(self, label: str) -> None:
+        trainer = self.trainer
+        if trainer is None or trainer.state.stage != "train":
+            return
+        frame = sys._getframe(2)
+        while frame.f_back is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+            frame = frame.f_back
+        site = f"{label} from {Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+        if self.in_epoch_end:
+            counts = self.epoch_ends
+        else:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+            counts = self.steps.setdefault(step, {})
+        counts[site] = counts.get(site, 0) + 1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.trainer = trainer  # counting starts: what setting up the loop does once is left out
+        model = trainer.strategy.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def counted_allreduce(state, bucket):  # DDP rejects annotations other than its own types
+                self.note("DDP gradient all-reduce")
+                self.depth += 1
+                try:
+                    return allreduce_hook(state, bucket)
+                finally:
+                    self.depth -= 1
+
+            model.register_comm_hook(None, counted_allreduce)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.in_epoch_end = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.in_epoch_end = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.trainer = None
+        record = {
+            "log_every_n_steps": trainer.log_every_n_steps,
+            "steps": self.steps,
+            "epoch_ends": self.epoch_ends,
+        }
+        Path(f"{self.path}.rank{trainer.global_rank}").write_text(json.dumps(record), encoding="utf-8")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import psutil
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -372,3 +373,73 @@ def test_gradient_accumulation_steps_once_per_k_batches(tmp_path):
     smoke(run, tmp_path / "cache", *accumulate, *record(tmp_path / "b"))
     assert len(read_records(tmp_path / "b")) == 15  # batches
     assert checkpoint_state(run / "checkpoints" / "last.ckpt")[:2] == (5, 5)  # optimizer and scheduler steps
+
+
+# What a non-logging training step may do besides DDP's gradient all-reduce, and why.
+PER_STEP = {
+    # The token-weighted loss needs every process's token count; on NCCL the all-reduce is queued on the
+    # device's stream and the host does not wait for it.
+    "dist.all_reduce from module.py:training_step",
+    # The source lengths stay on the CPU (transfer_batch_to_device leaves them there for packing).
+    "Tensor.__bool__ from encoder.py:forward",
+}
+# trainer=ddp (which builds on trainer=gpu) on the CPU, with one loader process per rank.
+GPU_RUN_ON_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+GPU_RUN_ON_CPU += ["data.num_workers=1", "data.pin_memory=false", "data.batch_tokens=700"]
+COUNT_SYNCS = "+callbacks.sync._target_=tests.fault_callbacks.CountSynchronisations"
+
+
+@pytest.mark.slow
+def test_non_logging_steps_read_nothing_from_the_device_and_call_no_collective(tmp_path):
+    """2 gloo processes with the callbacks trainer=ddp configures (early stopping added; the progress line
+    after every batch): every host read of a tensor and every collective, counted per optimizer step."""
+    every = 4
+    steps = ["trainer.max_steps=24", "trainer.val_check_interval=12", f"trainer.log_every_n_steps={every}"]
+    callbacks = ["callbacks=early_stopping", "callbacks.progress_log.every_seconds=0"]
+    count = [COUNT_SYNCS, f"+callbacks.sync.path={tmp_path / 'sync'}"]
+    smoke(tmp_path / "run", tmp_path / "cache", *GPU_RUN_ON_CPU, *steps, *callbacks, *count)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"sync.rank{rank}").read_text())
+        steps = {int(step): events for step, events in record["steps"].items()}
+        assert sorted(steps) == list(range(1, 25))
+        for step, events in steps.items():
+            assert events.pop("DDP gradient all-reduce from module.py:backward") == 1
+            if step % every:
+                assert set(events) <= PER_STEP, f"rank {rank}, step {step}: {events}"
+            else:  # the counting sees what logging reads
+                assert "Tensor.tolist from module.py:_log_training_step" in events
+        assert record["epoch_ends"] == {}
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_process_stops_both_at_the_next_logging_step(tmp_path):
+    """Lightning's own handling stops the process that got the signal after its batch and leaves the other
+    waiting in its next collective; here both agree on logging steps and stop together."""
+    run, every = tmp_path / "run", 5
+    process = start_training(
+        run,
+        tmp_path / "cache",
+        "trainer=ddp_cpu",
+        *STOP_ONLY,
+        "trainer.max_steps=100000",
+        f"trainer.log_every_n_steps={every}",
+    )
+    try:
+        wait_for_step(process, min_step=3)
+        children = psutil.Process(process.pid).children()
+        (second,) = [p for p in children if any(arg.endswith("train.py") for arg in p.cmdline())]
+        second.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a SIGTERM to the second process left the first running or waiting")
+    finally:
+        for leftover in psutil.Process(process.pid).children() if process.poll() is None else []:
+            leftover.kill()
+        process.kill()
+    assert process.returncode == 143, stderr[-3000:]
+    second.wait(timeout=30)  # gone too (its exit status went to the first process)
+    said = re.search(r"Stopped by SIGTERM at step (\d+), epoch \d+: saved (\S+);", stdout)
+    assert said and Path(said[2]) == run / "checkpoints" / "last.ckpt"
+    step = int(said[1])
+    assert (step + 1) % every == 0  # agreed on before the batch of a logging step
+    assert checkpoint_state(Path(said[2]))[0] == step

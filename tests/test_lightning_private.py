@@ -4,11 +4,13 @@ seq2seq/lightning_private.py, and the ThroughputMonitor subclass in seq2seq/call
 from __future__ import annotations
 
 import inspect
+import signal
 
 import lightning as L
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from seq2seq import lightning_private
 from seq2seq.callbacks import ThroughputMonitor as OurThroughputMonitor
@@ -46,5 +48,18 @@ def test_the_throughput_monitor_still_counts_in_update_with_private_counters():
     parameters = set(inspect.signature(ThroughputMonitor._update).parameters)
     assert parameters == {"self", "trainer", "pl_module", "batch", "iter_num"}
     monitor = ThroughputMonitor(batch_size_fn=len)
-    for counter in ("_lengths", "_samples", "_batches"):
+    for counter in ("_lengths", "_samples", "_batches", "_throughputs"):
         assert isinstance(getattr(monitor, counter), dict)
+
+
+def test_the_sigterm_broadcast_and_handler_are_still_what_check_sigterm_on_logging_steps_replaces():
+    # The epoch loop calls the broadcast through its instance, and the handler list is built from the
+    # connector instance's notifier when fit registers the handlers.
+    assert "self._broadcast_sigterm_tensor()" in inspect.getsource(_TrainingEpochLoop.advance)
+    assert "self._sigterm_notifier_fn" in inspect.getsource(_SignalConnector.register_signal_handlers)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    lightning_private.check_sigterm_on_logging_steps(trainer)
+    assert trainer._signal_connector.received_sigterm is False
+    assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor.__name__ == "agree_on_sigterm"
+    trainer._signal_connector._sigterm_notifier_fn(signal.SIGTERM, None)  # one process: stops at once
+    assert trainer.received_sigterm

@@ -70,6 +70,7 @@ def smoke_run(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (root / "run" / "stdout.txt").write_text(result.stdout)
+    (root / "run" / "stderr.txt").write_text(result.stderr)
     return root / "run"
 
 
@@ -95,6 +96,25 @@ def test_train_py_runs_end_to_end(smoke_run):
     assert record["packages"]["torch"] == version("torch")
     if (REPO / ".git").exists():
         assert len(record["git"]["commit"]) == 40
+
+
+@pytest.mark.slow
+def test_each_validation_is_one_line_in_the_log_and_on_a_redirected_console(smoke_run):
+    """experiment=smoke validates at steps 30 and 60; stdout and stderr went to files (not a terminal)."""
+    console = (smoke_run / "stdout.txt").read_text() + (smoke_run / "stderr.txt").read_text()
+    result = json.loads((smoke_run / "result.json").read_text())
+    for text in ((smoke_run / "train.log").read_text(), console):
+        lines = [line for line in text.splitlines() if "validation at step" in line]
+        assert [line.split("validation at step ")[1].split(" ")[0] for line in lines] == ["30", "60"]
+        assert all(" | loss " in line and " | BLEU " in line and " | chrF " in line for line in lines)
+        assert "new best saved: " in lines[0]  # the first validation is always the best so far
+        best = max(float(line.split(" | BLEU ")[1].split(" ")[0]) for line in lines)
+        assert f"best BLEU {best:.2f}" in lines[1] and f"{result['val_bleu']:.2f}" == f"{best:.2f}"
+        saved_second = "new best saved: " in lines[1]
+        assert saved_second == (
+            float(lines[1].split(" | BLEU ")[1].split(" ")[0])
+            > float(lines[0].split(" | BLEU ")[1].split(" ")[0])
+        )
 
 
 @pytest.fixture(scope="module")

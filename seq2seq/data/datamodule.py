@@ -6,10 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.fabric.plugins.environments import (
     LightningEnvironment,
     LSFEnvironment,
@@ -20,7 +23,7 @@ from lightning.fabric.plugins.environments import (
 from torch.utils.data import DataLoader
 
 from seq2seq.data.collate import EncodedSplit
-from seq2seq.data.corpora import Corpus, ParallelText
+from seq2seq.data.corpora import ConcatenatedText, Corpus, ParallelText
 from seq2seq.data.prepared import (
     build_or_reuse,
     memory_available,
@@ -28,7 +31,13 @@ from seq2seq.data.prepared import (
     read_ahead,
     wait_for_prepared,
 )
-from seq2seq.data.sampler import ResumableDataLoader, TokenBucketBatchSampler, padding_efficiency
+from seq2seq.data.sampler import (
+    CorpusMixture,
+    ResumableDataLoader,
+    TokenBucketBatchSampler,
+    padding_efficiency,
+)
+from seq2seq.data.sampling import EpochTaggedSampler, ResampledSplit, SamplingSettings
 from seq2seq.lightning_private import batches_done_in_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
@@ -63,6 +72,10 @@ class TranslationDataModule(L.LightningDataModule):
             ``cache_dir`` (each node's first process prepares), false for one shared by all nodes.
         tgt_lang: the target language (ISO 639-1), for BLEU's tokenizer; None: the corpus reader's
             (the Bible knows each version's), else unknown. Known after ``setup`` as ``self.tgt_lang``.
+        subword_sampling: None, or :class:`SamplingSettings` fields: each training batch is segmented
+            anew from its text by sentencepiece's sampling (:mod:`seq2seq.data.sampling`).
+        given_tokenizer: encode with these sentencepiece model(s) instead of training them on the corpus
+            (fine-tuning: the checkpoint's); ``subword`` is then unused.
     """
 
     def __init__(
@@ -79,6 +92,8 @@ class TranslationDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         prepare_per_node: bool = True,
         tgt_lang: str | None = None,
+        subword_sampling: dict[str, Any] | None = None,
+        given_tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -100,6 +115,9 @@ class TranslationDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.prepare_data_per_node = prepare_per_node
         self.tgt_lang = tgt_lang
+        self.sampling = SamplingSettings(**subword_sampling) if subword_sampling else None
+        self.resampled: ResampledSplit | None = None
+        self.given_tokenizer = given_tokenizer
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, EncodedSplit] = {}
@@ -107,6 +125,10 @@ class TranslationDataModule(L.LightningDataModule):
         self.texts: dict[str, ParallelText] = {}
         self.reading_ahead: threading.Thread | None = None
         self.prepared: Path | None = None  # the prepared cache folder, once built or found
+        # A mixture of corpora (data=corpora): the corpus of each kept pair per split, and the draw of
+        # each training epoch's pairs by weight. None for a single corpus.
+        self.corpus_ids: dict[str, np.ndarray | None] = {}
+        self.mixture: CorpusMixture | None = None
 
     def prepare_data(self) -> None:
         """Build the prepared cache, unless it is up to date (then only check it). Lightning calls this
@@ -118,12 +140,18 @@ class TranslationDataModule(L.LightningDataModule):
     def build_or_reuse_cache(self) -> Path:
         """The prepared cache folder: checked and reused if up to date, else built now."""
         # Under a lock: a process that finds the cache being built waits, then reuses it.
-        return build_or_reuse(self.raw_corpus(), self.subword, self.max_len, self.cache_dir)
+        return build_or_reuse(*self._what_names_the_cache())
 
-    def raw_corpus(self) -> Corpus:
+    def _what_names_the_cache(self) -> tuple[Corpus, SubwordSettings, int, str, Tokenizer | None]:
+        """The arguments of :func:`build_or_reuse` (the corpus read now if it was not yet): the corpus,
+        the subword settings (with the corpora's tags), max_len, cache_dir, a given tokenizer."""
         if self.corpus is None:
             self.corpus = self.load_corpus()
-        return self.corpus
+        tags = self.corpus.tags
+        if self.given_tokenizer is not None:
+            self.given_tokenizer.check_tags(tags, "data.corpus.corpora.*.tag (init_from's vocabulary)")
+        settings = replace(self.subword, user_defined_symbols=tags) if tags else self.subword
+        return self.corpus, settings, self.max_len, self.cache_dir, self.given_tokenizer
 
     def ranks(self) -> tuple[int, int]:
         """(local rank, node rank) of this process: the Trainer's, or before there is one, what the
@@ -149,15 +177,16 @@ class TranslationDataModule(L.LightningDataModule):
         elif self.prepared is None:
             node_rank = self.ranks()[1]
             preparer = f"local rank 0 of node {node_rank}" if self.prepare_data_per_node else "global rank 0"
-            self.prepared = wait_for_prepared(
-                self.raw_corpus(), self.subword, self.max_len, self.cache_dir, preparer
-            )
+            self.prepared = wait_for_prepared(*self._what_names_the_cache(), preparer=preparer)
         prepared = open_prepared(self.prepared)
         self.tokenizer = prepared.tokenizer
         self.splits = {name: EncodedSplit(src, tgt) for name, (src, tgt) in prepared.ids.items()}
         self.tgt_lang = self.tgt_lang or self.corpus.tgt_lang
+        self.corpus_ids = prepared.corpus_ids
         for name, split in self.splits.items():
             text = getattr(self.corpus, name)
+            if isinstance(text, ConcatenatedText):
+                text = text.in_memory() or text
             if not split:
                 read = prepared.counts[name]["read"]
                 raise ValueError(f"{text.origin}: no usable pairs in the {name} split ({read} read)")
@@ -166,10 +195,47 @@ class TranslationDataModule(L.LightningDataModule):
                 self.texts[name] = ParallelText(
                     [text.src[i] for i in kept], [text.tgt[i] for i in kept], text.origin
                 )
+            if name == "train" and self.corpus_ids["train"] is not None:
+                self.mixture = self._mixture(self.corpus_ids["train"])
             self._log_split(name, text.origin, split, prepared.counts[name])
+        if self.sampling is not None:
+            text = self.texts.get("train", self.corpus.train)
+            if self.tokenizer.src_tags or isinstance(text, ConcatenatedText):
+                raise ValueError(
+                    "data.subword_sampling is not available with target-language tags or with several"
+                    " training corpora read from files"
+                )
+            self.resampled = ResampledSplit(
+                self.splits["train"],
+                text,
+                prepared.kept["train"],
+                self.tokenizer,
+                self.sampling,
+                self.max_len,
+                self.seed,
+            )
         # One process a node fills the page cache that the others, and their workers, read from.
         if stage in (None, "fit") and self.ranks()[0] == 0:
             self.reading_ahead = read_ahead(self.splits["train"].cache_files(), memory_available())
+
+    def _mixture(self, corpus_ids: np.ndarray) -> CorpusMixture:
+        """The draw of each epoch's training pairs by the corpora's weights; says what each epoch holds."""
+        parts = self.corpus.parts
+        mixture = CorpusMixture(corpus_ids, [part.weight for part in parts], self.seed)
+        for part, members, count in zip(parts, mixture.members, mixture.counts.tolist(), strict=True):
+            if not len(members):
+                raise ValueError(f"data.corpus.corpora.{part.name}: no usable training pairs")
+            log.info(
+                "Corpus %s: %d training pairs, weight %g: %d pairs an epoch (%.2fx); tag %s; target %s",
+                part.name,
+                len(members),
+                part.weight,
+                count,
+                count / len(members),
+                part.tag,
+                part.tgt_lang,
+            )
+        return mixture
 
     def _log_split(self, name: str, origin: str, split: EncodedSplit, counts: dict[str, int]) -> None:
         """Say what was read, dropped and truncated, and how well the batches fill."""
@@ -186,7 +252,8 @@ class TranslationDataModule(L.LightningDataModule):
     def _batch_sampler(self, split: EncodedSplit, name: str) -> TokenBucketBatchSampler:
         is_train = name == "train"
         trainer = self.trainer
-        return TokenBucketBatchSampler(
+        resampled = is_train and self.sampling is not None
+        return (EpochTaggedSampler if resampled else TokenBucketBatchSampler)(
             split.src_lengths(),
             split.tgt_lengths(),
             self.batch_tokens if is_train else self.eval_batch_tokens,
@@ -196,6 +263,7 @@ class TranslationDataModule(L.LightningDataModule):
             equal_source_length=is_train and self.equal_source_length,
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
+            epoch_pairs=self.mixture.draw if is_train and self.mixture is not None else None,
         )
 
     def _current_epoch(self) -> int:
@@ -221,8 +289,12 @@ class TranslationDataModule(L.LightningDataModule):
             "pin_memory": self.pin_memory,
         }
         if name == "train":
-            return ResumableDataLoader(split, batches_done_fn=self._batches_done, **options)
-        return DataLoader(split, **options)
+            dataset = split if self.resampled is None else self.resampled  # resampled: segmented anew
+            options["collate_fn"] = dataset.collate
+            return ResumableDataLoader(dataset, batches_done_fn=self._batches_done, **options)
+        # A loader draws its workers' base seed from its generator each time it is iterated: from the
+        # global stream without one, which would shift training's dropout after each validation.
+        return DataLoader(split, generator=torch.Generator().manual_seed(self.seed), **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from seq2seq.data.corpora import SPLITS, Corpus
+from seq2seq.data.corpora import SPLITS, ConcatenatedText, Corpus
 from seq2seq.tokenization import PAD_ID, SubwordSamples, SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,19 @@ CHUNK_LINES = 100_000  # lines read and encoded at a time
 SIDES = ("src", "tgt")
 
 
-def cache_key(corpus: Corpus, settings: SubwordSettings, max_len: int) -> str:
-    """What the prepared data depends on, apart from the watched files' contents."""
+def subword_identity(settings: SubwordSettings, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """What names the subword model(s): the settings to train them with, or the given model(s)."""
+    return asdict(settings) if tokenizer is None else {"given": tokenizer.digest()}
+
+
+def cache_key(
+    corpus: Corpus, settings: SubwordSettings, max_len: int, tokenizer: Tokenizer | None = None
+) -> str:
+    """What the prepared data depends on, apart from the watched files' contents (``tokenizer``: the
+    given sentencepiece model(s), e.g. a fine-tuned checkpoint's, instead of training them)."""
     named = {
         "format": FORMAT,
-        "subword": asdict(settings),
+        "subword": subword_identity(settings, tokenizer),
         "max_len": max_len,
         **{name: split.identity() for name in SPLITS if (split := getattr(corpus, name)) is not None},
     }
@@ -67,8 +75,15 @@ LEFTOVER_AGE_SECONDS = 30 * 60
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
-def build_or_reuse(corpus: Corpus, settings: SubwordSettings, max_len: int, cache_dir: str | Path) -> Path:
-    """The folder of the prepared data of ``corpus``: reused if up to date, else built now.
+def build_or_reuse(
+    corpus: Corpus,
+    settings: SubwordSettings,
+    max_len: int,
+    cache_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+) -> Path:
+    """The folder of the prepared data of ``corpus``: reused if up to date, else built now (encoded with
+    ``tokenizer`` if given, else with sentencepiece trained as ``settings`` say).
 
     Processes that call this together (nodes sharing the cache) wait on a lock in the cache folder; the
     first builds, the others then find the cache and reuse it. Where the file system has no locks, each
@@ -77,7 +92,7 @@ def build_or_reuse(corpus: Corpus, settings: SubwordSettings, max_len: int, cach
     """
     root = Path(cache_dir) / "prepared"
     root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(corpus, settings, max_len)
+    key = cache_key(corpus, settings, max_len, tokenizer)
     folder = root / key
     started = time.perf_counter()
     with open(root / f"{key}.lock", "w") as lock:
@@ -100,7 +115,7 @@ def build_or_reuse(corpus: Corpus, settings: SubwordSettings, max_len: int, cach
         tmp.mkdir()
         try:
             with heartbeat(tmp):
-                build(corpus, settings, max_len, tmp)
+                build(corpus, settings, max_len, tmp, tokenizer)
             if not move_into_place(tmp, folder):
                 shutil.rmtree(tmp)
                 log.info("Reusing prepared data in %s, built meanwhile by another process", folder)
@@ -178,11 +193,18 @@ def move_into_place(tmp: Path, folder: Path) -> bool:
 
 
 def wait_for_prepared(
-    corpus: Corpus, settings: SubwordSettings, max_len: int, cache_dir: str | Path, preparer: str
+    corpus: Corpus,
+    settings: SubwordSettings,
+    max_len: int,
+    cache_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+    *,
+    preparer: str,
 ) -> Path:
-    """The folder of the prepared data of ``corpus``, once the process that prepares it (``preparer``,
-    for the log) has: checked every second without taking the lock or hashing anything."""
-    folder = Path(cache_dir) / "prepared" / cache_key(corpus, settings, max_len)
+    """The folder of the prepared data that :func:`build_or_reuse` makes of the same arguments, once the
+    process that prepares it (``preparer``, for the log) has: checked every second without taking the
+    lock or hashing anything."""
+    folder = Path(cache_dir) / "prepared" / cache_key(corpus, settings, max_len, tokenizer)
     started = last_said = time.monotonic()
     while (reason := stale_reason(folder, hash_modified=False)) is not None:
         if time.monotonic() - last_said > 60:
@@ -253,24 +275,29 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build(corpus: Corpus, settings: SubwordSettings, max_len: int, folder: Path) -> None:
-    """Train sentencepiece on a seeded sample of the training split, then encode every split into
-    ``folder``, reading each in chunks; ``manifest.json`` is written last."""
+def build(
+    corpus: Corpus, settings: SubwordSettings, max_len: int, folder: Path, tokenizer: Tokenizer | None = None
+) -> None:
+    """Train sentencepiece on a seeded sample of the training split (unless ``tokenizer`` is given),
+    then encode every split into ``folder``, reading each in chunks; ``manifest.json`` is written last."""
     started = time.perf_counter()
+    subword = subword_identity(settings, tokenizer)  # before a tokenizer is trained
     watched = corpus.train.files
     stats = {path: path.stat() for path in watched}
-    digests = {path: hashlib.sha256() for path in watched}
-    samples = SubwordSamples(settings)
-    for src, tgt in corpus.train.chunks(CHUNK_LINES, digests):
-        samples.add(src, tgt)
-    log.info(
-        "Training sentencepiece (%s) on %d sampled lines of %d", settings,
-        len(samples.src.lines) + (0 if settings.joint else len(samples.tgt.lines)),
-        samples.src.seen + (0 if settings.joint else samples.tgt.seen),
-    )  # fmt: skip
-    tokenizer = samples.train(corpus.train.origin)
+    digests = None  # of the watched files' bytes: taken by the sampling pass, else by the encoding pass
+    if tokenizer is None:
+        digests = {path: hashlib.sha256() for path in watched}
+        samples = SubwordSamples(settings)
+        for src, tgt in corpus.train.chunks(CHUNK_LINES, digests):
+            samples.add(src, tgt)
+        log.info(
+            "Training sentencepiece (%s) on %d sampled lines of %d", settings,
+            len(samples.src.lines) + (0 if settings.joint else len(samples.tgt.lines)),
+            samples.src.seen + (0 if settings.joint else samples.tgt.seen),
+        )  # fmt: skip
+        tokenizer = samples.train(corpus.train.origin)
     sampled = time.perf_counter()
-    models = {"joint.model": tokenizer.src_model} if settings.joint else {
+    models = {"joint.model": tokenizer.src_model} if tokenizer.joint else {
         "src.model": tokenizer.src_model, "tgt.model": tokenizer.tgt_model,
     }  # fmt: skip
     for name, model in models.items():
@@ -282,10 +309,15 @@ def build(corpus: Corpus, settings: SubwordSettings, max_len: int, folder: Path)
             continue
         check = {path: hashlib.sha256() for path in watched} if name == "train" else None
         writer = SplitWriter(folder, name, id_type, max_len, truncate=name != "train")
-        for src, tgt in text.chunks(CHUNK_LINES, check):
-            writer.add(tokenizer.encode_arrays(src, "src"), tokenizer.encode_arrays(tgt, "tgt"))
-        splits[name] = writer.close()
-        if check is not None and any(check[p].digest() != digests[p].digest() for p in watched):
+        part_ends = []  # pairs read up to the end of each corpus of a mixture
+        for part in text.parts if isinstance(text, ConcatenatedText) else [text]:
+            for src, tgt in part.chunks(CHUNK_LINES, check):
+                writer.add(tokenizer.encode_arrays(src, "src"), tokenizer.encode_arrays(tgt, "tgt"))
+            part_ends.append(writer.counts["read"])
+        splits[name] = {**writer.close(), "part_ends": part_ends}
+        if check is not None and digests is None:
+            digests = check
+        elif check is not None and any(check[p].digest() != digests[p].digest() for p in watched):
             raise RuntimeError(f"{text.origin} changed while it was being prepared; run again")
     inputs = [
         {"path": str(path.resolve()), "size": stats[path].st_size, "mtime_ns": stats[path].st_mtime_ns,
@@ -294,7 +326,7 @@ def build(corpus: Corpus, settings: SubwordSettings, max_len: int, folder: Path)
     ]  # fmt: skip
     manifest = {
         "format": FORMAT,
-        "subword": asdict(settings),
+        "subword": subword,
         "max_len": max_len,
         "id_type": np.dtype(id_type).name,
         "inputs": inputs,
@@ -514,13 +546,14 @@ class SplitWriter:
 @dataclass
 class PreparedData:
     """A prepared cache, opened: the tokenizer, each split's (source, target) ids read from the cache,
-    and its counts."""
+    and its counts; for a mixture of corpora, the corpus (its position in the mixture) of each kept pair."""
 
     folder: Path
     tokenizer: Tokenizer
     ids: dict[str, tuple[RaggedIds, RaggedIds]]
     kept: dict[str, np.ndarray]  # where each kept pair was in the raw split
-    counts: dict[str, dict[str, int]]
+    counts: dict[str, dict[str, Any]]
+    corpus_ids: dict[str, np.ndarray | None]  # (kept pairs,) int16; None for a single corpus
 
 
 def open_prepared(folder: Path) -> PreparedData:
@@ -532,7 +565,7 @@ def open_prepared(folder: Path) -> PreparedData:
     ]
     tokenizer = Tokenizer(models[0], models[1] if len(models) > 1 else None)
     id_type = np.dtype(manifest["id_type"])
-    ids, kept = {}, {}
+    ids, kept, corpus_ids = {}, {}, {}
     for name, counts in manifest["splits"].items():
         pairs = counts["kept"]
         src, tgt = (
@@ -541,4 +574,7 @@ def open_prepared(folder: Path) -> PreparedData:
         )
         ids[name] = (src, tgt)
         kept[name] = map_array(folder / f"{name}.kept", np.int64, pairs)
-    return PreparedData(folder, tokenizer, ids, kept, manifest["splits"])
+        ends = counts.get("part_ends", [])
+        many = len(ends) > 1
+        corpus_ids[name] = np.searchsorted(ends, kept[name], side="right").astype(np.int16) if many else None
+    return PreparedData(folder, tokenizer, ids, kept, manifest["splits"], corpus_ids)

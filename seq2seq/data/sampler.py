@@ -62,6 +62,11 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     with one batch fewer would wait forever in the gradient all-reduce), even with fewer batches than
     ranks. :meth:`resume` skips the global batches that a resumed run has already trained on in the
     current epoch, with the same number of ranks or another.
+
+    ``epoch_pairs`` (a :class:`CorpusMixture`'s ``draw``), if given, says which pairs (indices, repeats
+    allowed) make each epoch; they are bucketed as above. The number of batches is that of epoch 0's
+    plan: an epoch whose draw cuts into more batches drops its last served ones, one with fewer
+    repeats its first ones, so that every epoch and every rank has the same count.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         equal_source_length: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
+        epoch_pairs: Callable[[int], np.ndarray] | None = None,
     ) -> None:
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
@@ -92,6 +98,7 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         self.equal_source_length = equal_source_length
         self.num_replicas = num_replicas
         self.rank = rank
+        self.epoch_pairs = epoch_pairs
         self._plans: dict[int, BatchPlan] = {}  # the last epoch's plan, planned once
         # Every epoch sorts the same lengths, so the number of batches never changes.
         self.num_global_batches = len(self.plan(0))
@@ -107,11 +114,15 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     def _plan(self, epoch: int) -> BatchPlan:
         rng = np.random.default_rng([self.seed, epoch])
         count = len(self.src_lengths)
+        pairs = None if self.epoch_pairs is None else self.epoch_pairs(epoch)
         widest = int(self.tgt_lengths.max(initial=0)) + 1
         keys = int(self.src_lengths.max(initial=0) + 1) * widest  # distinct (source, target) lengths
         key_type = np.uint16 if keys <= 2**16 else np.int64  # 16-bit keys sort by radix, in linear time
         # Sorting a random permutation stably breaks ties at random.
-        order = rng.permutation(count) if self.shuffle else np.arange(count)
+        if pairs is None:
+            order = rng.permutation(count) if self.shuffle else np.arange(count)
+        else:
+            order = rng.permutation(pairs) if self.shuffle else pairs
         order = order.astype(np.int32 if count < 2**31 else np.int64)
         key = (self.src_lengths[order].astype(np.int64) * widest + self.tgt_lengths[order]).astype(key_type)
         order = order[np.argsort(key, kind="stable")]
@@ -119,13 +130,14 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         pairs_per_key = np.bincount(key, minlength=keys) if keys <= 2**24 else None
         del key
         if pairs_per_key is None:
-            lengths, pairs = np.unique(
-                self.src_lengths.astype(np.int64) * widest + self.tgt_lengths, return_counts=True
+            lengths, runs = np.unique(
+                self.src_lengths[order].astype(np.int64) * widest + self.tgt_lengths[order],
+                return_counts=True,
             )
         else:
             lengths = np.flatnonzero(pairs_per_key)
-            pairs = pairs_per_key[lengths]
-        sizes = self._cut(lengths // widest, lengths % widest, pairs)
+            runs = pairs_per_key[lengths]
+        sizes = self._cut(lengths // widest, lengths % widest, runs)
         starts = np.cumsum(sizes) - sizes
         if self.shuffle:
             served = rng.permutation(len(starts))
@@ -164,7 +176,7 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         """Positions in the epoch's plan of this rank's batches from global position ``start`` on:
         ``len(self)`` of them from the start of the epoch, fewer after a resume."""
         per_rank = -(-max(self.num_global_batches - start, 0) // self.num_replicas)
-        padded = (start + np.arange(per_rank * self.num_replicas)) % max(self.num_global_batches, 1)
+        padded = (start + np.arange(per_rank * self.num_replicas)) % max(len(self.plan(epoch)), 1)
         return padded[self.rank :: self.num_replicas]
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
@@ -191,6 +203,37 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return -(-self.num_global_batches // self.num_replicas)
+
+
+class CorpusMixture:
+    """Which training pairs make each epoch when several corpora are mixed by weight.
+
+    Corpus c gets ``round(share_c * pairs)`` of an epoch's pairs, where ``share_c`` is its weight over the
+    sum of the weights and ``pairs`` the number of training pairs of all corpora: each of its pairs as
+    many whole times as that fits, the rest drawn without replacement (so a corpus is undersampled or
+    oversampled, never sampled with temperature). The draw is seeded by (seed, epoch): every rank and
+    every resumed run draws the same.
+
+    Args:
+        corpus_ids: (pairs,) the corpus of each training pair (0 .. len(weights) - 1).
+        weights: positive sampling weight of each corpus.
+        seed: the data seed.
+    """
+
+    def __init__(self, corpus_ids: np.ndarray, weights: Sequence[float], seed: int) -> None:
+        self.members = [np.flatnonzero(corpus_ids == c) for c in range(len(weights))]
+        shares = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.counts = np.round(shares * len(corpus_ids)).astype(np.int64)
+        self.seed = seed
+
+    def draw(self, epoch: int) -> np.ndarray:
+        """(sum of counts,) int64: the epoch's pair indices, corpus after corpus."""
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        parts = []
+        for members, count in zip(self.members, self.counts.tolist(), strict=True):
+            whole, rest = divmod(count, max(len(members), 1))
+            parts += [members] * whole + [rng.choice(members, rest, replace=False)]
+        return np.concatenate(parts)
 
 
 def padding_efficiency(
