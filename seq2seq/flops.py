@@ -53,12 +53,14 @@ def measured_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32)
     from 256 (up to 2048) until one product takes 20 ms, so that a slow (emulated) dtype costs no more.
 
     Measured, not computed from a clock and FLOPs per cycle, which differ between cores of one ISA (one
-    or two full-width FMA units) and under a hypervisor. Measured once per process and argument set.
+    or two full-width FMA units) and under a hypervisor. Measured once per process and argument set. The
+    matrices come from a generator of their own: measuring during a run leaves its random stream alone.
     """
+    generator = torch.Generator().manual_seed(0)
 
     def best_seconds(size: int, budget: float) -> float:
         """The fastest of at least 3 products of two size x size matrices, repeated for ``budget`` s."""
-        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
         times: list[float] = []
         while len(times) < 3 or sum(times) < budget:
             started = time.perf_counter()

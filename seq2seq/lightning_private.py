@@ -25,12 +25,16 @@ def should_update_logs(trainer: L.Trainer) -> bool:
 
 
 def restart_finished_epoch(trainer: L.Trainer) -> None:
-    """If the epoch loop has served its last batch, reset its counts as Lightning does when the next
-    epoch starts, so that a checkpoint saved now resumes at the start of the next epoch.
+    """Make the loops' counts say where training really ended, so that a checkpoint saved after ``fit``
+    returns resumes there: at the start of the next epoch if the epoch loop served its last batch (its
+    counts are reset as Lightning resets them when the next epoch starts), else in the middle of the
+    epoch it stopped in (max_steps, max_time, early stopping), as Lightning's own mid-epoch checkpoints do.
 
     Private: ``_num_ready_batches_reached`` is the epoch loop's own test of an epoch's end, and the
     progress trackers' ``reset_on_run`` is what Lightning calls at an epoch's start; there is no public
-    "the epoch ended" state to save.
+    "the epoch ended" state to save. A stop inside an epoch still runs the fit loop's ``on_advance_end``,
+    which counts the epoch as processed and completed: without undoing that, the resumed run would start
+    the next epoch with this one's batch count and skip the rest of this epoch.
     """
     epoch_loop = trainer.fit_loop.epoch_loop
     if epoch_loop._num_ready_batches_reached():
@@ -38,6 +42,12 @@ def restart_finished_epoch(trainer: L.Trainer) -> None:
         epoch_loop.scheduler_progress.reset_on_run()
         epoch_loop.automatic_optimization.optim_progress.reset_on_run()
         epoch_loop.val_loop.batch_progress.total.reset()
+        return
+    epochs = trainer.fit_loop.epoch_progress
+    if epochs.current.processed == epochs.current.started > 0:  # on_advance_end counted this epoch
+        for tracker in (epochs.current, epochs.total):
+            tracker.processed -= 1
+            tracker.completed -= 1
 
 
 def check_sigterm_on_logging_steps(trainer: L.Trainer) -> None:

@@ -296,6 +296,20 @@ def checkpoint_state(path: Path) -> tuple[int, int, float]:
 
 
 @pytest.mark.slow
+def test_a_run_stopped_inside_an_epoch_by_max_steps_resumes_in_that_epoch(tmp_path):
+    """last.ckpt written after training stopped mid-epoch continues with the same epoch's next batch: the
+    batches of 8 + 8 steps are those of 16 straight steps (the smoke split has more than 8 batches)."""
+    cache, straight, resumed = tmp_path / "cache", tmp_path / "straight", tmp_path / "resumed"
+    smoke(tmp_path / "a", cache, "trainer.max_steps=16", *record(straight))
+    smoke(tmp_path / "b", cache, "trainer.max_steps=8", *record(resumed))
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0  # Lightning's count said 1
+    smoke(tmp_path / "c", cache, f"ckpt_path={last}", "trainer.max_steps=16", *record(resumed))
+    batches = [(r["epoch"], r["indices"]) for r in read_records(resumed)]
+    assert batches == [(r["epoch"], r["indices"]) for r in read_records(straight)]
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_same_steps_schedule_and_batches(tmp_path):
     cache, every = tmp_path / "cache", "callbacks.last_checkpoint.every_n_train_steps=10"
     killed = start_training(
@@ -383,6 +397,9 @@ PER_STEP = {
     # The source lengths stay on the CPU (transfer_batch_to_device leaves them there for packing).
     "Tensor.__bool__ from encoder.py:forward",
 }
+# What the first training hook after a validation may do, once: the validation's log line reads the best
+# checkpoint's score (seq2seq.callbacks.ValidationLog, rank 0).
+AFTER_VALIDATION = {"Tensor.__float__ from callbacks.py:flush"}
 # trainer=ddp (which builds on trainer=gpu) on the CPU, with one loader process per rank.
 GPU_RUN_ON_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true"]
 GPU_RUN_ON_CPU += ["data.num_workers=1", "data.pin_memory=false", "data.batch_tokens=700"]
@@ -405,12 +422,13 @@ def test_non_logging_steps_read_nothing_from_the_device_and_call_no_collective(t
         # should_stop there), which makes Lightning log once more: only what logging steps do, once.
         end = steps.pop(25, {})
         logging_sites = {site for step, events in steps.items() if step % every == 0 for site in events}
-        assert set(end) <= logging_sites, f"rank {rank}, at the end: {end}"
+        assert set(end) <= logging_sites | AFTER_VALIDATION, f"rank {rank}, at the end: {end}"
         assert sorted(steps) == list(range(1, 25))
         for step, events in steps.items():
             assert events.pop("DDP gradient all-reduce from module.py:backward") == 1
             if step % every:
-                assert set(events) <= PER_STEP, f"rank {rank}, step {step}: {events}"
+                allowed = PER_STEP | (AFTER_VALIDATION if step == 13 else set())  # validation at 12
+                assert set(events) <= allowed, f"rank {rank}, step {step}: {events}"
             else:  # the counting sees what logging reads
                 assert "Tensor.tolist from module.py:_log_training_step" in events
         assert record["epoch_ends"] == {}

@@ -327,3 +327,14 @@ def test_without_test_scoring_the_best_checkpoint_still_gets_its_alpha(compose_c
         result["test_bleu"] is None and result["alpha"] == checkpoint["hyper_parameters"]["decoding"]["alpha"]
     )
     assert not (tmp_path / "run" / "test.hyp").exists()
+
+
+def test_measuring_the_peak_leaves_the_random_stream_alone():
+    """The throughput monitor measures the peak at the start of training: the dropout masks and
+    everything else drawn after it must be those of a run that did not measure."""
+    measured_peak_flops.cache_clear()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    assert measured_peak_flops("cpu", torch.float32) > 0
+    assert torch.equal(torch.rand(3), expected)
