@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from seq2seq.checkpoints import read_checkpoint
+from seq2seq.cli import run_cli
+from seq2seq.errors import UserError, user_path
 
 # Resuming state that means nothing for an average.
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
@@ -30,16 +32,16 @@ def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> None
     All checkpoints must have the same parameters (names and shapes) and the same tokenizer.
     """
     if not paths:
-        raise ValueError("checkpoint averaging needs at least one checkpoint")
+        raise UserError("checkpoint averaging needs at least one checkpoint")
     first = read_checkpoint(paths[0])
     total = {name: weights.double() for name, weights in first["state_dict"].items()}
     for path in paths[1:]:
         checkpoint = read_checkpoint(path)
         if checkpoint.get("tokenizer") != first.get("tokenizer"):
-            raise ValueError(f"{path} has another sentencepiece model than {paths[0]}: cannot average them")
+            raise UserError(f"{path} has another sentencepiece model than {paths[0]}: cannot average them")
         weights = checkpoint["state_dict"]
         if {n: w.shape for n, w in weights.items()} != {n: w.shape for n, w in total.items()}:
-            raise ValueError(f"{path} has other parameters (names or shapes) than {paths[0]}")
+            raise UserError(f"{path} has other parameters (names or shapes) than {paths[0]}")
         for name in total:
             total[name] += weights[name].double()
     first["state_dict"] = {
@@ -49,7 +51,10 @@ def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> None
         first.pop(key, None)
     first["averaged_from"] = [str(path) for path in paths]
     output = Path(output)
-    with tempfile.NamedTemporaryFile(dir=output.resolve().parent, suffix=".part", delete=False) as f:
+    with (
+        user_path(output, "--output"),
+        tempfile.NamedTemporaryFile(dir=output.resolve().parent, suffix=".part", delete=False) as f,
+    ):
         torch.save(first, f)
     os.replace(f.name, output)  # a file that exists is complete
 
@@ -66,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

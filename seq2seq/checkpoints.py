@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seq2seq.errors import MissingFileError, UserError, user_path
+
 if TYPE_CHECKING:
     import lightning as L
     import torch
@@ -23,27 +25,28 @@ UNLOADABLE_CHECKPOINT = (
 
 
 def require_file(path: str | Path) -> Path:
-    """``path`` as a Path; FileNotFoundError naming it if there is no such file."""
+    """``path`` as a Path; MissingFileError naming it if there is no such file."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
+        raise MissingFileError(f"Checkpoint not found: {path}")
     return Path(path)
 
 
 def read_checkpoint(
     path: str | Path, required: Sequence[str] = ("state_dict", "tokenizer")
 ) -> dict[str, Any]:
-    """The checkpoint dict at ``path``; FileNotFoundError or ValueError naming the path if it is missing,
-    unreadable, or lacks the ``required`` entries of this toolkit's checkpoints."""
+    """The checkpoint dict at ``path``; a UserError naming the path if it is missing, unreadable, or
+    lacks the ``required`` entries of this toolkit's checkpoints."""
     import torch  # here, so that require_file answers before torch loads (translate.py's early checks)
 
     require_file(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        with user_path(path):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except UNLOADABLE_CHECKPOINT as err:
-        raise ValueError(f"Cannot load checkpoint {path}: truncated or not a checkpoint ({err})") from None
+        raise UserError(f"Cannot load checkpoint {path}: truncated or not a checkpoint ({err})") from None
     missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
-        raise ValueError(f"{path} is not a checkpoint of this toolkit (no {missing})")
+        raise UserError(f"{path} is not a checkpoint of this toolkit (no {missing})")
     return checkpoint
 
 
@@ -53,9 +56,10 @@ def load_module(path: str | Path, device: str | torch.device = "cpu") -> Transla
 
     path = require_file(path)
     try:
-        return TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
+        with user_path(path):
+            return TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
     except UNLOADABLE_CHECKPOINT as err:
-        raise ValueError(
+        raise UserError(
             f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})"
         ) from None
 
@@ -64,7 +68,7 @@ def check_resume_checkpoint(path: str) -> None:
     """Fail clearly, before training starts, if ``ckpt_path`` is not a training checkpoint of ours."""
     try:
         read_checkpoint(path, required=("state_dict", "tokenizer", "loops"))
-    except (FileNotFoundError, ValueError) as err:
+    except UserError as err:
         raise type(err)(f"ckpt_path: {err}") from None
 
 
@@ -73,10 +77,10 @@ def read_init_checkpoint(path: str) -> dict[str, Any]:
     naming the option if it is missing or not a checkpoint of this toolkit's translation models."""
     try:
         checkpoint = read_checkpoint(path, required=("state_dict", "tokenizer", "hyper_parameters"))
-    except (FileNotFoundError, ValueError) as err:
+    except UserError as err:
         raise type(err)(f"init_from: {err}") from None
     if not isinstance(checkpoint["hyper_parameters"].get("model"), dict):
-        raise ValueError(f"init_from: {path} is not a checkpoint of this toolkit (no model settings)")
+        raise UserError(f"init_from: {path} is not a checkpoint of this toolkit (no model settings)")
     return checkpoint
 
 
@@ -98,7 +102,7 @@ def check_architecture(
             ]
             if differing:
                 first = differing[0]
-                raise ValueError(
+                raise UserError(
                     f"init_from: {override} conflicts with the checkpoint's architecture (model.{first}:"
                     f" {composed.get(first)!r} here, {checkpoint.get(first)!r} in the checkpoint); drop it"
                 )
@@ -109,7 +113,7 @@ def check_architecture(
                 here = here.get(part) if isinstance(here, dict) else None
                 there = there.get(part) if isinstance(there, dict) else None
             if here != there:
-                raise ValueError(
+                raise UserError(
                     f"init_from: {key}={value} conflicts with the checkpoint's {key}={there!r}: the"
                     " architecture comes from the checkpoint; drop the override"
                 )

@@ -20,7 +20,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import (
+    GrammarParseError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    ValidationError,
+)
+
+from seq2seq.errors import UserError
 
 # Exit codes: 2 for a user's mistake (like argparse), 128 + the signal for a stop by a signal (like the
 # shell), and Python's 1 for a bug, with its traceback.
@@ -28,20 +35,39 @@ USAGE_ERROR = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
-# What this toolkit raises for a user's mistake: a missing or unreadable file (FileNotFoundError,
-# PermissionError, ...), a bad option value or bad input (ValueError, UnicodeDecodeError), and Hydra's
-# and OmegaConf's errors about the configuration itself. Any other exception is a bug.
-USER_ERRORS = (OSError, ValueError, HydraException, MissingMandatoryValue)
+# A user's mistake: what this toolkit raises where it finds one (seq2seq.errors.UserError), and Hydra's
+# and OmegaConf's errors about the configuration itself (composing it, a mandatory value not given, an
+# interpolation that names no key or does not parse, a value of the wrong type). Any other exception is
+# a bug, reported with its traceback.
+CONFIG_ERRORS = (
+    HydraException,
+    MissingMandatoryValue,
+    InterpolationResolutionError,
+    GrammarParseError,
+    ValidationError,
+)
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Whether ``error`` is a user's mistake rather than a bug (see USER_ERRORS)."""
+    """Whether ``error`` is a user's mistake rather than a bug (see CONFIG_ERRORS)."""
     if isinstance(error, InstantiationException):
-        # A constructor named in the config rejected its arguments: a bad value (ValueError) or an
-        # unknown key (TypeError: unexpected keyword argument). Anything else it raised is a bug.
+        # A target named in the config failed: a user's mistake if it said so (UserError), or if Hydra
+        # itself refused the config (no such target; arguments the target's signature rejects, as an
+        # unknown key does: TypeError, unexpected keyword argument) and the target's code never ran.
         cause = error.__cause__
-        return cause is None or isinstance(cause, (TypeError, *USER_ERRORS))
-    return isinstance(error, USER_ERRORS)
+        return cause is None or isinstance(cause, UserError) or raised_by_hydra(cause)
+    return isinstance(error, (UserError, *CONFIG_ERRORS))
+
+
+def raised_by_hydra(error: BaseException) -> bool:
+    """Whether ``error`` was raised in Hydra's own code, not in code Hydra called: the innermost frame
+    of its traceback is Hydra's (a TypeError raised by a call's argument binding has the caller's)."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame.f_globals.get("__name__", "").startswith("hydra.")
 
 
 def one_line(error: BaseException) -> str:

@@ -23,6 +23,7 @@ from seq2seq.data.sampler import (
     TokenBucketBatchSampler,
     padding_efficiency,
 )
+from seq2seq.errors import UserError, is_int
 from seq2seq.lightning_private import batches_done_in_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
@@ -78,10 +79,10 @@ class TranslationDataModule(L.LightningDataModule):
         given_tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
-        if max_len < 1:
-            raise ValueError(f"data.max_len must be positive, got {max_len}")
-        if batch_tokens < max_len + 1:
-            raise ValueError(
+        if not is_int(max_len) or max_len < 1:
+            raise UserError(f"data.max_len must be a positive integer, got {max_len!r}")
+        if not is_int(batch_tokens) or batch_tokens < max_len + 1:
+            raise UserError(
                 f"data.batch_tokens={batch_tokens} cannot hold one pair of data.max_len={max_len} subwords;"
                 f" raise data.batch_tokens to at least {max_len + 1}"
             )
@@ -138,7 +139,7 @@ class TranslationDataModule(L.LightningDataModule):
                 text = text.in_memory() or text
             if not split:
                 read = prepared.counts[name]["read"]
-                raise ValueError(f"{text.origin}: no usable pairs in the {name} split ({read} read)")
+                raise UserError(f"{text.origin}: no usable pairs in the {name} split ({read} read)")
             if isinstance(text, ParallelText):
                 kept = prepared.kept[name].tolist()
                 self.texts[name] = ParallelText(
@@ -157,7 +158,7 @@ class TranslationDataModule(L.LightningDataModule):
         mixture = CorpusMixture(corpus_ids, [part.weight for part in parts], self.seed)
         for part, members, count in zip(parts, mixture.members, mixture.counts.tolist(), strict=True):
             if not len(members):
-                raise ValueError(f"data.corpus.corpora.{part.name}: no usable training pairs")
+                raise UserError(f"data.corpus.corpora.{part.name}: no usable training pairs")
             log.info(
                 "Corpus %s: %d training pairs, weight %g: %d pairs an epoch (%.2fx); tag %s; target %s",
                 part.name,
