@@ -52,10 +52,13 @@ def is_user_error(error: BaseException) -> bool:
     """Whether ``error`` is a user's mistake rather than a bug (see CONFIG_ERRORS)."""
     if isinstance(error, InstantiationException):
         # A target named in the config failed: a user's mistake if it said so (UserError), or if Hydra
-        # itself refused the config (no such target; arguments the target's signature rejects, as an
-        # unknown key does: TypeError, unexpected keyword argument) and the target's code never ran.
+        # itself refused the config before the target's code ran: no such target (ImportError), or
+        # arguments the target's signature rejects (TypeError: an unknown key is an unexpected keyword
+        # argument). A TypeError raised inside the target is a bug.
         cause = error.__cause__
-        return cause is None or isinstance(cause, UserError) or raised_by_hydra(cause)
+        if cause is None or isinstance(cause, UserError):
+            return True
+        return isinstance(cause, (TypeError, ImportError)) and raised_by_hydra(cause)
     return isinstance(error, (UserError, *CONFIG_ERRORS))
 
 
