@@ -38,7 +38,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from seq2seq.errors import UserError
+from seq2seq.errors import UserError, user_path
 from seq2seq.sweep import write_result
 
 if TYPE_CHECKING:
@@ -181,7 +181,8 @@ class StudySpec:
             from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
             # The open lock (O_EXCL) works on network file systems, where symbolic links may not.
-            backend = JournalFileBackend(self.storage, lock_obj=JournalFileOpenLock(self.storage))
+            with user_path(self.storage, "hydra.sweeper.storage"):  # a missing folder, no permission
+                backend = JournalFileBackend(self.storage, lock_obj=JournalFileOpenLock(self.storage))
             return JournalStorage(backend)
         if not self.heartbeat_interval:
             return optuna.storages.RDBStorage(self.storage)

@@ -477,7 +477,7 @@ def test_translate_mistakes_print_one_line_and_exit_2(attention_run, tmp_path):
         [sys.executable, "translate.py", f"ckpt={tmp_path / 'none.ckpt'}"], cwd=REPO, capture_output=True,
         text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
     )  # fmt: skip
-    assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+    assert result.returncode == 1 and "Traceback" in result.stderr and "MissingFileError" in result.stderr
 
 
 def test_help_lists_groups_options_and_main_keys_with_current_values():
