@@ -11,8 +11,6 @@ other; it carries no optimizer state, so training cannot be resumed from it.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from seq2seq.checkpoints import read_checkpoint
 from seq2seq.cli import run_cli
 from seq2seq.errors import UserError, user_path
+from seq2seq.files import atomic_write
 
 # Resuming state that means nothing for an average.
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
@@ -50,13 +49,8 @@ def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> None
     for key in TRAINING_STATE:
         first.pop(key, None)
     first["averaged_from"] = [str(path) for path in paths]
-    output = Path(output)
-    with (
-        user_path(output, "--output"),
-        tempfile.NamedTemporaryFile(dir=output.resolve().parent, suffix=".part", delete=False) as f,
-    ):
-        torch.save(first, f)
-    os.replace(f.name, output)  # a file that exists is complete
+    with user_path(output, "--output"), atomic_write(output) as file:  # a file that exists is complete
+        torch.save(first, file)
 
 
 def main() -> None:

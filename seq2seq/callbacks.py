@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from seq2seq.cli import log_to_files
@@ -45,10 +46,24 @@ class ProgressLog(L.Callback):
     instead (``left``), since its own estimate covers only the current epoch, and the training loss.
     The loss is read on logging steps (``trainer.log_every_n_steps``) only: reading it from the device
     is a wait.
+
+    Elapsed counts the whole run, across resumes (the checkpoint keeps it), as ``trainer.max_time`` does.
     """
 
     def __init__(self, every_seconds: float = 30.0) -> None:
         self.every_seconds = every_seconds
+        self.earlier_seconds = 0.0  # trained before this process: by the runs this one resumes
+        self.started: float | None = None
+
+    def state_dict(self) -> dict[str, float]:
+        return {"elapsed": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.earlier_seconds = state_dict["elapsed"]
+
+    def elapsed(self) -> float:
+        """Seconds of training in the whole run so far."""
+        return self.earlier_seconds + (0.0 if self.started is None else time.perf_counter() - self.started)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.plain = trainer.progress_bar_callback is None or not sys.stdout.isatty()
@@ -57,6 +72,9 @@ class ProgressLog(L.Callback):
         self.tokens = 0
         self.total_tokens = 0  # this process's target tokens, for the run's mean rate (sweep summaries)
         self.loss: float | None = None  # as of the latest logging step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.earlier_seconds, self.started = self.elapsed(), None  # the clock stops with training, as Timer's
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Batch, batch_idx: int
@@ -84,27 +102,29 @@ class ProgressLog(L.Callback):
         log.info(
             "step %d | epoch %d | loss %s | %s target tokens/s%s | elapsed %s | left %s",
             trainer.global_step, trainer.current_epoch, "-" if loss is None else f"{loss:.3f}",
-            f"{rate:,.0f}", per_process, clock(now - self.started),
+            f"{rate:,.0f}", per_process, clock(self.elapsed()),
             "unknown" if left is None else f"{clock(left[0])} ({left[1]})",
         )  # fmt: skip
         self.last_time, self.tokens = now, 0
 
     def time_left(self, trainer: L.Trainer, now: float) -> tuple[float, str] | None:
-        """Seconds left before the run stops, and which limit stops it; None before a rate is known."""
+        """Seconds left before the run stops (0 at the least), and which limit stops it; None before a rate
+        is known. Like elapsed, max_time counts the whole run (Lightning's Timer keeps it in checkpoints)."""
         estimates = []
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         if timer is not None and timer.time_remaining() is not None:
-            estimates.append((timer.time_remaining(), "max_time"))
+            estimates.append((max(timer.time_remaining(), 0.0), "max_time"))
         steps_done = trainer.global_step - self.first_step
         if steps_done > 0:
             seconds_per_step = (now - self.started) / steps_done
             if trainer.max_steps is not None and trainer.max_steps > 0:
-                estimates.append(((trainer.max_steps - trainer.global_step) * seconds_per_step, "max_steps"))
+                steps_left = max(trainer.max_steps - trainer.global_step, 0)
+                estimates.append((steps_left * seconds_per_step, "max_steps"))
             batches = trainer.num_training_batches
             if trainer.max_epochs is not None and trainer.max_epochs > 0 and math.isfinite(batches):
                 steps_per_epoch = batches / trainer.accumulate_grad_batches
                 total = trainer.max_epochs * steps_per_epoch
-                estimates.append(((total - trainer.global_step) * seconds_per_step, "max_epochs"))
+                estimates.append((max(total - trainer.global_step, 0) * seconds_per_step, "max_epochs"))
         return min(estimates) if estimates else None
 
 
@@ -321,3 +341,42 @@ class CarryBestCheckpoint(L.Callback):
             state.update(best_model_path=str(copy), kth_best_model_path=str(copy), kth_value=score)
             state["best_k_models"] = {str(copy): score}
             log.info("Resumed with the best checkpoint so far: %s (%s %.2f)", copy, callback.monitor, score)
+
+
+class FinalValidation(L.Callback):
+    """Training ends with a validation, so that the run's folder always has a best checkpoint; and the
+    run's validations are counted (``count``, across resumes: the checkpoint keeps it) and timed
+    (``seconds``, in this process).
+
+    Lightning validates every ``val_check_interval`` batches and where ``max_time`` stops training, but
+    not where ``max_steps`` or ``max_epochs`` do: a short run would end with no validation at all. Setting
+    ``should_stop`` on the last step (as early stopping does) makes Lightning validate there, unless
+    that step validates anyway.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.count = state_dict["count"]
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Batch, batch_idx: int
+    ) -> None:
+        last_step = 0 < trainer.max_steps <= trainer.global_step
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        if last_step or (last_epoch and batch_idx + 1 >= trainer.num_training_batches):
+            trainer.should_stop = True
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._started

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seq2seq.errors import MissingFileError, UserError, user_path
+from seq2seq.files import atomic_write
 
 if TYPE_CHECKING:
     import lightning as L
@@ -25,10 +26,20 @@ UNLOADABLE_CHECKPOINT = (
 
 
 def require_file(path: str | Path) -> Path:
-    """``path`` as a Path; MissingFileError naming it if there is no such file."""
-    if not Path(path).is_file():
+    """``path`` as a Path; MissingFileError naming it if there is no such file, or a UserError
+    listing the checkpoints inside if it is a folder (a run directory given for its checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        # In it, or two levels down: a run directory's checkpoints/best-*.ckpt.
+        inside = sorted(
+            str(p.relative_to(path)) for depth in ("", "*/", "*/*/") for p in path.glob(f"{depth}*.ckpt")
+        )
+        more = f" and {len(inside) - 8} more" if len(inside) > 8 else ""
+        listed = f"checkpoints in it: {', '.join(inside[:8])}{more}" if inside else "no .ckpt file in it"
+        raise UserError(f"Checkpoint path is a directory: {path} ({listed})")
+    if not path.is_file():
         raise MissingFileError(f"Checkpoint not found: {path}")
-    return Path(path)
+    return path
 
 
 def read_checkpoint(
@@ -64,12 +75,29 @@ def load_module(path: str | Path, device: str | torch.device = "cpu") -> Transla
         ) from None
 
 
-def check_resume_checkpoint(path: str) -> None:
-    """Fail clearly, before training starts, if ``ckpt_path`` is not a training checkpoint of ours."""
+def check_resume_checkpoint(path: str, max_time: str | timedelta | None = None) -> None:
+    """Fail clearly, before training starts, if ``ckpt_path`` is not a training checkpoint of ours, or if
+    the run it resumes has already used up ``max_time`` (``trainer.max_time`` counts the whole run:
+    Lightning's Timer carries the time trained in the checkpoint)."""
+    from lightning.pytorch.callbacks import Timer
+
+    from seq2seq.callbacks import clock
+
     try:
-        read_checkpoint(path, required=("state_dict", "tokenizer", "loops"))
+        checkpoint = read_checkpoint(path, required=("state_dict", "tokenizer", "loops"))
     except UserError as err:
         raise type(err)(f"ckpt_path: {err}") from None
+    timer_state = checkpoint.get("callbacks", {}).get(Timer.__qualname__)  # Timer's state_key
+    if max_time is None or timer_state is None:
+        return
+    timer = Timer(duration=max_time)
+    timer.load_state_dict(timer_state)
+    if timer.time_remaining() <= 0:
+        raise UserError(
+            f"ckpt_path: the run has already trained for {clock(timer.time_elapsed())}, all of"
+            f" trainer.max_time={max_time}, which counts the whole run across resumes: give a larger"
+            " trainer.max_time to train on"
+        )
 
 
 def read_init_checkpoint(path: str) -> dict[str, Any]:
@@ -143,6 +171,5 @@ def store_alpha(path: str | Path, alpha: float, bleu_by_alpha: dict[float, float
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     checkpoint["hyper_parameters"]["decoding"]["alpha"] = alpha
     checkpoint["alpha_choice"] = {"alpha": alpha, "bleu_by_alpha": bleu_by_alpha}
-    partial = Path(f"{path}.part")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    with atomic_write(path) as file:
+        torch.save(checkpoint, file)

@@ -7,19 +7,21 @@ composed the configuration.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import os
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     GrammarParseError,
     InterpolationResolutionError,
@@ -73,10 +75,47 @@ def raised_by_hydra(error: BaseException) -> bool:
     return traceback.tb_frame.f_globals.get("__name__", "").startswith("hydra.")
 
 
+def unknown_option(key: str, known: Iterable[str]) -> str:
+    """The message for an option ``key`` that is not one of ``known`` (dotted keys), with the closest one."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean {close[0]}?" if close else f"python {Path(sys.argv[0]).name} --help lists them"
+    return f"unknown option {key}; {hint}"
+
+
+def dotted_keys(config: DictConfig) -> list[str]:
+    """Every key of ``config``, nested ones as ``group.key``; interpolations are not resolved."""
+
+    def walk(node: dict, prefix: str) -> Iterator[str]:
+        for key, value in node.items():
+            yield f"{prefix}{key}"
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+
+    return list(walk(OmegaConf.to_container(config, resolve=False), ""))
+
+
+def reject_added_keys(cfg: DictConfig) -> None:
+    """For a command whose options are all in its config (translate.py): a key added on the command line
+    with ``+key=value`` can only be a typo (Hydra would add it, and nothing would read it)."""
+    added = [
+        o[1:].partition("=")[0] for o in HydraConfig.get().overrides.task if o[:2] != "++" and o[:1] == "+"
+    ]
+    if added:
+        raise UserError(unknown_option(added[0], [key for key in dotted_keys(cfg) if key not in added]))
+
+
 def one_line(error: BaseException) -> str:
-    """The error's message on one line (Hydra's messages span several)."""
+    """The error's message on one line (Hydra's messages span several); an unknown key gets the closest
+    known one."""
     if isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__
+    cause = error.__cause__
+    if str(error).startswith("Could not override") and isinstance(
+        getattr(cause, "parent_node", None), DictConfig
+    ):
+        # key=value for a key the config does not have. OmegaConf has no public way up to the root.
+        root = cause.parent_node._get_root()
+        return unknown_option(cause.full_key, [k for k in dotted_keys(root) if not k.startswith("hydra")])
     message = str(error).strip() or type(error).__name__
     if isinstance(error, MissingMandatoryValue):  # its later lines repeat the key and the node's type
         return f"{message.splitlines()[0]} (give it on the command line: key=value)"

@@ -18,7 +18,7 @@ from seq2seq.data.corpora import ParallelText, read_lines
 from seq2seq.errors import UserError
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores, scores_by_corpus
 from seq2seq.precision import DECODING_PRECISIONS
-from seq2seq.search import AUTO, DecodingSettings, best_for_alpha
+from seq2seq.search import AUTO, UNTUNED_ALPHA, DecodingSettings, best_for_alpha
 from seq2seq.translator import FileReport, Translator, translate_file
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,11 @@ class AlphaChoice:
     bleu: dict[float, float]
     translations: dict[float, list[str]]
     seconds: float
+
+    @property
+    def tied(self) -> bool:
+        """Whether every alpha scored the same BLEU: there is nothing to choose."""
+        return len(set(self.bleu.values())) == 1
 
 
 def check_alpha_grid(grid: Sequence[float]) -> list[float]:
@@ -93,6 +98,17 @@ def tune_alpha(
     alpha, store the choice in ``checkpoint`` and use it in ``translator`` from now on."""
     choice = choose_alpha(translator, valid.src, valid.tgt, settings, grid)
     table = ", ".join(f"{alpha:g}: {bleu:.2f}" for alpha, bleu in choice.bleu.items())
+    if choice.tied:
+        log.info(
+            "decoding.alpha=auto: not tuned, every alpha scores BLEU %.2f on the validation split (beam %d,"
+            " %.1f s): the length penalty makes no difference to this model yet; alpha=auto uses %g",
+            choice.bleu[choice.alpha],
+            settings.beam,
+            choice.seconds,
+            UNTUNED_ALPHA,
+        )
+        translator.alpha = UNTUNED_ALPHA
+        return choice
     log.info(
         "decoding.alpha=auto: alpha %g chosen on the validation split (%d sentences, beam %d;"
         " BLEU by alpha %s) in %.1f s",
@@ -130,6 +146,7 @@ def evaluate_best_checkpoint(
     settings: DecodingSettings,
     evaluate: DictConfig,
     test_corpora: tuple[Sequence[int], Sequence[tuple[str, str | None]]] | None = None,
+    validations: int | None = None,
 ) -> dict[str, Any]:
     """What a run does with its best checkpoint after training, as ``evaluate`` says: choose its length
     penalty (``decoding.alpha=auto`` with a beam, on the validation split; greedy search has no use for
@@ -141,10 +158,23 @@ def evaluate_best_checkpoint(
     language) of each corpus; the test split is then also scored per corpus, and ``test_bleu`` is the
     mean of the corpora's BLEU, as validation's ``val_bleu`` is.
 
-    Returns the fields for result.json: ``test_bleu`` (and ``test_bleu_by_corpus``) and, when tuned,
-    the alpha choice.
+    A run that validated fewer than ``evaluate.min_validations`` times (``validations``; None: not
+    counted) trained too little for the length penalty to matter: alpha is not tuned, which saves a beam
+    search of the validation split.
+
+    Returns the fields for result.json: ``test_bleu`` (and ``test_bleu_by_corpus``), ``test_seconds``
+    and, when tuned, the alpha choice.
     """
     tune = settings.alpha == AUTO and settings.beam > 1 and "valid" in texts
+    if tune and validations is not None and validations < evaluate.min_validations:
+        log.info(
+            "decoding.alpha=auto: not tuned, the run validated %d time(s), fewer than"
+            " evaluate.min_validations=%d; alpha=auto uses %g",
+            validations,
+            evaluate.min_validations,
+            UNTUNED_ALPHA,
+        )
+        tune = False
     test = texts.get("test") if evaluate.test else None
     if not (tune or test):
         return {"test_bleu": None}
@@ -153,10 +183,13 @@ def evaluate_best_checkpoint(
     if tune:
         grid = OmegaConf.to_container(evaluate.alpha_grid, resolve=True)
         choice = tune_alpha(translator, checkpoint, texts["valid"], settings, grid)
-        fields.update(alpha=choice.alpha, alpha_bleu=choice.bleu, alpha_seconds=choice.seconds)
+        alpha = None if choice.tied else choice.alpha
+        fields.update(alpha=alpha, alpha_bleu=choice.bleu, alpha_seconds=choice.seconds)
+    elif translator.alpha is None:
+        translator.alpha = UNTUNED_ALPHA  # not tuned, as logged above: no warning about it while testing
     if test is not None:
         report = score_test(translator, test, output_dir, settings)
-        fields["test_bleu"] = report.scores.bleu
+        fields.update(test_bleu=report.scores.bleu, test_seconds=report.seconds)
         print(
             f"Test split ({test.origin}), beam {settings.beam}, alpha {translator.settings(settings).alpha},"
             f" {translator.precision}, checkpoint {checkpoint}:\n{report}"

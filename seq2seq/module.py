@@ -13,11 +13,13 @@ import torch
 from torch import Tensor
 
 from seq2seq.data.collate import Batch
+from seq2seq.ema import WeightAverage
 from seq2seq.errors import UserError, is_number
 from seq2seq.lightning_private import should_update_logs
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores, scores_by_corpus
 from seq2seq.model import Seq2Seq
 from seq2seq.precision import clip_gradients
+from seq2seq.schedules import BUDGET_SCHEDULES, STEP_SCHEDULES, build_scheduler
 from seq2seq.search import DecodingSettings, decode
 from seq2seq.tokenization import PAD_ID, Tokenizer
 
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 # TranslationModule moves batches itself, on purpose, whatever data module feeds it.
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `Lightning")
 
-SCHEDULERS = ("inverse_sqrt", "constant", "plateau")
+SCHEDULERS = (*STEP_SCHEDULES, *BUDGET_SCHEDULES, "plateau")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -37,7 +39,9 @@ class TranslationModule(L.LightningModule):
         src_vocab_size, tgt_vocab_size: from the tokenizer.
         optimizer: AdamW keyword arguments (``lr``, ``betas``, ``weight_decay``, ...).
         scheduler: ``name`` is ``inverse_sqrt`` (linear warmup over ``warmup_steps``, then decay with
-            the inverse square root of the step), ``constant`` (warmup, then flat) or ``plateau``
+            the inverse square root of the step), ``constant`` (warmup, then flat), ``linear`` or
+            ``cosine`` (warmup, then decay to ``floor`` x the peak, default 0, at the end of the budget
+            of ``trainer.max_time`` or ``max_steps``: see :mod:`seq2seq.schedules`) or ``plateau``
             (multiply by ``factor`` after ``patience`` validations without a better BLEU; it steps
             after each validation, so its patience counts validations, not epochs).
         label_smoothing: mass spread uniformly over the vocabulary in the training loss.
@@ -49,6 +53,9 @@ class TranslationModule(L.LightningModule):
         nonfinite_loss: what a step with a NaN or infinite loss does: ``stop`` raises an error naming
             the step; ``skip`` leaves the weights untouched, logs a warning and counts the step in
             ``train_skipped_steps``. Either way no update is made from a non-finite loss.
+        ema_decay: None, or the decay of an exponential moving average of the weights, which is
+            validated, saved in the best checkpoints and scored on the test split, while the raw
+            weights train on (see :class:`~seq2seq.ema.WeightAverage`).
 
     Under data parallelism the loss is the mean over all target tokens of all processes, and the
     validation scores are those of the whole validation set: the per-sentence results of all processes
@@ -67,6 +74,7 @@ class TranslationModule(L.LightningModule):
         nonfinite_loss: str = "stop",
         tgt_lang: str | None = None,
         bleu_tokenize: str | None = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -85,6 +93,7 @@ class TranslationModule(L.LightningModule):
         self.tgt_lang, self.bleu_tokenize = tgt_lang, check_bleu_tokenize(bleu_tokenize)
         self.save_hyperparameters()
         self.model = Seq2Seq(src_vocab_size, tgt_vocab_size, **model)
+        self.weight_average = WeightAverage(ema_decay) if ema_decay is not None else None
         self.tokenizer: Tokenizer | None = None  # set by the trainer script or restored from a checkpoint
         self.run_config: dict[str, Any] | None = None  # the resolved run configuration, kept in checkpoints
         # Non-finite losses, recorded on the device: found in this optimizer step (what fused AdamW reads
@@ -307,25 +316,24 @@ class TranslationModule(L.LightningModule):
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val_bleu", "strict": False},
             }
-        warmup = max(int(settings.get("warmup_steps", 0)), 1)
-        decay = settings["name"] == "inverse_sqrt"
-
-        def factor(step: int) -> float:
-            step += 1
-            if step < warmup:
-                return step / warmup
-            return math.sqrt(warmup / step) if decay else 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # The budget-aware schedules read the trainer's budget; the others need no trainer.
+        trainer = self.trainer if settings["name"] in BUDGET_SCHEDULES else None
+        scheduler = build_scheduler(settings, optimizer, trainer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.weight_average] if self.weight_average is not None else []
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is None:
             raise RuntimeError("TranslationModule.tokenizer must be set before saving a checkpoint")
+        if self.weight_average is not None:
+            # Here, not in the callback: Lightning calls callbacks' hook for full checkpoints only.
+            self.weight_average.fill_checkpoint(checkpoint)
         checkpoint["tokenizer"] = self.tokenizer.state_dict()
         checkpoint["run_config"] = self.run_config
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from seq2seq.callbacks import CarryBestCheckpoint, ProgressLog
+from seq2seq.callbacks import CarryBestCheckpoint, FinalValidation, ProgressLog
 from seq2seq.checkpoints import (
     check_architecture,
     check_resume_checkpoint,
@@ -83,7 +84,10 @@ def train(cfg: DictConfig) -> float:
     precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     initial = fine_tuning_checkpoint(cfg)
     if cfg.get("ckpt_path"):
-        check_resume_checkpoint(cfg.ckpt_path)
+        max_time = cfg.trainer.get("max_time")  # "DD:HH:MM:SS", or a datetime.timedelta _target_
+        check_resume_checkpoint(
+            cfg.ckpt_path, instantiate(max_time) if isinstance(max_time, DictConfig) else max_time
+        )
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):  # "high": TF32 matrix products on GPUs that have them
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
@@ -119,13 +123,22 @@ def train(cfg: DictConfig) -> float:
     parameters = sum(p.numel() for p in module.parameters())
     log_run_start(cfg, tokenizer, parameters)
 
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    final_validation = FinalValidation()  # a best checkpoint even from a run shorter than val_check_interval
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [final_validation]
     if cfg.get("ckpt_path"):
         callbacks.append(CarryBestCheckpoint())
     if pruning := trial_pruning():  # a trial of hydra/sweeper=seq2seq: validations go to the study
         callbacks.append(pruning)
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
+    # A progress bar only in a terminal: in a log file, its frames are noise (ProgressLog writes lines there).
+    progress_bar = cfg.trainer.enable_progress_bar and sys.stdout.isatty()
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        precision=precision,
+        enable_progress_bar=progress_bar,
+    )
     check_sigterm_on_logging_steps(trainer)  # not a collective before every batch under DDP
     # The test split is decoded where training ran: checked there, before training.
     resolve_decoding_precision(cfg.evaluate.precision, trainer.strategy.root_device, "evaluate.precision")
@@ -156,7 +169,16 @@ def train(cfg: DictConfig) -> float:
                 decoding,
                 cfg.evaluate,
                 corpora_of_test_split(datamodule),
+                final_validation.count,
             )
+        log.info(
+            "Time by phase: validation %.0f s (%d validations while training), alpha tuning %s,"
+            " test decoding %s",
+            final_validation.seconds,
+            final_validation.count,
+            "-" if scores.get("alpha_seconds") is None else f"{scores['alpha_seconds']:.0f} s",
+            "-" if scores.get("test_seconds") is None else f"{scores['test_seconds']:.0f} s",
+        )
         progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(
             output_dir,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from seq2seq.checkpoints import load_module
 from seq2seq.data.collate import length_sorted_batches, pad
 from seq2seq.data.corpora import read_lines, read_text_lines
 from seq2seq.errors import MissingFileError, UserError, user_path
+from seq2seq.files import atomic_write
 from seq2seq.metrics import CorpusScores, corpus_scores
 from seq2seq.model import Ensemble, Seq2Seq
 from seq2seq.precision import decoding_autocast, resolve_decoding_precision
@@ -244,6 +243,19 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def _prompted(lines: Iterator[str], prompt: str) -> Iterator[str]:
+    """``lines``, with ``prompt`` written to stderr before each is read (none if it is empty)."""
+    while True:
+        if prompt:
+            print(prompt, end="", file=sys.stderr, flush=True)
+        line = next(lines, None)
+        if line is None:
+            if prompt:  # the report goes on a line of its own, not after the last prompt
+                print(file=sys.stderr)
+            return
+        yield line
+
+
 def translate_file(
     translator: Translator,
     input_path: str,
@@ -252,6 +264,7 @@ def translate_file(
     chunk_lines: int = 5000,
     ref_path: str | None = None,
     progress: bool = True,
+    prompt: str = "",
 ) -> FileReport:
     """Translate a file (``-`` is stdin/stdout) line by line, streaming ``chunk_lines`` at a time.
 
@@ -259,6 +272,8 @@ def translate_file(
     ``index ||| translation ||| score`` per input line, index counted from 0). A file output appears
     only when complete (written to a temporary file, then renamed). With ``ref_path``, scores the
     translations against it with sacrebleu (BLEU tokenized for the translator's target language).
+    ``prompt`` is written to stderr before each line is read (a terminal on stdin). The report's time is
+    the time spent translating, not waiting for input.
     """
     settings = translator.settings(settings)
     if input_path != "-" and not Path(input_path).is_file():
@@ -274,28 +289,21 @@ def translate_file(
     with contextlib.ExitStack() as stack:
         source = sys.stdin.buffer if input_path == "-" else stack.enter_context(open(input_path, "rb"))
         if output_path == "-":
-            sink, temporary = sys.stdout, None
+            sink = sys.stdout
         else:
             out_dir = Path(output_path).resolve().parent
             if not out_dir.is_dir():
                 raise MissingFileError(f"Output folder not found: {out_dir}")
-            if Path(output_path).is_dir():
-                raise UserError(f"output: {output_path} is a folder; give a file name")
             with user_path(output_path, "output"):  # no permission to write in its folder
-                sink = stack.enter_context(
-                    tempfile.NamedTemporaryFile(
-                        "w", encoding="utf-8", dir=out_dir, delete=False, suffix=".part"
-                    )
-                )
-            temporary = Path(sink.name)
-            stack.callback(lambda: temporary.unlink(missing_ok=True))
+                sink = stack.enter_context(atomic_write(output_path, "w", encoding="utf-8"))
         bar = stack.enter_context(
             tqdm(total=total, unit="line", file=sys.stderr, disable=not progress, desc="Translating")
         )
-        started = time.perf_counter()
+        seconds = 0.0
         count = tokens = 0
         kept: list[str] = []
-        for chunk in _chunks(read_text_lines(source, input_path), chunk_lines):
+        for chunk in _chunks(_prompted(read_text_lines(source, input_path), prompt), chunk_lines):
+            started = time.perf_counter()
             results = translator.translate_nbest(chunk, settings, first_line=count + 1)
             for offset, hyps in enumerate(results):
                 tokens += len(hyps[0][1].tokens)
@@ -306,12 +314,9 @@ def translate_file(
                 if references is not None:
                     kept.append(hyps[0][0])
             sink.flush()
+            seconds += time.perf_counter() - started
             count += len(chunk)
             bar.update(len(chunk))
-        seconds = time.perf_counter() - started
-        if temporary is not None:
-            sink.close()
-            os.replace(temporary, output_path)
 
     scores = None
     if references is not None:

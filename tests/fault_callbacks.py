@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 
 
 class RecordBatches(L.Callback):
@@ -86,6 +87,38 @@ class NanAtBatch(L.Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+class RecordLearningRates(L.Callback):
+    """Appends one JSON line when training starts and one per training batch, after the scheduler has
+    stepped: the step, the rate of the next step, and the share of the time budget used (None without
+    ``trainer.max_time``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.on_train_batch_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        used = None
+        if timer is not None and timer.time_remaining() is not None:
+            used = timer.time_elapsed() / (timer.time_elapsed() + timer.time_remaining())
+        with open(f"{self.path}.rank{trainer.global_rank}", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": trainer.global_step, "lr": lr, "used": used}) + "\n")
+
+
+class StopAtStep(L.Callback):
+    """Ends training (as a limit would) once ``step`` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
 
 
 class BugAtBatch(L.Callback):

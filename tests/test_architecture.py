@@ -29,12 +29,15 @@ LAYERS = {
     "seq2seq.metrics": 5,
     "seq2seq.precision": 5,
     "seq2seq.flops": 5,
+    "seq2seq.schedules": 5,
+    "seq2seq.ema": 5,
     "seq2seq.cli": 5,
     "seq2seq": 1,  # the package's __init__: registers the decoding config group for the commands
     "seq2seq.data": 6,
     "seq2seq.model": 6,
     "seq2seq.tokenization": 6,
     "seq2seq.lightning_private": 6,  # a leaf: the data module reads the loop position through it
+    "seq2seq.files": 6,  # a leaf: files written whole (translations, checkpoints)
     "seq2seq.errors": 6,  # a leaf: UserError, raised by every layer
 }
 

@@ -24,9 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from seq2seq.averaging import average_checkpoints
 from seq2seq.cli import is_user_error
 from seq2seq.data import TranslationDataModule, load_synthetic
+from seq2seq.data.corpora import ParallelText
 from seq2seq.errors import MissingFileError, UserError, user_path
+from seq2seq.evaluation import tune_alpha
 from seq2seq.precision import resolve_trainer_precision
 from seq2seq.search import DecodingSettings
 from seq2seq.tokenization import SubwordSettings, train_tokenizer
@@ -88,6 +91,36 @@ def test_interrupted_translation_leaves_no_output_file(random_translator, tmp_pa
     with pytest.raises(ValueError, match=r"in\.txt, line 3: invalid UTF-8"):
         translate_file(random_translator, str(source), str(output), DecodingSettings(beam=1), chunk_lines=1)
     assert list(tmp_path.iterdir()) == [source]  # neither out.txt nor its temporary file
+
+
+@pytest.fixture
+def umask_027():
+    """The umask of a shared cluster's group: files we write must be group-readable under it."""
+    previous = os.umask(0o027)
+    yield 0o666 & ~0o027
+    os.umask(previous)
+
+
+def test_written_files_get_the_users_umask_not_private_modes(random_translator, tmp_path, umask_027):
+    source = write_lines(tmp_path / "in.txt", ["w1 w2", "w3"])
+    translate_file(random_translator, str(source), str(tmp_path / "out.txt"), progress=False)
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "tokenizer": None}, checkpoint)
+    average_checkpoints([checkpoint, checkpoint], tmp_path / "averaged.ckpt")
+    for name in ("out.txt", "averaged.ckpt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == umask_027, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged.ckpt", "in.txt", "model.ckpt", "out.txt"]
+
+
+def test_alpha_is_not_tuned_when_every_alpha_scores_the_same(random_translator, caplog):
+    valid = ParallelText(["w1 w2", "w3 w4 w5"], ["zz yy", "xx"], origin="test")
+    caplog.set_level(logging.INFO)
+    # A checkpoint path that does not exist: storing the choice there would fail.
+    choice = tune_alpha(
+        random_translator, "/nonexistent.ckpt", valid, DecodingSettings(beam=2), [0.6, 1.0, 2.0]
+    )
+    assert choice.tied and set(choice.bleu.values()) == {0.0}
+    assert "not tuned, every alpha scores BLEU 0.00" in caplog.text
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
@@ -400,6 +433,8 @@ def test_a_run_in_a_log_file_says_what_matters_without_noise(attention_run):
     assert f"Vocabulary: joint, {built} subwords (data.subword.vocab_size=32)" in log and built < 32
     parameters = sum(weights.numel() for weights in checkpoint["state_dict"].values())
     assert f"Model: {parameters:,} parameters" in log and f"Outputs: {attention_run}" in log
+    # No progress bar frames or terminal control sequences: stdout is not a terminal.
+    assert "\x1b[" not in console and "\r" not in console and not re.search(r"Epoch \d+/\d+", console)
     # None of the third-party lines that tell a user nothing.
     for noise in ("Tip:", "LeafSpec", "flops_per_batch", "weights_only", "logging interval", "INFO: "):
         assert noise not in console, noise
@@ -443,18 +478,34 @@ def test_translate_with_a_terminal_on_stdin_answers_each_line_as_entered(attenti
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "translate.py", f"ckpt={best}"], cwd=REPO, stdin=terminal, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )  # fmt: skip
     os.close(terminal)
+
+    def read_stderr_until(text: bytes) -> bytes:
+        seen = b""
+        while text not in seen:
+            ready, _, _ = select.select([process.stderr], [], [], 120)
+            assert ready, f"no {text!r} on stderr; got {seen!r}"
+            seen += os.read(process.stderr.fileno(), 4096)
+        return seen
+
     try:
+        # A ready line once the model is loaded, then a prompt before each line.
+        assert b"Ready: type a sentence" in read_stderr_until(b"> ")
         for line in ("w1 w2 w3", "w4 w5"):
+            time.sleep(4)  # the user types: idle time that the final rate must not count
             os.write(controller, f"{line}\n".encode())
             # The translation comes back while the input is still open: not at the end of a chunk.
             ready, _, _ = select.select([process.stdout], [], [], 120)
             assert ready, f"no translation of {line!r} while waiting for the next line"
             assert process.stdout.readline().endswith(b"\n")
+            read_stderr_until(b"> ")
         os.write(controller, b"\x04")  # Ctrl-D: end of input
         assert process.wait(timeout=60) == 0
+        report = process.stderr.read().decode()
+        seconds = float(re.search(r"Translated 2 lines in ([\d.]+) s", report).group(1))
+        assert seconds < 8  # the time spent translating, without the 8 s of waiting for input
     finally:
         process.kill()
         os.close(controller)

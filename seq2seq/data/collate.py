@@ -104,6 +104,19 @@ class EncodedSplit(Dataset):
         )
 
 
+def ids_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], indices: Sequence[int]) -> Batch:
+    """The :class:`Batch` of pairs segmented on the fly (lists of ids); :meth:`EncodedSplit.collate`
+    builds the same from the prepared cache, without Python lists."""
+    return Batch(
+        src=pad(src),
+        src_lengths=torch.tensor([len(ids) for ids in src], dtype=torch.long),
+        tgt_in=pad(tgt, prefix=BOS_ID),
+        tgt_out=pad(tgt, suffix=EOS_ID),
+        indices=torch.tensor(indices, dtype=torch.long),
+        num_target_tokens=sum(len(ids) + 1 for ids in tgt),  # EOS included
+    )
+
+
 def batch_size(batch: Batch) -> int:
     """Sentence pairs in a batch (for Lightning's ThroughputMonitor)."""
     return batch.src.size(0)

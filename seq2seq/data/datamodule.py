@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from seq2seq.data.collate import EncodedSplit
@@ -23,6 +24,7 @@ from seq2seq.data.sampler import (
     TokenBucketBatchSampler,
     padding_efficiency,
 )
+from seq2seq.data.sampling import EpochTaggedSampler, ResampledSplit, SamplingSettings
 from seq2seq.errors import UserError, is_int
 from seq2seq.lightning_private import batches_done_in_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
@@ -58,6 +60,8 @@ class TranslationDataModule(L.LightningDataModule):
             ``cache_dir`` (each node's first process prepares), false for one shared by all nodes.
         tgt_lang: the target language (ISO 639-1), for BLEU's tokenizer; None: the corpus reader's
             (the Bible knows each version's), else unknown. Known after ``setup`` as ``self.tgt_lang``.
+        subword_sampling: None, or :class:`SamplingSettings` fields: each training batch is segmented
+            anew from its text by sentencepiece's sampling (:mod:`seq2seq.data.sampling`).
         given_tokenizer: encode with these sentencepiece model(s) instead of training them on the corpus
             (fine-tuning: the checkpoint's); ``subword`` is then unused.
     """
@@ -76,6 +80,7 @@ class TranslationDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         prepare_per_node: bool = True,
         tgt_lang: str | None = None,
+        subword_sampling: dict[str, Any] | None = None,
         given_tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
@@ -98,6 +103,8 @@ class TranslationDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.prepare_data_per_node = prepare_per_node
         self.tgt_lang = tgt_lang
+        self.sampling = SamplingSettings(**subword_sampling) if subword_sampling else None
+        self.resampled: ResampledSplit | None = None
         self.given_tokenizer = given_tokenizer
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
@@ -148,6 +155,22 @@ class TranslationDataModule(L.LightningDataModule):
             if name == "train" and self.corpus_ids["train"] is not None:
                 self.mixture = self._mixture(self.corpus_ids["train"])
             self._log_split(name, text.origin, split, prepared.counts[name])
+        if self.sampling is not None:
+            text = self.texts.get("train", self.corpus.train)
+            if self.tokenizer.src_tags or isinstance(text, ConcatenatedText):
+                raise UserError(
+                    "data.subword_sampling is not available with target-language tags or with several"
+                    " training corpora read from files"
+                )
+            self.resampled = ResampledSplit(
+                self.splits["train"],
+                text,
+                prepared.kept["train"],
+                self.tokenizer,
+                self.sampling,
+                self.max_len,
+                self.seed,
+            )
         # One process a node fills the page cache that the others, and their workers, read from.
         if stage in (None, "fit") and (self.trainer is None or self.trainer.local_rank == 0):
             self.reading_ahead = read_ahead(self.splits["train"].cache_files(), memory_available())
@@ -186,7 +209,8 @@ class TranslationDataModule(L.LightningDataModule):
     def _batch_sampler(self, split: EncodedSplit, name: str) -> TokenBucketBatchSampler:
         is_train = name == "train"
         trainer = self.trainer
-        return TokenBucketBatchSampler(
+        resampled = is_train and self.sampling is not None
+        return (EpochTaggedSampler if resampled else TokenBucketBatchSampler)(
             split.src_lengths(),
             split.tgt_lengths(),
             self.batch_tokens if is_train else self.eval_batch_tokens,
@@ -222,8 +246,12 @@ class TranslationDataModule(L.LightningDataModule):
             "pin_memory": self.pin_memory,
         }
         if name == "train":
-            return ResumableDataLoader(split, batches_done_fn=self._batches_done, **options)
-        return DataLoader(split, **options)
+            dataset = split if self.resampled is None else self.resampled  # resampled: segmented anew
+            options["collate_fn"] = dataset.collate
+            return ResumableDataLoader(dataset, batches_done_fn=self._batches_done, **options)
+        # A loader draws its workers' base seed from its generator each time it is iterated: from the
+        # global stream without one, which would shift training's dropout after each validation.
+        return DataLoader(split, generator=torch.Generator().manual_seed(self.seed), **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

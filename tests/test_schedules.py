@@ -1,0 +1,124 @@
+"""Budget-aware learning-rate schedules: the rate at the start, the middle and the end of a step budget
+and of a time budget, in real training runs, and across a resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seq2seq.schedules import BudgetDecay
+from seq2seq.training import train
+from tests.fault_callbacks import read_records
+from tests.test_training import QUIET
+
+PEAK = 0.01
+QUICK = [
+    "experiment=smoke", "data.corpus.sizes.train=300", "decoding.beam=1", "evaluate.test=false",
+    f"module.optimizer.lr={PEAK}", "trainer.limit_val_batches=1", *QUIET,
+]  # fmt: skip
+
+
+def rates(scheduler: BudgetDecay, steps: int) -> list[float]:
+    """The rate of each of ``steps`` optimizer steps."""
+    optimizer = scheduler.optimizer
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def decay(shape: str, warmup: int, max_steps: int | None, time_used=None, floor: float = 0.0) -> BudgetDecay:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=PEAK)
+    return BudgetDecay(optimizer, shape, warmup, max_steps, time_used, floor)
+
+
+def test_linear_and_cosine_decay_from_the_end_of_warmup_to_the_end_of_the_step_budget():
+    linear = rates(decay("linear", 4, 20), 21)
+    # Warmup over 4 steps; the decay starts at step 4 (3 steps taken: 3/20 of the budget used).
+    assert linear[:4] == pytest.approx([PEAK * s / 4 for s in range(1, 5)])
+    assert linear[3:] == pytest.approx([PEAK * (1 - (n - 3) / 17) for n in range(3, 21)])
+    assert linear[20] == 0.0
+    cosine = rates(decay("cosine", 1, 20, floor=0.2), 21)
+    assert cosine[0] == pytest.approx(PEAK)
+    assert cosine[10] == pytest.approx(PEAK * (0.2 + 0.8 * 0.5))  # halfway: half-way to the floor
+    assert cosine[20] == pytest.approx(PEAK * 0.2)
+
+
+def test_the_first_limit_reached_ends_the_decay():
+    used = iter([0.0, 0.1, 0.5, 0.9, 0.95])  # at init, then after each step
+    scheduler = decay("linear", 1, 100, time_used=lambda: next(used))
+    assert rates(scheduler, 4) == pytest.approx([PEAK, PEAK * 0.9, PEAK * 0.5, PEAK * 0.1])
+
+
+def test_a_budget_aware_schedule_needs_a_budget():
+    with pytest.raises(
+        ValueError, match=r"module.scheduler.name=linear .* trainer.max_time or trainer.max_steps"
+    ):
+        decay("linear", 1, None)
+    with pytest.raises(ValueError, match=r"module.scheduler.floor must be in \[0, 1\)"):
+        decay("cosine", 1, 10, floor=1.0)
+
+
+def run(compose_config, tmp_path, name: str, *overrides: str) -> list[dict]:
+    """Train; the rate and budget share at the start and after each step (see RecordLearningRates)."""
+    record = tmp_path / f"{name}.jsonl"
+    train(compose_config(
+        *QUICK, "+callbacks.lr_record._target_=tests.fault_callbacks.RecordLearningRates",
+        f"+callbacks.lr_record.path={record}", f"paths.output_dir={tmp_path / name}", *overrides,
+    ))  # fmt: skip
+    return read_records(record)
+
+
+def test_a_step_budget_decays_to_zero_at_its_end_and_a_resumed_run_continues_the_curve(
+    compose_config, tmp_path
+):
+    budget = ["module.scheduler.name=linear", "module.scheduler.warmup_steps=0", "trainer.max_steps=40"]
+    budget += ["trainer.val_check_interval=10"]
+    reference = run(compose_config, tmp_path, "reference", *budget)
+    lr = {r["step"]: r["lr"] for r in reference}  # the rate of step n + 1, set after step n
+    assert [lr[0], lr[20], lr[40]] == pytest.approx([PEAK, PEAK / 2, 0.0])
+    assert [lr[n] for n in range(41)] == pytest.approx([PEAK * (1 - n / 40) for n in range(41)])
+
+    stop = ["+callbacks.stop._target_=tests.fault_callbacks.StopAtStep", "+callbacks.stop.step=20"]
+    first = run(compose_config, tmp_path, "first", *budget, *stop)
+    assert first[-1]["step"] == 20
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed = run(compose_config, tmp_path, "resumed", *budget, f"ckpt_path={last}")
+    assert resumed[0]["step"] == 20 and resumed[0]["lr"] == first[-1]["lr"]  # restored
+    assert [(r["step"], r["lr"]) for r in first + resumed[1:]] == pytest.approx(
+        [(r["step"], r["lr"]) for r in reference]
+    )
+
+
+def expected_linear(used: float, warmup_end: float) -> float:
+    return PEAK * (1 - min(max((used - warmup_end) / (1 - warmup_end), 0.0), 1.0))
+
+
+def test_a_time_budget_decays_with_the_time_used_and_a_resumed_run_continues_the_curve(
+    compose_config, tmp_path
+):
+    """Checked against the budget share read right after each scheduler step, so it holds however fast
+    the machine is (the exact 50 % point is in the test with a given clock above)."""
+    budget = [
+        "module.scheduler.name=linear", "module.scheduler.warmup_steps=5", "trainer.max_steps=-1",
+        "trainer.max_time='00:00:00:20'", "trainer.val_check_interval=10",
+    ]  # fmt: skip
+    stop = ["+callbacks.stop._target_=tests.fault_callbacks.StopAtStep", "+callbacks.stop.step=8"]
+    first = run(compose_config, tmp_path, "first", *budget, *stop)
+    assert first[-1]["step"] == 8 and first[-1]["used"] < 1  # stopped by StopAtStep, inside the budget
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    warmup_end = torch.load(last, weights_only=False)["lr_schedulers"][0]["warmup_end"]
+    assert 0 < warmup_end < first[-1]["used"]
+    assert [r["lr"] for r in first[:5]] == pytest.approx([PEAK * s / 5 for s in range(1, 6)])
+    assert first[4]["lr"] == PEAK  # the decay starts from the peak
+    for r in first[5:]:
+        assert r["lr"] == pytest.approx(expected_linear(r["used"], warmup_end), abs=PEAK * 1e-3)
+
+    resumed = run(compose_config, tmp_path, "resumed", *budget, f"ckpt_path={last}")
+    # The time already used is in the checkpoint: the curve goes on from it, down to zero.
+    assert resumed[0]["lr"] == first[-1]["lr"] and resumed[1]["lr"] < first[-1]["lr"]
+    for r in resumed[1:]:
+        assert r["lr"] == pytest.approx(expected_linear(r["used"], warmup_end), abs=PEAK * 1e-3)
+    assert resumed[-1]["used"] >= 1.0 and resumed[-1]["lr"] == 0.0
