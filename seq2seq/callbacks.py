@@ -52,6 +52,7 @@ class ProgressLog(L.Callback):
 
     def __init__(self, every_seconds: float = 30.0) -> None:
         self.every_seconds = every_seconds
+        self.total_tokens = 0  # also when fit trains nothing (resumed from the end of training)
         self.earlier_seconds = 0.0  # trained before this process: by the runs this one resumes
         self.started: float | None = None
 

@@ -31,6 +31,7 @@ from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.pruning import trial_pruning
 from seq2seq.run_dir import discard_unused_run_dir, write_run_record
+from seq2seq.slurm import SlurmRequeue, newest_checkpoint
 from seq2seq.sweep import write_result
 from seq2seq.tokenization import Tokenizer
 
@@ -83,24 +84,32 @@ def train(cfg: DictConfig) -> float:
     # trainer.precision=auto and evaluate.precision=auto probe the host's CPU bf16 (once per process).
     precision = resolve_trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     initial = fine_tuning_checkpoint(cfg)
-    if cfg.get("ckpt_path"):
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = cfg.get("ckpt_path")
+    slurm = SlurmRequeue(output_dir) if SlurmRequeue.wanted() else None
+    if slurm is not None:
+        slurm.install()
+        if ckpt_path is None and (ckpt_path := newest_checkpoint(output_dir)) is not None:
+            log.info("Requeued SLURM job: resuming from %s", ckpt_path)
+    if ckpt_path:
         max_time = cfg.trainer.get("max_time")  # "DD:HH:MM:SS", or a datetime.timedelta _target_
         check_resume_checkpoint(
-            cfg.ckpt_path, instantiate(max_time) if isinstance(max_time, DictConfig) else max_time
+            str(ckpt_path), instantiate(max_time) if isinstance(max_time, DictConfig) else max_time
         )
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):  # "high": TF32 matrix products on GPUs that have them
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    output_dir = Path(cfg.paths.output_dir)
     if rank_zero_only.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
         write_run_record(output_dir / "run.json", cfg.seed)
     given_tokenizer = Tokenizer.from_state_dict(initial["tokenizer"]) if initial else None
     datamodule: TranslationDataModule = instantiate(cfg.data, given_tokenizer=given_tokenizer)
-    # The model's vocabulary sizes are needed before fit, so the data is prepared (once: other processes
-    # wait on the cache's lock, then reuse it) and set up here, as Lightning would do inside fit.
-    datamodule.prepare_data()
+    # The model's vocabulary sizes are needed before fit, so the data is prepared and set up here, as
+    # Lightning would do inside fit: prepared by local rank 0 of each node (or global rank 0 only, with
+    # data.prepare_per_node=false) while the other processes wait for it.
+    if slurm is not None:
+        slurm.phase = "data preparation"
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
     module: TranslationModule = instantiate(
@@ -125,7 +134,7 @@ def train(cfg: DictConfig) -> float:
 
     final_validation = FinalValidation()  # a best checkpoint even from a run shorter than val_check_interval
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [final_validation]
-    if cfg.get("ckpt_path"):
+    if ckpt_path:
         callbacks.append(CarryBestCheckpoint())
     if pruning := trial_pruning():  # a trial of hydra/sweeper=seq2seq: validations go to the study
         callbacks.append(pruning)
@@ -143,7 +152,11 @@ def train(cfg: DictConfig) -> float:
     # The test split is decoded where training ran: checked there, before training.
     resolve_decoding_precision(cfg.evaluate.precision, trainer.strategy.root_device, "evaluate.precision")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if slurm is not None:
+        slurm.phase, slurm.trainer = "fit", trainer
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if slurm is not None:
+        slurm.phase, slurm.trainer = "evaluation", None
     train_minutes = (time.perf_counter() - started) / 60
     log.info("Training took %.1f minutes", train_minutes)
     save_last_checkpoint(trainer)

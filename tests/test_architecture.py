@@ -25,6 +25,7 @@ LAYERS = {
     "seq2seq.sweep": 4,
     "seq2seq.sweeper": 4,
     "seq2seq.pruning": 4,
+    "seq2seq.slurm": 4,
     "seq2seq.search": 5,
     "seq2seq.metrics": 5,
     "seq2seq.precision": 5,

@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 
 from seq2seq.data import TokenBucketBatchSampler
+from seq2seq.data.sampler import ResumableDataLoader
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_trainer_precision
 from tests.fault_callbacks import read_records
@@ -74,9 +75,91 @@ def test_order_is_a_function_of_seed_and_epoch():
 
 def test_resume_skips_the_batches_already_trained_on():
     resumed = sampler(1, 2)
-    resumed.resume(5)
+    resumed.resume(10)  # 5 batches on each of the 2 ranks
     assert list(resumed) == resumed.rank_batches(0)[5:]
     assert list(resumed) == resumed.rank_batches(0)  # only the first epoch after resuming is cut
+
+
+PAIRS = list(range(500))  # a dataset whose items are their indices
+
+
+@pytest.mark.parametrize(("before", "after"), [(3, 2), (2, 5), (4, 1), (1, 3)])
+def test_a_resume_with_another_number_of_ranks_trains_each_batch_once(before, after):
+    """Old ranks stopped after 7 batches each; the new ranks share exactly the global batches left."""
+    whole = sampler().batches(epoch=0)
+    done = 7 * before
+    seen = [b for rank in range(before) for b in sampler(rank, before).rank_batches(0)[:7]]
+    trained = [7]  # the trainer's count of batches per rank, restored from the checkpoint
+    loaders = [
+        ResumableDataLoader(
+            PAIRS, batch_sampler=sampler(r, after), collate_fn=list, batches_done_fn=trained.pop
+        )
+        for r in range(after)
+    ]
+    for loader in loaders:
+        loader.load_state_dict(
+            {"global_batches_done": done, "global_batches": len(whole), "world_size": before}
+        )
+    rest = [list(loader) for loader in loaders]
+    assert len({len(share) for share in rest}) == 1  # every rank gets as many: none waits in all-reduce
+    interleaved = [b for step in zip(*rest, strict=True) for b in step]
+    assert sorted(seen + interleaved[: len(whole) - done]) == sorted(whole)
+    assert interleaved[: len(whole) - done] == whole[done:]
+    # Saved again 2 steps after the resume, the position counts the new ranks' batches.
+    loaders[0].batches_done_fn = lambda: 7 + 2
+    assert loaders[0].state_dict() == {
+        "global_batches_done": done + 2 * after,
+        "global_batches": len(whole),
+        "world_size": after,
+    }
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two_ranks_with_the_next_global_batches(tmp_path):
+    """A one-process run's checkpoint from step 12 (mid-epoch), resumed on 2 processes (trainer=ddp_cpu):
+    step 12 + j trains the batches that the one process trained at steps 12 + 2j and 12 + 2j + 1."""
+    cache, one_epoch = tmp_path / "cache", ["trainer.val_check_interval=12", "data.corpus.sizes.train=3000"]
+    periodic = [  # a checkpoint at step 12 that stays
+        "callbacks.last_checkpoint.every_n_train_steps=12",
+        "callbacks.last_checkpoint.save_top_k=-1",
+        "+callbacks.last_checkpoint.filename='at-{step}'",
+    ]
+    smoke(
+        tmp_path / "reference",
+        cache,
+        "trainer.max_steps=20",
+        *one_epoch,
+        *periodic,
+        *record(tmp_path / "ref"),
+    )
+    at_12 = tmp_path / "reference" / "checkpoints" / "at-step=12.ckpt"
+    resumed = [f"ckpt_path='{at_12}'", "trainer.max_steps=16", *one_epoch, "trainer.val_check_interval=4"]
+    smoke(
+        tmp_path / "resumed", cache, *resumed, "trainer=ddp_cpu", "decoding.beam=1", *record(tmp_path / "r")
+    )
+    expected = {r["step"]: r["indices"] for r in read_records(tmp_path / "ref") if r["step"] >= 12}
+    got = {
+        (r["rank"], r["step"]): r["indices"] for rank in (0, 1) for r in read_records(tmp_path / "r", rank)
+    }
+    assert got == {(rank, 12 + j): expected[12 + 2 * j + rank] for rank in (0, 1) for j in range(4)}
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    (state,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert state["global_batches_done"] == 20 and state["world_size"] == 2
+    # The same checkpoint over another epoch plan: refused in one line.
+    other = [f"hydra.run.dir={tmp_path / 'other'}", f"paths.cache_dir={cache}", f"ckpt_path='{at_12}'"]
+    result = run_script("train.py", "experiment=smoke", *other, "data.batch_tokens=320", *QUIET)
+    assert result.returncode == 2 and "error: ckpt_path: saved after 12 of the 34 batches" in result.stderr
+
+
+def test_a_resume_over_another_epoch_plan_is_refused():
+    loader = ResumableDataLoader(PAIRS, batch_sampler=sampler(0, 2), collate_fn=list, batches_done_fn=int)
+    other = loader.batch_sampler.num_global_batches + 1
+    with pytest.raises(ValueError, match=r"^ckpt_path: saved after 6 of the \d+ batches of an epoch, but"):
+        loader.load_state_dict({"global_batches_done": 6, "global_batches": other, "world_size": 3})
+    loader.load_state_dict(
+        {"global_batches_done": 3 * -(-other // 3), "global_batches": other, "world_size": 3}
+    )
+    assert list(loader) == loader.batch_sampler.rank_batches(0)  # saved at an epoch's end: fine
 
 
 @pytest.mark.slow
@@ -318,6 +401,11 @@ def test_non_logging_steps_read_nothing_from_the_device_and_call_no_collective(t
     for rank in (0, 1):
         record = json.loads((tmp_path / f"sync.rank{rank}").read_text())
         steps = {int(step): events for step, events in record["steps"].items()}
+        # After the last step, training ends with a validation (seq2seq.callbacks.FinalValidation sets
+        # should_stop there), which makes Lightning log once more: only what logging steps do, once.
+        end = steps.pop(25, {})
+        logging_sites = {site for step, events in steps.items() if step % every == 0 for site in events}
+        assert set(end) <= logging_sites, f"rank {rank}, at the end: {end}"
         assert sorted(steps) == list(range(1, 25))
         for step, events in steps.items():
             assert events.pop("DDP gradient all-reduce from module.py:backward") == 1

@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from seq2seq.data import EncodedSplit, ParallelFiles, RaggedIds
+from seq2seq.data import prepared as prepared_module
 from seq2seq.data.prepared import read_ahead, stale_reason
 from seq2seq.tokenization import LineSample
 from tests.test_training import QUIET, REPO, run_script
@@ -217,7 +221,8 @@ def test_two_ddp_processes_with_workers_prepare_once_and_train(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     logs = result.stdout + result.stderr
     assert logs.count("Preparing data into") == 1 and logs.count("Prepared data in") == 1
-    assert logs.count("Reusing prepared data") >= 2  # the other rank, and setup after preparing
+    # The other rank waits for the first to prepare (Lightning's launcher starts it after), then opens it.
+    assert logs.count("Reusing prepared data") == 1 and "prepared by local rank 0 of node 0" in logs
     assert logs.count("Training took") == 2
 
 
@@ -258,12 +263,19 @@ def bytes_read() -> int:
     return int(fields["rchar"])
 
 
-def test_training_setup_reads_the_training_ids_ahead_into_the_page_cache(compose_config, caplog):
+def test_training_setup_reads_the_training_ids_ahead_into_the_page_cache(compose_config, caplog, monkeypatch):
     datamodule = instantiate(compose_config("data=toy").data)
     with caplog.at_level(logging.INFO, logger="seq2seq.data.prepared"):
         datamodule.setup("fit")
         datamodule.reading_ahead.join()
     assert "in the page cache after" in caplog.text
+    # One reader a node: another process of the node (as Lightning's launcher starts it) reads nothing.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    other = instantiate(compose_config("data=toy").data)
+    other.setup("fit")
+    assert other.reading_ahead is None and other.splits["train"].cache_files() == (
+        datamodule.splits["train"].cache_files()
+    )
     files = datamodule.splits["train"].cache_files()
     assert [path.name for path in files] == ["train.src.ids", "train.tgt.ids"]
     before = bytes_read()
@@ -280,3 +292,128 @@ def test_read_ahead_is_skipped_when_the_files_would_not_fit(tmp_path, caplog):
     assert read_ahead([ids], available=None) is None  # the OS does not say: no guess
     assert read_ahead([], available=1 << 30) is None  # ids in memory: nothing to read
     read_ahead([ids], available=8192).join()
+
+
+# One process of a simulated cluster: instantiates the data config, sets it up as train() does before the
+# Trainer exists, prints what it opened. Builds are slowed so that two nodes' builds overlap; "nolock"
+# makes flock raise as on a file system mounted without lock support.
+CLUSTER_PROCESS = """
+import errno, logging, sys, time
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+import seq2seq.data.prepared as prepared
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+if sys.argv[2] == "nolock":
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    prepared.fcntl.flock = flock
+build = prepared.build
+def slow_build(*args):
+    build(*args)
+    time.sleep(3)
+prepared.build = slow_build
+datamodule = instantiate(OmegaConf.load(sys.argv[1]))
+datamodule.setup("fit")
+print("opened", datamodule.prepared, "reads ahead:", datamodule.reading_ahead is not None)
+"""
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["node-local-caches", "shared-cache-without-locks"])
+def test_two_nodes_of_two_ranks_prepare_once_per_node(tmp_path, compose_config, shared):
+    """2 nodes x 2 ranks as processes with the environment a launcher gives them: only local rank 0 of
+    each node builds, the others wait; no build removes or reads another's unfinished one (in a shared
+    folder without locks both nodes build at once); all open the same cache; one process a node reads
+    it ahead."""
+    corpus = toy_files(tmp_path)
+    processes = []
+    for node in range(2):
+        cache = tmp_path / ("shared" if shared else f"node{node}")
+        data = compose_config(*FILES, *corpus, f"paths.cache_dir={cache}")
+        config = tmp_path / f"data{node}.yaml"
+        OmegaConf.save(data.data, config, resolve=True)
+        for local in range(2):
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+            env.update(NODE_RANK=str(node), LOCAL_RANK=str(local), RANK=str(2 * node + local), WORLD_SIZE="4")
+            argv = [sys.executable, "-c", CLUSTER_PROCESS, str(config), "nolock" if shared else "lock"]
+            output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+            processes.append(subprocess.Popen(argv, cwd=REPO, env=env, **output))
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    for output, process in zip(outputs, processes, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    assert sum(output.count("Preparing data into") for output in outputs) == 2
+    for node in range(2):
+        node_outputs = outputs[2 * node : 2 * node + 2]
+        assert node_outputs[0].count("Preparing data into") == 1
+        assert node_outputs[1].count("Preparing data into") == 0  # local rank 1 waits
+        assert [output.count("reads ahead: True") for output in node_outputs] == [1, 0]
+    opened = {output.split("opened ")[1].split(" reads ahead")[0] for output in outputs}
+    folders = [Path(path) for path in opened]
+    assert all(".tmp-" not in folder.name for folder in folders) and len({f.name for f in folders}) == 1
+    assert len(folders) == (1 if shared else 2)
+    for folder in folders:
+        assert stale_reason(folder) is None
+        assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]  # no leftovers
+    if shared:
+        assert sum("No file locks in" in output for output in outputs) == 2
+    else:
+        for path in folders[0].iterdir():
+            if path.name != "manifest.json":  # holds build times
+                assert path.read_bytes() == (folders[1] / path.name).read_bytes(), path.name
+
+
+@pytest.mark.parametrize("per_node", [True, False])
+def test_the_first_process_of_a_second_node_prepares_only_per_node(
+    tmp_path, compose_config, monkeypatch, caplog, per_node
+):
+    corpus = toy_files(tmp_path)
+    files_datamodule(compose_config, corpus)  # by node 0's local rank 0, into a cache both nodes share
+    if per_node:  # node 1 has not got it yet
+        shutil.rmtree(prepared_folder(tmp_path))
+    monkeypatch.setenv("NODE_RANK", "1")
+    caplog.set_level(logging.INFO, logger="seq2seq.data.prepared")
+    datamodule = instantiate(compose_config(*FILES, *corpus, f"data.prepare_per_node={per_node}").data)
+    assert datamodule.prepares_here() == per_node
+    datamodule.setup("fit")
+    if per_node:
+        assert "Prepared data in" in caplog.text
+    else:  # waited for global rank 0 (found its cache at once here), building nothing
+        assert "Preparing" not in caplog.text and "prepared by global rank 0" in caplog.text
+    assert datamodule.reading_ahead is not None  # local rank 0 of its node
+
+
+def test_a_live_build_on_another_host_is_left_alone_and_a_dead_one_removed(tmp_path, compose_config, caplog):
+    corpus = toy_files(tmp_path)
+    root = tmp_path / "cache" / "prepared"
+    datamodule = files_datamodule(compose_config, corpus)
+    key = datamodule.prepared.name
+    shutil.rmtree(datamodule.prepared)  # so that the next setup builds again
+    other_host = root / f"{key}.tmp-node-7.cluster-4242"  # a build on another host, alive
+    old_other_host = root / f"{key}.tmp-node-8.cluster-4242"  # one that stopped its heartbeat an hour ago
+    dead_here = root / f"{key}.tmp-{socket.gethostname()}-{2**22 + 1}"  # above pid_max: no such process
+    alive_here = root / f"{key}.tmp-{socket.gethostname()}-{os.getppid()}"
+    for folder in (other_host, old_other_host, dead_here, alive_here):
+        folder.mkdir(parents=True)
+        (folder / "train.src.ids").write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    os.utime(old_other_host, (hour_ago, hour_ago))
+    caplog.set_level(logging.INFO, logger="seq2seq.data.prepared")
+    files_datamodule(compose_config, corpus)
+    assert other_host.is_dir() and alive_here.is_dir()
+    assert not old_other_host.exists() and not dead_here.exists()
+    assert caplog.text.count("left by an interrupted prepare") == 2
+
+
+def test_an_mtime_only_change_is_hashed_once(tmp_path, compose_config, caplog, monkeypatch):
+    corpus = toy_files(tmp_path)
+    files_datamodule(compose_config, corpus)
+    train_src = Path(corpus[0].split("=", 1)[1])
+    os.utime(train_src, ns=(time.time_ns(), time.time_ns() + 10**9))  # as cp without -p, git checkout
+    hashed = []
+    digest = prepared_module.file_digest
+    monkeypatch.setattr(prepared_module, "file_digest", lambda path: hashed.append(path) or digest(path))
+    caplog.set_level(logging.INFO, logger="seq2seq.data.prepared")
+    for _ in range(2):
+        files_datamodule(compose_config, corpus)
+    assert hashed == [train_src.resolve()] and caplog.text.count("content is unchanged") == 1
+    manifest = json.loads((prepared_folder(tmp_path) / "manifest.json").read_text())
+    assert manifest["inputs"][0]["mtime_ns"] == train_src.stat().st_mtime_ns

@@ -347,12 +347,9 @@ def test_every_experiment_builds_its_module_data_and_trainer(compose_config, exp
     assert trainer.global_step == 1 and "val_bleu" in trainer.callback_metrics
 
 
-@pytest.mark.slow
-def test_sigterm_and_slurm_requeue_on_sigusr1(tmp_path):
-    """As on SLURM with ``#SBATCH --signal=SIGUSR1@90`` and ``hydra.run.dir=outputs/slurm-${SLURM_JOB_ID}``:
-    SIGUSR1 saves Lightning's HPC checkpoint and calls ``scontrol requeue`` (a fake one here); SLURM's
-    SIGTERM then stops the run with exit 143 after saving last.ckpt; the requeued job, started the same
-    way in the same run directory, resumes from the HPC checkpoint by itself."""
+def fake_slurm(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment of a one-task SLURM job (job 4242) whose ``scontrol`` only writes its arguments to
+    the returned file."""
     bin_dir, requeues = tmp_path / "bin", tmp_path / "requeues.txt"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {requeues}\n')
@@ -361,7 +358,22 @@ def test_sigterm_and_slurm_requeue_on_sigusr1(tmp_path):
         "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
         "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
     }  # fmt: skip
-    env = {**os.environ, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return {**os.environ, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, requeues
+
+
+def wait_for_file(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_and_slurm_requeue_on_sigusr1(tmp_path):
+    """As on SLURM with ``#SBATCH --signal=SIGUSR1@90`` and ``hydra.run.dir=outputs/slurm-${SLURM_JOB_ID}``:
+    SIGUSR1 saves an HPC checkpoint (only the newest is kept) and calls ``scontrol requeue`` (a fake one
+    here); SLURM's SIGTERM then stops the run with exit 143 after saving last.ckpt; the requeued job,
+    started the same way in the same run directory, resumes from the newer of the two by itself."""
+    env, requeues = fake_slurm(tmp_path)
     run, cache = tmp_path / "slurm-4242", tmp_path / "cache"
     job = [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={run}", f"paths.cache_dir={cache}"]
     process = subprocess.Popen(
@@ -370,12 +382,14 @@ def test_sigterm_and_slurm_requeue_on_sigusr1(tmp_path):
     )  # fmt: skip
     wait_for_step(process, min_step=5)
     process.send_signal(signal.SIGUSR1)
-    hpc = run / "hpc_ckpt_1.ckpt"
-    deadline = time.monotonic() + 120
-    while not (hpc.is_file() and requeues.is_file()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert requeues.read_text() == "requeue 4242\n"
+    wait_for_file(run / "hpc_ckpt_1.ckpt")
+    wait_for_step(process, min_step=checkpoint_state(run / "hpc_ckpt_1.ckpt")[0] + 2)
+    process.send_signal(signal.SIGUSR1)  # a second warning: a second HPC checkpoint replaces the first
+    hpc = run / "hpc_ckpt_2.ckpt"
+    wait_for_file(hpc)
     wait_for_step(process, min_step=checkpoint_state(hpc)[0] + 2)  # training goes on until SLURM stops it
+    assert requeues.read_text() == "requeue 4242\n" * 2
+    assert [p.name for p in run.glob("hpc_ckpt_*")] == ["hpc_ckpt_2.ckpt"]
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-3000:]
@@ -384,17 +398,52 @@ def test_sigterm_and_slurm_requeue_on_sigusr1(tmp_path):
     assert "Received SIGTERM" not in stdout + stderr  # Lightning's own notice: ours says it all
     assert checkpoint_state(Path(said[2]))[0] == int(said[1]) > checkpoint_state(hpc)[0]
 
-    # The requeued job: the same command line and run directory; Lightning finds hpc_ckpt_1.ckpt.
-    resumed_from = checkpoint_state(hpc)[0]
+    # The requeued job: the same command line and run directory; it resumes from the newer last.ckpt.
+    resumed_from = int(said[1])
     requeued = subprocess.run(
         [*job, *QUIET, f"trainer.max_steps={resumed_from + 5}", "trainer.val_check_interval=5",
          *record(tmp_path / "batches")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert f"Requeued SLURM job: resuming from {Path(said[2])}" in requeued.stdout
     trained = [r["step"] for r in read_records(tmp_path / "batches")]
     assert trained == list(range(resumed_from, resumed_from + 5))
     assert checkpoint_state(run / "checkpoints" / "last.ckpt")[0] == resumed_from + 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("phase", "line"), [("data preparation", "Preparing data into"), ("evaluation", "Best checkpoint:")]
+)
+def test_slurm_requeue_signal_outside_fit_requeues_and_the_job_goes_on(tmp_path, phase, line):
+    """SIGUSR1 while the data is prepared (a corpus big enough to take seconds) or after training,
+    while the best checkpoint is evaluated: the job is requeued, not killed; the requeued job of a
+    run whose training had ended goes straight to the evaluation."""
+    env, requeues = fake_slurm(tmp_path)
+    run, cache = tmp_path / "slurm-4242", tmp_path / "cache"
+    short = ["trainer.max_steps=10", "trainer.val_check_interval=10", "data.corpus.sizes.train=60000"]
+    job = [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={run}", f"paths.cache_dir={cache}"]
+    job += [*QUIET, *short]
+    process = subprocess.Popen(
+        job, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    seen = ""
+    while line not in seen:
+        seen = process.stdout.readline()
+        assert seen or process.poll() is None, process.stderr.read()[-3000:]
+    process.send_signal(signal.SIGUSR1)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]  # the fake scontrol does not stop the job
+    assert f"SLURM requeue signal {int(signal.SIGUSR1)} during {phase}" in stdout
+    assert requeues.read_text() == "requeue 4242\n" and not any(run.glob("hpc_ckpt_*"))
+    requeued = subprocess.run(
+        [*job, *record(tmp_path / "batches")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "Requeued SLURM job: resuming from" in requeued.stdout and "Best checkpoint:" in requeued.stdout
+    assert not Path(f"{tmp_path / 'batches'}.rank0").exists()  # no training step: it had ended
+    assert json.loads((run / "result.json").read_text())["status"] == "ok"
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,24 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import (
+    LightningEnvironment,
+    LSFEnvironment,
+    MPIEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 from torch.utils.data import DataLoader
 
 from seq2seq.data.collate import EncodedSplit
 from seq2seq.data.corpora import ConcatenatedText, Corpus, ParallelText
-from seq2seq.data.prepared import build_or_reuse, memory_available, open_prepared, read_ahead
+from seq2seq.data.prepared import (
+    build_or_reuse,
+    memory_available,
+    open_prepared,
+    read_ahead,
+    wait_for_prepared,
+)
 from seq2seq.data.sampler import (
     CorpusMixture,
     ResumableDataLoader,
@@ -112,30 +125,61 @@ class TranslationDataModule(L.LightningDataModule):
         # Raw text of the kept pairs of the splits held in memory, aligned with ``self.splits``.
         self.texts: dict[str, ParallelText] = {}
         self.reading_ahead: threading.Thread | None = None
+        self.prepared: Path | None = None  # the prepared cache folder, once built or found
         # A mixture of corpora (data=corpora): the corpus of each kept pair per split, and the draw of
         # each training epoch's pairs by weight. None for a single corpus.
         self.corpus_ids: dict[str, np.ndarray | None] = {}
         self.mixture: CorpusMixture | None = None
 
     def prepare_data(self) -> None:
-        """Build the prepared cache, unless it is up to date (then only check it)."""
-        self.build_or_reuse_cache()
+        """Build the prepared cache, unless it is up to date (then only check it). Lightning calls this
+        in the processes that prepare (:meth:`prepares_here`); so does :meth:`setup` there, if nothing
+        has (``train()`` sets up the data before the Trainer exists)."""
+        if self.prepared is None:
+            self.prepared = self.build_or_reuse_cache()
 
     def build_or_reuse_cache(self) -> Path:
         """The prepared cache folder: checked and reused if up to date, else built now."""
+        # Under a lock: a process that finds the cache being built waits, then reuses it.
+        return build_or_reuse(*self._what_names_the_cache())
+
+    def _what_names_the_cache(self) -> tuple[Corpus, SubwordSettings, int, str, Tokenizer | None]:
+        """The arguments of :func:`build_or_reuse` (the corpus read now if it was not yet): the corpus,
+        the subword settings (with the corpora's tags), max_len, cache_dir, a given tokenizer."""
         if self.corpus is None:
             self.corpus = self.load_corpus()
         tags = self.corpus.tags
         if self.given_tokenizer is not None:
             self.given_tokenizer.check_tags(tags, "data.corpus.corpora.*.tag (init_from's vocabulary)")
         settings = replace(self.subword, user_defined_symbols=tags) if tags else self.subword
-        # Under a lock: a process that finds the cache being built waits, then reuses it.
-        return build_or_reuse(self.corpus, settings, self.max_len, self.cache_dir, self.given_tokenizer)
+        return self.corpus, settings, self.max_len, self.cache_dir, self.given_tokenizer
+
+    def ranks(self) -> tuple[int, int]:
+        """(local rank, node rank) of this process: the Trainer's, or before there is one, what the
+        environment says as Lightning reads it (torchrun, SLURM, LSF, MPI, or its own launcher's
+        LOCAL_RANK and NODE_RANK)."""
+        if self.trainer is not None:
+            return self.trainer.local_rank, self.trainer.node_rank
+        return process_ranks()
+
+    def prepares_here(self) -> bool:
+        """Whether this process prepares the data: local rank 0 of each node with ``prepare_per_node``
+        (Lightning's ``prepare_data_per_node``), else global rank 0 only."""
+        local_rank, node_rank = self.ranks()
+        return local_rank == 0 and (self.prepare_data_per_node or node_rank == 0)
 
     def setup(self, stage: str | None = None) -> None:
+        """Open the prepared cache: prepared first if this process prepares and has not (a caller that
+        skipped :meth:`prepare_data`), else waited for until the process that prepares it has."""
         if self.tokenizer is not None:
             return
-        prepared = open_prepared(self.build_or_reuse_cache())
+        if self.prepared is None and self.prepares_here():
+            self.prepare_data()
+        elif self.prepared is None:
+            node_rank = self.ranks()[1]
+            preparer = f"local rank 0 of node {node_rank}" if self.prepare_data_per_node else "global rank 0"
+            self.prepared = wait_for_prepared(*self._what_names_the_cache(), preparer=preparer)
+        prepared = open_prepared(self.prepared)
         self.tokenizer = prepared.tokenizer
         self.splits = {name: EncodedSplit(src, tgt) for name, (src, tgt) in prepared.ids.items()}
         self.tgt_lang = self.tgt_lang or self.corpus.tgt_lang
@@ -172,7 +216,7 @@ class TranslationDataModule(L.LightningDataModule):
                 self.seed,
             )
         # One process a node fills the page cache that the others, and their workers, read from.
-        if stage in (None, "fit") and (self.trainer is None or self.trainer.local_rank == 0):
+        if stage in (None, "fit") and self.ranks()[0] == 0:
             self.reading_ahead = read_ahead(self.splits["train"].cache_files(), memory_available())
 
     def _mixture(self, corpus_ids: np.ndarray) -> CorpusMixture:
@@ -258,3 +302,13 @@ class TranslationDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid")
+
+
+def process_ranks() -> tuple[int, int]:
+    """(local rank, node rank) of this process from its environment, before a Trainer exists: read by
+    the cluster environment that the Trainer will choose (Lightning's order of detection)."""
+    for environment in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment):
+        if environment.detect():
+            found = environment()
+            return found.local_rank(), found.node_rank()
+    return LightningEnvironment().local_rank(), LightningEnvironment().node_rank()

@@ -19,6 +19,7 @@ This module owns the format: :class:`SplitWriter` writes it, :class:`RaggedIds` 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,8 +30,8 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,14 @@ def cache_key(
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# A build renews its temporary folder's mtime this often; another host's temporary folder older than
+# LEFTOVER_AGE is taken for a killed build (on this host, its process id says whether it still runs).
+HEARTBEAT_SECONDS = 30
+LEFTOVER_AGE_SECONDS = 30 * 60
+# What flock raises on file systems mounted without lock support (some NFS and Lustre mounts).
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
 def build_or_reuse(
     corpus: Corpus,
     settings: SubwordSettings,
@@ -77,8 +86,10 @@ def build_or_reuse(
     """The folder of the prepared data of ``corpus``: reused if up to date, else built now (encoded with
     ``tokenizer`` if given, else with sentencepiece trained as ``settings`` say).
 
-    Processes that call this together (DDP ranks, nodes sharing the cache) wait on a lock in the cache
-    folder; the first builds, the others then find the cache and reuse it.
+    Processes that call this together (nodes sharing the cache) wait on a lock in the cache folder; the
+    first builds, the others then find the cache and reuse it. Where the file system has no locks, each
+    builds into its own temporary folder and the first to finish renames it into place; the others then
+    reuse that one. A build never removes another's temporary folder while its owner may be alive.
     """
     root = Path(cache_dir) / "prepared"
     with user_path(cache_dir, "paths.cache_dir"):  # a file there, or no permission to write
@@ -87,28 +98,30 @@ def build_or_reuse(
     folder = root / key
     started = time.perf_counter()
     with open(root / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in NO_LOCKS:
+                raise
+            log.info("No file locks in %s (%s): preparing without one", root, os.strerror(err.errno))
         reason = stale_reason(folder)
         if reason is None:
             log.info("Reusing prepared data in %s (checked in %.1f s)", folder, time.perf_counter() - started)
             return folder
         log.info("Preparing data into %s: %s", folder, reason)
-        for leftover in root.glob(f"{key}.tmp-*"):  # from a build that was killed
-            log.info("Removing %s, left by an interrupted prepare", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
+        for leftover in root.glob(f"{key}.tmp-*"):
+            if build_is_dead(leftover):
+                log.info("Removing %s, left by an interrupted prepare", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+        tmp = root / f"{key}.tmp-{this_build()}"
         tmp.mkdir()
         try:
-            build(corpus, settings, max_len, tmp, tokenizer)
-            if stale_reason(folder) is None:  # built meanwhile where our lock is not seen (another node)
+            with heartbeat(tmp):
+                build(corpus, settings, max_len, tmp, tokenizer)
+            if not move_into_place(tmp, folder):
                 shutil.rmtree(tmp)
                 log.info("Reusing prepared data in %s, built meanwhile by another process", folder)
                 return folder
-            if folder.exists():
-                old = root / f"{key}.tmp-old-{os.getpid()}"
-                folder.rename(old)
-                shutil.rmtree(old)
-            tmp.rename(folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -116,16 +129,112 @@ def build_or_reuse(
     return folder
 
 
-def stale_reason(folder: Path) -> str | None:
-    """Why the cache in ``folder`` cannot be used, or None if it can."""
+def this_build() -> str:
+    """The owner part of a temporary folder's name: ``<host>-<pid>``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def build_is_dead(tmp: Path) -> bool:
+    """Whether the build writing into the temporary folder ``tmp`` has ended without finishing it: on
+    this host, when its process is gone; on another, when it has not renewed the folder's mtime for
+    LEFTOVER_AGE_SECONDS (its heartbeat stopped)."""
+    owner = tmp.name.split(".tmp-", 1)[1].removeprefix("old-")
+    host, _, pid = owner.rpartition("-")
     try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        age = time.time() - tmp.stat().st_mtime
+    except FileNotFoundError:
+        return False  # renamed or removed by its owner meanwhile
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return int(pid) == os.getpid()  # the pid reused by this process: its build was killed
+    return age > LEFTOVER_AGE_SECONDS
+
+
+@contextmanager
+def heartbeat(tmp: Path) -> Iterator[None]:
+    """Renew ``tmp``'s mtime every HEARTBEAT_SECONDS while the body runs, so that processes on other
+    hosts can tell this build is alive."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            with suppress(FileNotFoundError):
+                os.utime(tmp)
+
+    thread = threading.Thread(target=beat, name="prepare-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def move_into_place(tmp: Path, folder: Path) -> bool:
+    """Rename the finished build ``tmp`` to ``folder``; False (``tmp`` left as it is) if an up-to-date
+    ``folder`` appeared meanwhile (built where our lock is not seen: another node, or no locks)."""
+    if stale_reason(folder) is None:
+        return False
+    if folder.exists():  # out of date: set aside first (a folder cannot be renamed onto another)
+        old = folder.with_name(f"{folder.name}.tmp-old-{this_build()}")
+        with suppress(FileNotFoundError):  # another process without our lock set it aside first
+            folder.rename(old)
+            shutil.rmtree(old)
+    try:
+        tmp.rename(folder)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or stale_reason(folder) is not None:
+            raise
+        return False  # another build was renamed into place between our check and our rename
+    return True
+
+
+def wait_for_prepared(
+    corpus: Corpus,
+    settings: SubwordSettings,
+    max_len: int,
+    cache_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+    *,
+    preparer: str,
+) -> Path:
+    """The folder of the prepared data that :func:`build_or_reuse` makes of the same arguments, once the
+    process that prepares it (``preparer``, for the log) has: checked every second without taking the
+    lock or hashing anything."""
+    folder = Path(cache_dir) / "prepared" / cache_key(corpus, settings, max_len, tokenizer)
+    started = last_said = time.monotonic()
+    while (reason := stale_reason(folder, hash_modified=False)) is not None:
+        if time.monotonic() - last_said > 60:
+            waited = time.monotonic() - started
+            log.info("Waiting %.0f s for %s to prepare %s: %s", waited, preparer, folder, reason)
+            last_said = time.monotonic()
+        time.sleep(1)
+    log.info("Reusing prepared data in %s, prepared by %s", folder, preparer)
+    return folder
+
+
+def stale_reason(folder: Path, hash_modified: bool = True) -> str | None:
+    """Why the cache in ``folder`` cannot be used, or None if it can.
+
+    A watched file with another mtime but its size is hashed (``hash_modified``) and, if its content
+    is unchanged, its new mtime is written into the manifest, so that the next check costs nothing;
+    without ``hash_modified`` it makes the cache stale (for processes that wait for the one checking).
+    """
+    manifest_path = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return "no prepared data yet"
     except (OSError, ValueError) as err:
         return f"unreadable manifest ({err})"
     if manifest.get("format") != FORMAT:
         return f"prepared in format {manifest.get('format')}, this version reads format {FORMAT}"
+    touched = False
     for watched in manifest["inputs"]:
         path = Path(watched["path"])
         try:
@@ -135,13 +244,29 @@ def stale_reason(folder: Path) -> str | None:
         if stat.st_size != watched["size"]:
             return f"{path} changed ({watched['size']} bytes when prepared, {stat.st_size} now)"
         if stat.st_mtime_ns != watched["mtime_ns"]:
+            if not hash_modified:
+                return f"{path} was modified since it was prepared (its content is being checked)"
             if file_digest(path) != watched["sha256"]:
                 return f"{path} changed (same size, other content)"
             log.info("%s was modified on disk but its content is unchanged (SHA-256 checked)", path)
+            watched["mtime_ns"] = stat.st_mtime_ns
+            touched = True
     for name, size in manifest["files"].items():
         if not (folder / name).is_file() or (folder / name).stat().st_size != size:
             return f"{folder / name} is missing or incomplete"
+    if touched:
+        write_manifest(manifest_path, manifest)
     return None
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` to ``path`` atomically: readers see the old file or the new one, whole."""
+    partial = path.with_name(f"{path.name}.tmp-{this_build()}")
+    with open(partial, "w", encoding="utf-8") as out:
+        json.dump(manifest, out, indent=1)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
 
 
 def file_digest(path: Path) -> str:
@@ -212,10 +337,7 @@ def build(
         "seconds": {"sentencepiece": sampled - started, "total": time.perf_counter() - started},
         "files": {path.name: path.stat().st_size for path in folder.iterdir()},
     }
-    with open(folder / "manifest.json", "w", encoding="utf-8") as out:
-        json.dump(manifest, out, indent=1)
-        out.flush()
-        os.fsync(out.fileno())
+    write_manifest(folder / "manifest.json", manifest)
 
 
 def map_array(path: Path, dtype: np.dtype, count: int) -> np.ndarray:

@@ -60,8 +60,8 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     ``num_replicas``-th one from ``rank`` on. The list is first extended by repeating its batches
     cyclically to ``len(self) * num_replicas``, so every rank gets the same number of batches (a rank
     with one batch fewer would wait forever in the gradient all-reduce), even with fewer batches than
-    ranks. :meth:`resume` skips the batches that a resumed run has already trained on in the current
-    epoch.
+    ranks. :meth:`resume` skips the global batches that a resumed run has already trained on in the
+    current epoch, with the same number of ranks or another.
 
     ``epoch_pairs`` (a :class:`CorpusMixture`'s ``draw``), if given, says which pairs (indices, repeats
     allowed) make each epoch; they are bucketed as above. The number of batches is that of epoch 0's
@@ -102,7 +102,8 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         self._plans: dict[int, BatchPlan] = {}  # the last epoch's plan, planned once
         # Every epoch sorts the same lengths, so the number of batches never changes.
         self.num_global_batches = len(self.plan(0))
-        self._skip = 0  # batches of the next epoch to skip, set by resume()
+        self._resume_at = 0  # global batches of the next iteration's epoch done before, set by resume()
+        self.iteration_start = 0  # the global position the current iteration started from
 
     def plan(self, epoch: int) -> BatchPlan:
         """The epoch's global batches, in the order they are served."""
@@ -171,9 +172,11 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     def batches(self, epoch: int) -> list[list[int]]:
         return self.plan(epoch).batches()
 
-    def rank_batch_numbers(self, epoch: int) -> np.ndarray:
-        """Positions in the epoch's plan of this rank's ``len(self)`` batches."""
-        padded = np.arange(len(self) * self.num_replicas) % max(len(self.plan(epoch)), 1)
+    def rank_batch_numbers(self, epoch: int, start: int = 0) -> np.ndarray:
+        """Positions in the epoch's plan of this rank's batches from global position ``start`` on:
+        ``len(self)`` of them from the start of the epoch, fewer after a resume."""
+        per_rank = -(-max(self.num_global_batches - start, 0) // self.num_replicas)
+        padded = (start + np.arange(per_rank * self.num_replicas)) % max(len(self.plan(epoch)), 1)
         return padded[self.rank :: self.num_replicas]
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
@@ -186,15 +189,16 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         """Batches repeated per epoch so that every rank gets the same number."""
         return len(self) * self.num_replicas - self.num_global_batches
 
-    def resume(self, batches_done: int) -> None:
-        """Make the next iteration start after the first ``batches_done`` batches of its epoch."""
-        self._skip = batches_done
+    def resume(self, global_batches_done: int) -> None:
+        """Make the next iteration start after the first ``global_batches_done`` global batches of its
+        epoch, whatever number of ranks trained on them: the ranks now share the rest."""
+        self._resume_at = global_batches_done
 
     def __iter__(self) -> Iterator[list[int]]:
-        skip, self._skip = self._skip, 0
+        self.iteration_start, self._resume_at = self._resume_at, 0
         epoch = self.epoch_fn()
         plan = self.plan(epoch)
-        for b in self.rank_batch_numbers(epoch)[skip:]:
+        for b in self.rank_batch_numbers(epoch, self.iteration_start):
             yield plan.batch(b)
 
     def __len__(self) -> int:
@@ -253,17 +257,45 @@ class ResumableDataLoader(DataLoader):
 
     Lightning saves ``state_dict()`` with each checkpoint and, on resuming, calls ``load_state_dict``
     before iterating; the batch sampler then skips the batches already trained on, so a run stopped
-    mid-epoch goes on with the next batch of the same epoch order. The position is the trainer's count
-    of processed batches, not the loader's: the loader runs ahead of training by its prefetching.
+    mid-epoch goes on with the next batch of the same epoch order. The position is counted in global
+    batches (what all ranks together have trained on), from the trainer's count of processed batches,
+    not the loader's (the loader runs ahead of training by its prefetching); so a run resumed with
+    another number of ranks goes on exactly where the old ranks stopped. A position saved over another
+    epoch plan (other data or batching settings) is refused.
     """
 
     def __init__(self, *args: Any, batches_done_fn: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.batches_done_fn = batches_done_fn
+        self._counted_at_resume = 0  # the trainer's count when the resumed iteration starts
+        self.counted_before = 0  # the part of the trainer's count that precedes the current iteration
+
+    def __iter__(self) -> Iterator[Any]:
+        self.counted_before, self._counted_at_resume = self._counted_at_resume, 0
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
-        return {"batches_done": self.batches_done_fn()}
+        sampler = self.batch_sampler
+        done_here = self.batches_done_fn() - self.counted_before  # by each rank, in this iteration
+        return {
+            "global_batches_done": sampler.iteration_start + done_here * sampler.num_replicas,
+            "global_batches": sampler.num_global_batches,
+            "world_size": sampler.num_replicas,
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        batches_done = state_dict["batches_done"]
-        self.batch_sampler.resume(batches_done if batches_done < len(self.batch_sampler) else 0)
+        sampler = self.batch_sampler
+        if "global_batches_done" not in state_dict:  # saved before the world size was: by as many ranks
+            state_dict = {"global_batches_done": state_dict["batches_done"] * sampler.num_replicas}
+        done, saved = state_dict["global_batches_done"], state_dict.get("global_batches")
+        world_size = state_dict.get("world_size", sampler.num_replicas)
+        if done >= world_size * -(-(saved or sampler.num_global_batches) // world_size):
+            return  # saved at the end of an epoch: the next starts from its beginning
+        if saved is not None and saved != sampler.num_global_batches:
+            raise ValueError(
+                f"ckpt_path: saved after {done} of the {saved} batches of an epoch, but this run's epoch has"
+                f" {sampler.num_global_batches} (other data.* settings); resume with the checkpoint's data"
+                " settings, or from a checkpoint saved at the end of an epoch"
+            )
+        sampler.resume(done)
+        self._counted_at_resume = done // world_size  # the trainer's count, restored from the checkpoint
