@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from seq2seq.checkpoints import require_file
 from seq2seq.cli import command, quiet_third_party, reject_added_keys, run_cli
+from seq2seq.errors import MissingFileError, UserError
 
 
 def check_paths(cfg: DictConfig) -> list[str]:
@@ -19,12 +20,13 @@ def check_paths(cfg: DictConfig) -> list[str]:
     for option, what in (("input", "Input file"), ("ref", "Reference file")):
         value = cfg[option]
         if value not in (None, "-") and not Path(value).is_file():
-            problem = "is a directory" if Path(value).is_dir() else "not found"
-            raise FileNotFoundError(f"{what} {problem}: {value}")
+            if Path(value).is_dir():
+                raise UserError(f"{what} is a directory: {value}")
+            raise MissingFileError(f"{what} not found: {value}")
     if cfg.output != "-" and Path(cfg.output).is_dir():
-        raise IsADirectoryError(f"Output is a directory, not a file: {cfg.output}")
+        raise UserError(f"Output is a directory, not a file: {cfg.output}")
     if cfg.output != "-" and not Path(cfg.output).resolve().parent.is_dir():
-        raise FileNotFoundError(f"Output folder not found: {Path(cfg.output).resolve().parent}")
+        raise MissingFileError(f"Output folder not found: {Path(cfg.output).resolve().parent}")
     return paths
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from seq2seq.checkpoints import read_checkpoint
+from seq2seq.cli import run_cli
+from seq2seq.errors import UserError, user_path
 from seq2seq.files import atomic_write
 
 # Resuming state that means nothing for an average.
@@ -29,16 +31,16 @@ def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> None
     All checkpoints must have the same parameters (names and shapes) and the same tokenizer.
     """
     if not paths:
-        raise ValueError("checkpoint averaging needs at least one checkpoint")
+        raise UserError("checkpoint averaging needs at least one checkpoint")
     first = read_checkpoint(paths[0])
     total = {name: weights.double() for name, weights in first["state_dict"].items()}
     for path in paths[1:]:
         checkpoint = read_checkpoint(path)
         if checkpoint.get("tokenizer") != first.get("tokenizer"):
-            raise ValueError(f"{path} has another sentencepiece model than {paths[0]}: cannot average them")
+            raise UserError(f"{path} has another sentencepiece model than {paths[0]}: cannot average them")
         weights = checkpoint["state_dict"]
         if {n: w.shape for n, w in weights.items()} != {n: w.shape for n, w in total.items()}:
-            raise ValueError(f"{path} has other parameters (names or shapes) than {paths[0]}")
+            raise UserError(f"{path} has other parameters (names or shapes) than {paths[0]}")
         for name in total:
             total[name] += weights[name].double()
     first["state_dict"] = {
@@ -47,7 +49,7 @@ def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> None
     for key in TRAINING_STATE:
         first.pop(key, None)
     first["averaged_from"] = [str(path) for path in paths]
-    with atomic_write(output) as file:  # a file that exists is complete
+    with user_path(output, "--output"), atomic_write(output) as file:  # a file that exists is complete
         torch.save(first, file)
 
 
@@ -63,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seq2seq.errors import MissingFileError, UserError, user_path
 from seq2seq.files import atomic_write
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ UNLOADABLE_CHECKPOINT = (
 
 
 def require_file(path: str | Path) -> Path:
-    """``path`` as a Path; FileNotFoundError naming it if there is no such file, or IsADirectoryError
+    """``path`` as a Path; MissingFileError naming it if there is no such file, or a UserError
     listing the checkpoints inside if it is a folder (a run directory given for its checkpoint)."""
     path = Path(path)
     if path.is_dir():
@@ -35,27 +36,28 @@ def require_file(path: str | Path) -> Path:
         )
         more = f" and {len(inside) - 8} more" if len(inside) > 8 else ""
         listed = f"checkpoints in it: {', '.join(inside[:8])}{more}" if inside else "no .ckpt file in it"
-        raise IsADirectoryError(f"Checkpoint path is a directory: {path} ({listed})")
+        raise UserError(f"Checkpoint path is a directory: {path} ({listed})")
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
+        raise MissingFileError(f"Checkpoint not found: {path}")
     return path
 
 
 def read_checkpoint(
     path: str | Path, required: Sequence[str] = ("state_dict", "tokenizer")
 ) -> dict[str, Any]:
-    """The checkpoint dict at ``path``; FileNotFoundError or ValueError naming the path if it is missing,
-    unreadable, or lacks the ``required`` entries of this toolkit's checkpoints."""
+    """The checkpoint dict at ``path``; a UserError naming the path if it is missing, unreadable, or
+    lacks the ``required`` entries of this toolkit's checkpoints."""
     import torch  # here, so that require_file answers before torch loads (translate.py's early checks)
 
     require_file(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        with user_path(path):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except UNLOADABLE_CHECKPOINT as err:
-        raise ValueError(f"Cannot load checkpoint {path}: truncated or not a checkpoint ({err})") from None
+        raise UserError(f"Cannot load checkpoint {path}: truncated or not a checkpoint ({err})") from None
     missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
-        raise ValueError(f"{path} is not a checkpoint of this toolkit (no {missing})")
+        raise UserError(f"{path} is not a checkpoint of this toolkit (no {missing})")
     return checkpoint
 
 
@@ -65,9 +67,10 @@ def load_module(path: str | Path, device: str | torch.device = "cpu") -> Transla
 
     path = require_file(path)
     try:
-        return TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
+        with user_path(path):
+            return TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
     except UNLOADABLE_CHECKPOINT as err:
-        raise ValueError(
+        raise UserError(
             f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})"
         ) from None
 
@@ -82,7 +85,7 @@ def check_resume_checkpoint(path: str, max_time: str | timedelta | None = None) 
 
     try:
         checkpoint = read_checkpoint(path, required=("state_dict", "tokenizer", "loops"))
-    except (OSError, ValueError) as err:
+    except UserError as err:
         raise type(err)(f"ckpt_path: {err}") from None
     timer_state = checkpoint.get("callbacks", {}).get(Timer.__qualname__)  # Timer's state_key
     if max_time is None or timer_state is None:
@@ -90,7 +93,7 @@ def check_resume_checkpoint(path: str, max_time: str | timedelta | None = None) 
     timer = Timer(duration=max_time)
     timer.load_state_dict(timer_state)
     if timer.time_remaining() <= 0:
-        raise ValueError(
+        raise UserError(
             f"ckpt_path: the run has already trained for {clock(timer.time_elapsed())}, all of"
             f" trainer.max_time={max_time}, which counts the whole run across resumes: give a larger"
             " trainer.max_time to train on"
@@ -102,10 +105,10 @@ def read_init_checkpoint(path: str) -> dict[str, Any]:
     naming the option if it is missing or not a checkpoint of this toolkit's translation models."""
     try:
         checkpoint = read_checkpoint(path, required=("state_dict", "tokenizer", "hyper_parameters"))
-    except (FileNotFoundError, ValueError) as err:
+    except UserError as err:
         raise type(err)(f"init_from: {err}") from None
     if not isinstance(checkpoint["hyper_parameters"].get("model"), dict):
-        raise ValueError(f"init_from: {path} is not a checkpoint of this toolkit (no model settings)")
+        raise UserError(f"init_from: {path} is not a checkpoint of this toolkit (no model settings)")
     return checkpoint
 
 
@@ -127,7 +130,7 @@ def check_architecture(
             ]
             if differing:
                 first = differing[0]
-                raise ValueError(
+                raise UserError(
                     f"init_from: {override} conflicts with the checkpoint's architecture (model.{first}:"
                     f" {composed.get(first)!r} here, {checkpoint.get(first)!r} in the checkpoint); drop it"
                 )
@@ -138,7 +141,7 @@ def check_architecture(
                 here = here.get(part) if isinstance(here, dict) else None
                 there = there.get(part) if isinstance(there, dict) else None
             if here != there:
-                raise ValueError(
+                raise UserError(
                     f"init_from: {key}={value} conflicts with the checkpoint's {key}={there!r}: the"
                     " architecture comes from the checkpoint; drop the override"
                 )

@@ -22,7 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import (
+    GrammarParseError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    ValidationError,
+)
+
+from seq2seq.errors import UserError
 
 # Exit codes: 2 for a user's mistake (like argparse), 128 + the signal for a stop by a signal (like the
 # shell), and Python's 1 for a bug, with its traceback.
@@ -30,20 +37,42 @@ USAGE_ERROR = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
-# What this toolkit raises for a user's mistake: a missing or unreadable file (FileNotFoundError,
-# PermissionError, ...), a bad option value or bad input (ValueError, UnicodeDecodeError), and Hydra's
-# and OmegaConf's errors about the configuration itself. Any other exception is a bug.
-USER_ERRORS = (OSError, ValueError, HydraException, MissingMandatoryValue)
+# A user's mistake: what this toolkit raises where it finds one (seq2seq.errors.UserError), and Hydra's
+# and OmegaConf's errors about the configuration itself (composing it, a mandatory value not given, an
+# interpolation that names no key or does not parse, a value of the wrong type). Any other exception is
+# a bug, reported with its traceback.
+CONFIG_ERRORS = (
+    HydraException,
+    MissingMandatoryValue,
+    InterpolationResolutionError,
+    GrammarParseError,
+    ValidationError,
+)
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Whether ``error`` is a user's mistake rather than a bug (see USER_ERRORS)."""
+    """Whether ``error`` is a user's mistake rather than a bug (see CONFIG_ERRORS)."""
     if isinstance(error, InstantiationException):
-        # A constructor named in the config rejected its arguments: a bad value (ValueError) or an
-        # unknown key (TypeError: unexpected keyword argument). Anything else it raised is a bug.
+        # A target named in the config failed: a user's mistake if it said so (UserError), or if Hydra
+        # itself refused the config before the target's code ran: no such target (ImportError), or
+        # arguments the target's signature rejects (TypeError: an unknown key is an unexpected keyword
+        # argument). A TypeError raised inside the target is a bug.
         cause = error.__cause__
-        return cause is None or isinstance(cause, (TypeError, *USER_ERRORS))
-    return isinstance(error, USER_ERRORS)
+        if cause is None or isinstance(cause, UserError):
+            return True
+        return isinstance(cause, (TypeError, ImportError)) and raised_by_hydra(cause)
+    return isinstance(error, (UserError, *CONFIG_ERRORS))
+
+
+def raised_by_hydra(error: BaseException) -> bool:
+    """Whether ``error`` was raised in Hydra's own code, not in code Hydra called: the innermost frame
+    of its traceback is Hydra's (a TypeError raised by a call's argument binding has the caller's)."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame.f_globals.get("__name__", "").startswith("hydra.")
 
 
 def unknown_option(key: str, known: Iterable[str]) -> str:
@@ -72,7 +101,7 @@ def reject_added_keys(cfg: DictConfig) -> None:
         o[1:].partition("=")[0] for o in HydraConfig.get().overrides.task if o[:2] != "++" and o[:1] == "+"
     ]
     if added:
-        raise ValueError(unknown_option(added[0], [key for key in dotted_keys(cfg) if key not in added]))
+        raise UserError(unknown_option(added[0], [key for key in dotted_keys(cfg) if key not in added]))
 
 
 def one_line(error: BaseException) -> str:

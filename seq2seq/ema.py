@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from seq2seq.errors import UserError
+
 
 class WeightAverage(L.Callback):
     """Keeps an fp32 exponential moving average of the module's parameters, updated after every
@@ -33,7 +35,7 @@ class WeightAverage(L.Callback):
 
     def __init__(self, decay: float) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"module.ema_decay must be in (0, 1) or null, got {decay}")
+            raise UserError(f"module.ema_decay must be in (0, 1) or null, got {decay}")
         self.decay = decay
         self.updates = 0
         self.average: dict[str, Tensor] = {}  # parameter name -> fp32 average

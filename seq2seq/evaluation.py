@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.checkpoints import store_alpha
 from seq2seq.data.corpora import ParallelText, read_lines
+from seq2seq.errors import UserError
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores, scores_by_corpus
 from seq2seq.precision import DECODING_PRECISIONS
 from seq2seq.search import AUTO, UNTUNED_ALPHA, DecodingSettings, best_for_alpha
@@ -43,7 +44,7 @@ def check_alpha_grid(grid: Sequence[float]) -> list[float]:
     """The distinct values of ``grid``, sorted; a ValueError naming ``evaluate.alpha_grid`` unless they
     are numbers >= 0 (at least one)."""
     if not grid or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in grid):
-        raise ValueError(f"evaluate.alpha_grid must be a non-empty list of numbers >= 0, got {list(grid)}")
+        raise UserError(f"evaluate.alpha_grid must be a non-empty list of numbers >= 0, got {list(grid)}")
     return sorted({float(alpha) for alpha in grid})
 
 
@@ -51,7 +52,7 @@ def evaluation_settings(cfg: DictConfig) -> DecodingSettings:
     """The decoding settings of the run, with ``cfg.evaluate`` checked too: mistakes fail before training."""
     check_bleu_tokenize(cfg.evaluate.bleu_tokenize)
     if cfg.evaluate.precision not in DECODING_PRECISIONS:  # checked on the decoding device once it is known
-        raise ValueError(
+        raise UserError(
             f"evaluate.precision must be one of {DECODING_PRECISIONS}, got {cfg.evaluate.precision!r}"
         )
     check_alpha_grid(OmegaConf.to_container(cfg.evaluate.alpha_grid, resolve=True))

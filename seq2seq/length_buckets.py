@@ -15,7 +15,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from seq2seq.cli import run_cli
 from seq2seq.data.corpora import read_lines
+from seq2seq.errors import UserError
 from seq2seq.metrics import corpus_scores
 
 DEFAULT_EDGES = (10, 20, 30, 40, 50)  # bucket upper bounds in source words; the last bucket is open
@@ -39,9 +41,9 @@ def bleu_by_length(
     """One row per non-empty bucket: ``bucket``, ``sentences`` and the corpus BLEU of each system."""
     for name, hypotheses in systems.items():
         if len(hypotheses) != len(references):
-            raise ValueError(f"system {name!r} has {len(hypotheses)} lines, the references {len(references)}")
+            raise UserError(f"system {name!r} has {len(hypotheses)} lines, the references {len(references)}")
     if len(sources) != len(references):
-        raise ValueError(f"{len(sources)} source lines but {len(references)} reference lines")
+        raise UserError(f"{len(sources)} source lines but {len(references)} reference lines")
     members: list[list[int]] = [[] for _ in range(len(edges) + 1)]
     for i, source in enumerate(sources):
         members[bucket_of(len(source.split()), edges)].append(i)
@@ -71,7 +73,7 @@ def plot(rows: list[dict[str, object]], systems: Sequence[str], path: Path) -> N
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("The plot needs matplotlib: pip install -e '.[plot]'") from None
+        raise UserError("The plot needs matplotlib: pip install -e '.[plot]'") from None
     figure, axes = plt.subplots(figsize=(7, 4))
     labels = [f"{row['bucket']}\n({row['sentences']})" for row in rows]
     for system in systems:
@@ -99,7 +101,7 @@ def main() -> None:
     for item in args.hyp:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--hyp {item!r}: expected NAME=FILE")
+            raise UserError(f"--hyp {item!r}: expected NAME=FILE")
         systems[name] = read_lines(path)
     rows = bleu_by_length(read_lines(args.src), read_lines(args.ref), systems, args.edges)
     out = Path(args.out)
@@ -111,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

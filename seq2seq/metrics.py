@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from sacrebleu.metrics import BLEU, CHRF
 
+from seq2seq.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # The extras that give sacrebleu's MeCab tokenizers what they need.
@@ -76,7 +78,7 @@ def scores_by_corpus(
 def check_bleu_tokenize(name: str | None) -> str | None:
     """``name`` if it is None or one of sacrebleu's tokenizers; otherwise a ValueError naming the option."""
     if name is not None and name not in BLEU.TOKENIZERS:
-        raise ValueError(
+        raise UserError(
             f"evaluate.bleu_tokenize must be null (the target language's choice) or one of"
             f" {sorted(BLEU.TOKENIZERS)}, got {name!r}"
         )
@@ -92,7 +94,7 @@ def bleu_metric(tgt_lang: str | None, tokenize: str | None) -> BLEU:
     except RuntimeError as err:  # sacrebleu's message when MeCab or its dictionary is missing
         chosen = tokenize or BLEU._TOKENIZER_MAP.get(tgt_lang or "")
         if tokenize is not None or chosen not in MECAB_EXTRAS:
-            raise RuntimeError(f"evaluate.bleu_tokenize={tokenize}: {err}".strip()) from None
+            raise UserError(f"evaluate.bleu_tokenize={tokenize}: {err}".strip()) from None
         log.warning(
             "BLEU for target language %r: sacrebleu's %s tokenizer needs MeCab and its dictionary"
             " (pip install 'seq2seq-lstm[%s]'); scoring with the 'char' tokenizer instead, so these"

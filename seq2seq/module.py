@@ -14,6 +14,7 @@ from torch import Tensor
 
 from seq2seq.data.collate import Batch
 from seq2seq.ema import WeightAverage
+from seq2seq.errors import UserError, is_number
 from seq2seq.lightning_private import should_update_logs
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores, scores_by_corpus
 from seq2seq.model import Seq2Seq
@@ -77,17 +78,17 @@ class TranslationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
-            raise ValueError(
+            raise UserError(
                 f"module.nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}"
             )
         if scheduler.get("name") not in SCHEDULERS:
-            raise ValueError(
+            raise UserError(
                 f"module.scheduler.name must be one of {SCHEDULERS}, got {scheduler.get('name')!r}"
             )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"module.label_smoothing must be in [0, 1), got {label_smoothing}")
-        if optimizer.get("lr", 1e-3) <= 0:
-            raise ValueError(f"module.optimizer.lr must be positive, got {optimizer['lr']}")
+        if not is_number(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"module.label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if not is_number(lr := optimizer.get("lr", 1e-3)) or lr <= 0:
+            raise UserError(f"module.optimizer.lr must be a positive number, got {lr!r}")
         self.decoding = DecodingSettings.from_config(decoding or {}, prefix="decoding.")
         self.tgt_lang, self.bleu_tokenize = tgt_lang, check_bleu_tokenize(bleu_tokenize)
         self.save_hyperparameters()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
+from seq2seq.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # What decoding accepts: ``auto`` is bf16 on a CPU where the probe passes, fp32 elsewhere.
@@ -118,7 +120,7 @@ def resolve_trainer_precision(precision: str | int, accelerator: str) -> str | i
         log.info("trainer.precision=auto: %s, because %s", chosen, probe)
         return chosen
     if precision in BF16_AUTOCAST_PRECISIONS and on_cpu(accelerator) and probe_cpu_bf16().error is not None:
-        raise ValueError(
+        raise UserError(
             f"trainer.precision={precision} cannot run on this CPU: {probe_cpu_bf16()};"
             " use trainer.precision=auto (picks 32-true here) or 32-true"
         )
@@ -132,7 +134,7 @@ def resolve_decoding_precision(precision: str, device: str | torch.device, optio
     on GPUs are unchecked). ``bf16`` on a CPU where bf16 fails raises a ValueError naming ``option``.
     """
     if precision not in DECODING_PRECISIONS:
-        raise ValueError(f"{option} must be one of {DECODING_PRECISIONS}, got {precision!r}")
+        raise UserError(f"{option} must be one of {DECODING_PRECISIONS}, got {precision!r}")
     cpu = on_cpu(torch.device(device))
     if precision == "auto":
         chosen = "bf16" if cpu and probe_cpu_bf16().usable else "fp32"
@@ -140,7 +142,7 @@ def resolve_decoding_precision(precision: str, device: str | torch.device, optio
         log.info("%s=auto: %s, because %s", option, chosen, why)
         return chosen
     if precision == "bf16" and cpu and probe_cpu_bf16().error is not None:
-        raise ValueError(f"{option}=bf16 cannot run on this CPU: {probe_cpu_bf16()}; use fp32 or auto")
+        raise UserError(f"{option}=bf16 cannot run on this CPU: {probe_cpu_bf16()}; use fp32 or auto")
     return precision
 
 
@@ -156,7 +158,7 @@ def clip_gradients(
     so that the threshold applies to the true gradients.
     """
     if algorithm not in (None, "norm", "value"):
-        raise ValueError(f"trainer.gradient_clip_algorithm must be norm or value, got {algorithm!r}")
+        raise UserError(f"trainer.gradient_clip_algorithm must be norm or value, got {algorithm!r}")
     if scaler is not None:
         scaler.unscale_(optimizer)
     parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

@@ -19,6 +19,8 @@ from lightning.pytorch.callbacks import Timer
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from seq2seq.errors import UserError
+
 STEP_SCHEDULES = ("inverse_sqrt", "constant")
 BUDGET_SCHEDULES = ("linear", "cosine")
 
@@ -60,11 +62,11 @@ class BudgetDecay(LRScheduler):
         floor: float = 0.0,
     ) -> None:
         if shape not in BUDGET_SCHEDULES:
-            raise ValueError(f"module.scheduler.name must be one of {BUDGET_SCHEDULES}, got {shape!r}")
+            raise UserError(f"module.scheduler.name must be one of {BUDGET_SCHEDULES}, got {shape!r}")
         if not 0.0 <= floor < 1.0:
-            raise ValueError(f"module.scheduler.floor must be in [0, 1), got {floor}")
+            raise UserError(f"module.scheduler.floor must be in [0, 1), got {floor}")
         if max_steps is None and time_used is None:
-            raise ValueError(
+            raise UserError(
                 f"module.scheduler.name={shape} decays over the run's budget: set trainer.max_time or"
                 " trainer.max_steps"
             )

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from seq2seq.errors import UserError, is_int, is_number
 from seq2seq.model import Seq2Seq
 from seq2seq.tokenization import BOS_ID, EOS_ID
 
@@ -59,24 +60,22 @@ class DecodingSettings:
     def __post_init__(self) -> None:
         def check(ok: bool, option: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"{option} must be {rule}, got {getattr(self, option)!r}")
+                raise UserError(f"{option} must be {rule}, got {getattr(self, option)!r}")
 
-        check(_is_int(self.beam) and self.beam >= 1, "beam", "an integer of at least 1")
-        check(
-            _is_int(self.nbest) and 1 <= self.nbest <= self.beam, "nbest", f"between 1 and beam={self.beam}"
-        )
-        alpha_ok = self.alpha == AUTO or (_is_number(self.alpha) and 0 <= self.alpha < math.inf)
+        check(is_int(self.beam) and self.beam >= 1, "beam", "an integer of at least 1")
+        check(is_int(self.nbest) and 1 <= self.nbest <= self.beam, "nbest", f"between 1 and beam={self.beam}")
+        alpha_ok = self.alpha == AUTO or (is_number(self.alpha) and 0 <= self.alpha < math.inf)
         check(alpha_ok, "alpha", f"a number >= 0 or {AUTO!r}")
-        check(_is_number(self.max_len_a) and 0 <= self.max_len_a < math.inf, "max_len_a", "a number >= 0")
+        check(is_number(self.max_len_a) and 0 <= self.max_len_a < math.inf, "max_len_a", "a number >= 0")
         # Every sentence may then end: its limit is at least max_len_b, and min_len never exceeds it.
-        check(_is_int(self.max_len_b) and self.max_len_b >= 1, "max_len_b", "an integer of at least 1")
+        check(is_int(self.max_len_b) and self.max_len_b >= 1, "max_len_b", "an integer of at least 1")
         check(
-            _is_int(self.min_len) and 0 <= self.min_len <= self.max_len_b,
+            is_int(self.min_len) and 0 <= self.min_len <= self.max_len_b,
             "min_len",
             f"an integer between 0 and max_len_b={self.max_len_b} (a longer minimum than a short"
             " sentence's length limit would leave it no way to end)",
         )
-        check(_is_int(self.batch_tokens) and self.batch_tokens >= 1, "batch_tokens", "a positive integer")
+        check(is_int(self.batch_tokens) and self.batch_tokens >= 1, "batch_tokens", "a positive integer")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], prefix: str = "") -> DecodingSettings:
@@ -84,8 +83,8 @@ class DecodingSettings:
         naming the option as ``prefix + name`` (e.g. ``decoding.beam``)."""
         try:
             return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
-        except ValueError as err:
-            raise ValueError(f"{prefix}{err}") from None
+        except UserError as err:
+            raise UserError(f"{prefix}{err}") from None
 
     def with_alpha(self, alpha: float) -> DecodingSettings:
         """These settings with ``alpha=auto`` replaced by ``alpha`` (a number is kept as it is)."""
@@ -94,14 +93,6 @@ class DecodingSettings:
     def greedy(self) -> DecodingSettings:
         """Greedy search with these length limits: what validation decodes with."""
         return DecodingSettings(**{**asdict(self), "beam": 1, "nbest": 1, "alpha": 0.0})
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def output_limits(src_lengths: Tensor, max_len_a: float, max_len_b: int) -> Tensor:

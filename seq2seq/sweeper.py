@@ -38,6 +38,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from seq2seq.errors import UserError, user_path
 from seq2seq.sweep import write_result
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def distribution(override: Override) -> Any:
         if isinstance(value.start, int) and isinstance(value.end, int):
             return d.IntDistribution(value.start, value.end, log=log_scale)
         return d.FloatDistribution(value.start, value.end, log=log_scale)
-    raise ValueError(f"hydra.sweeper.params: {override.input_line} is not a choice, range or interval")
+    raise UserError(f"hydra.sweeper.params: {override.input_line} is not a choice, range or interval")
 
 
 def search_space(params: Mapping[str, Any], arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -110,7 +111,7 @@ def search_space(params: Mapping[str, Any], arguments: list[str]) -> tuple[dict[
         elif line not in declared:
             fixed.append(line)
         else:
-            raise ValueError(f"hydra.sweeper.params: {line} is one value, not a choice, range or interval")
+            raise UserError(f"hydra.sweeper.params: {line} is one value, not a choice, range or interval")
     return space, fixed
 
 
@@ -152,7 +153,7 @@ def enqueue_fixed_points(
             else:
                 value = OmegaConf.select(config, key, default=None)
             if not in_space(dist, value):
-                raise ValueError(
+                raise UserError(
                     f"hydra.sweeper.fixed_points[{index}]: {key}={value} is outside the search space"
                     f" ({dist}); give it a value in the space, or fixed_points=[]"
                 )
@@ -180,7 +181,8 @@ class StudySpec:
             from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
             # The open lock (O_EXCL) works on network file systems, where symbolic links may not.
-            backend = JournalFileBackend(self.storage, lock_obj=JournalFileOpenLock(self.storage))
+            with user_path(self.storage, "hydra.sweeper.storage"):  # a missing folder, no permission
+                backend = JournalFileBackend(self.storage, lock_obj=JournalFileOpenLock(self.storage))
             return JournalStorage(backend)
         if not self.heartbeat_interval:
             return optuna.storages.RDBStorage(self.storage)
@@ -525,11 +527,9 @@ def run_sweep(
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
     space, fixed = search_space(sweeper.params or {}, arguments)
     if not space:
-        raise ValueError(
-            "hydra.sweeper.params: nothing to search (give key: choice(...), interval(...), ...)"
-        )
+        raise UserError("hydra.sweeper.params: nothing to search (give key: choice(...), interval(...), ...)")
     if sweeper.workers < 1 or sweeper.n_trials < 0:
-        raise ValueError("hydra.sweeper.workers must be at least 1 and hydra.sweeper.n_trials not negative")
+        raise UserError("hydra.sweeper.workers must be at least 1 and hydra.sweeper.n_trials not negative")
     spec = StudySpec(
         storage=str(sweeper.storage or (sweep_dir / JOURNAL_FILE)),
         name=sweeper.study_name,

@@ -16,6 +16,8 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from seq2seq.errors import UserError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # A target-language tag (``<2en>``): one token in angle brackets, kept whole by sentencepiece.
 TAG_PATTERN = re.compile(r"<[^<>\s]+>")
@@ -38,15 +40,15 @@ class SubwordSettings:
 
     def __post_init__(self) -> None:
         if self.vocab_size < 8:
-            raise ValueError(f"data.subword.vocab_size must be at least 8, got {self.vocab_size}")
+            raise UserError(f"data.subword.vocab_size must be at least 8, got {self.vocab_size}")
         if self.model_type not in ("unigram", "bpe", "char", "word"):
-            raise ValueError(
+            raise UserError(
                 f"data.subword.model_type must be unigram, bpe, char or word, got {self.model_type!r}"
             )
         if self.train_threads < 1:
-            raise ValueError(f"data.subword.train_threads must be positive, got {self.train_threads}")
+            raise UserError(f"data.subword.train_threads must be positive, got {self.train_threads}")
         if not 0.0 < self.character_coverage <= 1.0:
-            raise ValueError(
+            raise UserError(
                 f"data.subword.character_coverage must be in (0, 1], got {self.character_coverage}"
             )
 
@@ -107,7 +109,7 @@ class Tokenizer:
         """A ValueError naming ``option`` unless every tag is a tag of the source vocabulary."""
         if missing := [tag for tag in tags if tag not in self.src_tags]:
             known = sorted(self.src_tags) or "none"
-            raise ValueError(f"{option}: {missing} not in the vocabulary as tags (it has {known})")
+            raise UserError(f"{option}: {missing} not in the vocabulary as tags (it has {known})")
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return self.tgt.decode([list(seq) for seq in ids])
@@ -137,7 +139,7 @@ class LineSample:
 
     def __init__(self, size: int, seed: int) -> None:
         if size < 1:
-            raise ValueError(f"data.subword.input_sentence_size must be positive, got {size}")
+            raise UserError(f"data.subword.input_sentence_size must be positive, got {size}")
         self.size = size
         self.rng = np.random.default_rng(seed)
         self.lines: list[str] = []
@@ -199,7 +201,7 @@ class SubwordSamples:
 
     def train(self, origin: str = "the training split") -> Tokenizer:
         if not self.src.lines or not self.tgt.lines:
-            raise ValueError(f"{origin}: no non-blank lines to train sentencepiece on")
+            raise UserError(f"{origin}: no non-blank lines to train sentencepiece on")
         src_model = train_model(self.src.lines, self.settings)
         return Tokenizer(
             src_model, None if self.settings.joint else train_model(self.tgt.lines, self.settings)

@@ -24,6 +24,7 @@ from seq2seq.checkpoints import (
 )
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
+from seq2seq.errors import UserError
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
 from seq2seq.lightning_private import check_sigterm_on_logging_steps
 from seq2seq.module import TranslationModule
@@ -76,7 +77,7 @@ def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says, print the test scores of the best checkpoint, return its validation BLEU."""
     # Mistakes in the options that are only used later fail now, before any data is read.
     if missing := sorted(OmegaConf.missing_keys(cfg)):  # Hydra would drop them from a partial call
-        raise ValueError(
+        raise UserError(
             f"Missing mandatory value(s): {', '.join(missing)} (give them on the command line: key=value)"
         )
     decoding = evaluation_settings(cfg)
@@ -163,7 +164,7 @@ def train(cfg: DictConfig) -> float:
     by_bleu = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val_bleu"]
     checkpoint = by_bleu[0] if by_bleu else None
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
-        raise ValueError(
+        raise UserError(
             "Training ended before any validation: no best checkpoint to evaluate"
             f" (validation runs every trainer.val_check_interval={cfg.trainer.val_check_interval} batches)"
         )
@@ -226,7 +227,7 @@ def fine_tuning_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
     if not cfg.get("init_from"):
         return None
     if cfg.get("ckpt_path"):
-        raise ValueError(
+        raise UserError(
             "ckpt_path (resume a run exactly) and init_from (a new run from a checkpoint's weights)"
             " exclude each other: give one"
         )

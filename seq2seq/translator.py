@@ -17,6 +17,7 @@ from tqdm import tqdm
 from seq2seq.checkpoints import load_module
 from seq2seq.data.collate import length_sorted_batches, pad
 from seq2seq.data.corpora import read_lines, read_text_lines
+from seq2seq.errors import MissingFileError, UserError, user_path
 from seq2seq.files import atomic_write
 from seq2seq.metrics import CorpusScores, corpus_scores
 from seq2seq.model import Ensemble, Seq2Seq
@@ -87,7 +88,7 @@ class Translator:
         first = modules[0]
         for path, module in zip(paths[1:], modules[1:], strict=True):
             if module.tokenizer.state_dict() != first.tokenizer.state_dict():
-                raise ValueError(
+                raise UserError(
                     f"An ensemble needs one vocabulary: {path} has another sentencepiece model"
                     f" than {paths[0]}"
                 )
@@ -157,7 +158,7 @@ class Translator:
         translation, the way it produced it.
         """
         if not isinstance(self.model, Seq2Seq) or self.model.decoder.attention is None:
-            raise ValueError("align needs a single model trained with attention (model.attention)")
+            raise UserError("align needs a single model trained with attention (model.attention)")
         (hypothesis,) = [hyps[0][1] for hyps in self.translate_nbest([sentence], settings)]
         source = self.tokenizer.encode_src([sentence.strip()])[0][: self.max_src_len]
         if not source:
@@ -276,14 +277,14 @@ def translate_file(
     """
     settings = translator.settings(settings)
     if input_path != "-" and not Path(input_path).is_file():
-        raise FileNotFoundError(f"Input file not found: {input_path}")
+        raise MissingFileError(f"Input file not found: {input_path}")
     references = read_lines(ref_path) if ref_path is not None else None
     total = None
     if input_path != "-":
-        with open(input_path, "rb") as f:
+        with user_path(input_path, "input"), open(input_path, "rb") as f:
             total = sum(1 for _ in f)
         if references is not None and len(references) != total:
-            raise ValueError(f"{ref_path} has {len(references)} lines but {input_path} has {total}")
+            raise UserError(f"{ref_path} has {len(references)} lines but {input_path} has {total}")
 
     with contextlib.ExitStack() as stack:
         source = sys.stdin.buffer if input_path == "-" else stack.enter_context(open(input_path, "rb"))
@@ -292,8 +293,9 @@ def translate_file(
         else:
             out_dir = Path(output_path).resolve().parent
             if not out_dir.is_dir():
-                raise FileNotFoundError(f"Output folder not found: {out_dir}")
-            sink = stack.enter_context(atomic_write(output_path, "w", encoding="utf-8"))
+                raise MissingFileError(f"Output folder not found: {out_dir}")
+            with user_path(output_path, "output"):  # no permission to write in its folder
+                sink = stack.enter_context(atomic_write(output_path, "w", encoding="utf-8"))
         bar = stack.enter_context(
             tqdm(total=total, unit="line", file=sys.stderr, disable=not progress, desc="Translating")
         )
@@ -319,6 +321,6 @@ def translate_file(
     scores = None
     if references is not None:
         if len(references) != count:
-            raise ValueError(f"{ref_path} has {len(references)} lines but the input had {count}")
+            raise UserError(f"{ref_path} has {len(references)} lines but the input had {count}")
         scores = corpus_scores(kept, references, translator.tgt_lang, translator.bleu_tokenize)
     return FileReport(count, tokens, seconds, scores)

@@ -121,6 +121,18 @@ class StopAtStep(L.Callback):
             trainer.should_stop = True
 
 
+class BugAtBatch(L.Callback):
+    """Fails the ``batch``-th training batch as a bug in our code or a library would: a ValueError from
+    ``zip(strict=True)`` over sequences of different lengths (not a user's mistake: no UserError)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.batch:
+            list(zip(batch.indices.tolist(), [], strict=True))
+
+
 # What reads a tensor's value into the host: on a GPU, each waits for the device's queue.
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 # The collectives a process can call from Python; DDP's gradient all-reduce is not among them (its

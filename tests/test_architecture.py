@@ -39,6 +39,7 @@ LAYERS = {
     "seq2seq.tokenization": 6,
     "seq2seq.lightning_private": 6,  # a leaf: the data module reads the loop position through it
     "seq2seq.files": 6,  # a leaf: files written whole (translations, checkpoints)
+    "seq2seq.errors": 6,  # a leaf: UserError, raised by every layer
 }
 
 

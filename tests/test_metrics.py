@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 
 from seq2seq.data.corpora import BIBLE_LANGUAGES, Corpus, ParallelText
+from seq2seq.errors import UserError
 from seq2seq.metrics import bleu_metric, corpus_scores
 from seq2seq.training import train
 from tests.test_training import QUIET
@@ -55,7 +56,7 @@ def test_japanese_without_mecab_falls_back_to_char_and_says_so(monkeypatch, capl
     assert "ja-mecab tokenizer needs MeCab" in caplog.text and "seq2seq-lstm[ja]" in caplog.text
     assert "'char' tokenizer instead" in caplog.text
     # A tokenizer asked for by name must run: no silent fall-back.
-    with pytest.raises(RuntimeError, match=r"evaluate\.bleu_tokenize=ja-mecab"):
+    with pytest.raises(UserError, match=r"evaluate\.bleu_tokenize=ja-mecab"):
         corpus_scores(hypotheses, references, tgt_lang="ja", bleu_tokenize="ja-mecab")
 
 

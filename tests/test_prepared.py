@@ -161,10 +161,18 @@ def test_workers_serve_the_same_batches_and_get_the_file_names_not_the_data(comp
     assert pickle.loads(pickle.dumps(split)).src_ids[5] == split.src_ids[5]
     loader = datamodule.train_dataloader()
     in_process = [(b.indices.tolist(), b.tgt_out.tolist()) for b in loader]
-    with_workers = DataLoader(
-        split, batch_sampler=loader.batch_sampler, collate_fn=split.collate, num_workers=2
-    )
-    assert [(b.indices.tolist(), b.tgt_out.tolist()) for b in with_workers] == in_process
+    # Forked workers inherit the split as it is; spawned ones (macOS; Linux from Python 3.14 starts
+    # them by forkserver, alike) unpickle it, so each opens the cache files again.
+    for start_method in ("fork", "spawn"):
+        with_workers = DataLoader(
+            split,
+            batch_sampler=loader.batch_sampler,
+            collate_fn=split.collate,
+            num_workers=2,
+            multiprocessing_context=start_method,
+        )
+        served = [(b.indices.tolist(), b.tgt_out.tolist()) for b in with_workers]
+        assert served == in_process, start_method
 
 
 def test_ragged_ids_round_trip():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -17,15 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from seq2seq.averaging import average_checkpoints
+from seq2seq.cli import is_user_error
 from seq2seq.data import TranslationDataModule, load_synthetic
 from seq2seq.data.corpora import ParallelText
+from seq2seq.errors import MissingFileError, UserError, user_path
 from seq2seq.evaluation import tune_alpha
 from seq2seq.precision import resolve_trainer_precision
 from seq2seq.search import DecodingSettings
@@ -194,6 +197,74 @@ def test_train_mistakes_print_one_line_exit_2_and_leave_no_outputs(tmp_path):
         assert (result.returncode, result.stderr[-len(message) :]) == (2, message), result.stderr[-3000:]
         assert "Traceback" not in result.stdout + result.stderr
         assert not (tmp_path / "outputs").exists()  # the run directory Hydra made is gone again
+
+
+def test_a_prepare_mistake_prints_one_line_and_exits_2(tmp_path):
+    valid = write_lines(tmp_path / "valid.txt", ["w1 w2"])
+    missing, not_a_folder = tmp_path / "missing.de", write_lines(tmp_path / "file", [])
+    files = [f"data.corpus.{name}={valid}" for name in ("valid_src", "valid_tgt", "train_tgt")]
+    cases = [
+        ([f"data.corpus.train_src={missing}"], f"error: Corpus file not found: {missing}\n"),
+        (  # the OS refuses a path the user gave: named, with the option
+            [f"data.corpus.train_src={valid}", f"paths.cache_dir={not_a_folder}"],
+            f"error: paths.cache_dir: {not_a_folder}: Not a directory\n",
+        ),
+    ]
+    for overrides, message in cases:
+        result = run_script(
+            "-m", "seq2seq.prepare", "data=files", *files, f"paths.cache_dir={tmp_path}", *overrides
+        )
+        assert (result.returncode, result.stderr[-len(message) :]) == (2, message), result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+
+
+def broken_target(size: int) -> str:
+    """A config target with a bug of its own: a TypeError raised inside it."""
+    return size + "s"
+
+
+@pytest.mark.parametrize(
+    ("config", "mistake"),
+    [
+        ({"_target_": "seq2seq.search.DecodingSettings", "beam": 0}, True),  # the target's UserError
+        ({"_target_": "seq2seq.search.DecodingSettings", "no_such_key": 1}, True),  # an unknown key
+        ({"_target_": "seq2seq.no_such_module.Thing"}, True),  # no such target
+        ({"_target_": "tests.test_robustness.broken_target", "size": 1}, False),  # a TypeError inside
+        ({"_target_": "builtins.int", "_args_": ["x"]}, False),  # a ValueError inside
+    ],
+)
+def test_a_config_target_failure_is_a_mistake_only_where_the_config_is_at_fault(config, mistake):
+    with pytest.raises(InstantiationException) as caught:
+        instantiate(config)
+    assert is_user_error(caught.value) is mistake
+
+
+def test_only_user_errors_and_config_errors_are_mistakes():
+    mistakes = [UserError("x"), MissingFileError("x"), ConfigCompositionException("x")]
+    bugs = [ValueError("x"), FileNotFoundError("x"), OSError(errno.EIO, "x"), RuntimeError("x")]
+    assert [is_user_error(error) for error in mistakes + bugs] == [True] * 3 + [False] * 4
+
+
+def test_the_os_refusing_a_user_path_is_a_mistake_naming_it_other_os_errors_are_not(tmp_path):
+    missing = tmp_path / "no" / "x"
+    message = rf"^output: {missing}: No such file or directory$"
+    with pytest.raises(MissingFileError, match=message), user_path(missing, "output"):
+        missing.write_text("")
+    with pytest.raises(UserError, match=r"Is a directory$"), user_path(tmp_path):
+        tmp_path.read_text()
+    with pytest.raises(OSError) as caught, user_path(tmp_path):  # a disk error, not the path's fault
+        raise OSError(errno.EIO, "Input/output error")
+    assert not isinstance(caught.value, UserError)
+
+
+@pytest.mark.slow
+def test_a_bug_inside_training_keeps_its_traceback_and_exits_1(tmp_path):
+    bug = ["+callbacks.bug._target_=tests.fault_callbacks.BugAtBatch", "+callbacks.bug.batch=1"]
+    result = train_in(tmp_path, "experiment=smoke", *bug, "hydra.run.dir=run")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("Traceback") == 1 and "\nerror: " not in result.stderr
+    assert result.stderr.rstrip().endswith("ValueError: zip() argument 2 is shorter than argument 1")
+    assert "Traceback" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.slow
@@ -506,7 +577,7 @@ def test_translate_mistakes_print_one_line_and_exit_2(attention_run, tmp_path):
         [sys.executable, "translate.py", f"ckpt={tmp_path / 'none.ckpt'}"], cwd=REPO, capture_output=True,
         text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
     )  # fmt: skip
-    assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+    assert result.returncode == 1 and "Traceback" in result.stderr and "MissingFileError" in result.stderr
 
 
 def test_help_lists_groups_options_and_main_keys_with_current_values():

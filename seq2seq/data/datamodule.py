@@ -38,6 +38,7 @@ from seq2seq.data.sampler import (
     padding_efficiency,
 )
 from seq2seq.data.sampling import EpochTaggedSampler, ResampledSplit, SamplingSettings
+from seq2seq.errors import UserError, is_int
 from seq2seq.lightning_private import batches_done_in_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
@@ -96,10 +97,10 @@ class TranslationDataModule(L.LightningDataModule):
         given_tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
-        if max_len < 1:
-            raise ValueError(f"data.max_len must be positive, got {max_len}")
-        if batch_tokens < max_len + 1:
-            raise ValueError(
+        if not is_int(max_len) or max_len < 1:
+            raise UserError(f"data.max_len must be a positive integer, got {max_len!r}")
+        if not is_int(batch_tokens) or batch_tokens < max_len + 1:
+            raise UserError(
                 f"data.batch_tokens={batch_tokens} cannot hold one pair of data.max_len={max_len} subwords;"
                 f" raise data.batch_tokens to at least {max_len + 1}"
             )
@@ -189,7 +190,7 @@ class TranslationDataModule(L.LightningDataModule):
                 text = text.in_memory() or text
             if not split:
                 read = prepared.counts[name]["read"]
-                raise ValueError(f"{text.origin}: no usable pairs in the {name} split ({read} read)")
+                raise UserError(f"{text.origin}: no usable pairs in the {name} split ({read} read)")
             if isinstance(text, ParallelText):
                 kept = prepared.kept[name].tolist()
                 self.texts[name] = ParallelText(
@@ -201,7 +202,7 @@ class TranslationDataModule(L.LightningDataModule):
         if self.sampling is not None:
             text = self.texts.get("train", self.corpus.train)
             if self.tokenizer.src_tags or isinstance(text, ConcatenatedText):
-                raise ValueError(
+                raise UserError(
                     "data.subword_sampling is not available with target-language tags or with several"
                     " training corpora read from files"
                 )
@@ -224,7 +225,7 @@ class TranslationDataModule(L.LightningDataModule):
         mixture = CorpusMixture(corpus_ids, [part.weight for part in parts], self.seed)
         for part, members, count in zip(parts, mixture.members, mixture.counts.tolist(), strict=True):
             if not len(members):
-                raise ValueError(f"data.corpus.corpora.{part.name}: no usable training pairs")
+                raise UserError(f"data.corpus.corpora.{part.name}: no usable training pairs")
             log.info(
                 "Corpus %s: %d training pairs, weight %g: %d pairs an epoch (%.2fx); tag %s; target %s",
                 part.name,

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from seq2seq.data.corpora import SPLITS, ConcatenatedText, Corpus
+from seq2seq.errors import UserError, user_path
 from seq2seq.tokenization import PAD_ID, SubwordSamples, SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def build_or_reuse(
     reuse that one. A build never removes another's temporary folder while its owner may be alive.
     """
     root = Path(cache_dir) / "prepared"
-    root.mkdir(parents=True, exist_ok=True)
+    with user_path(cache_dir, "paths.cache_dir"):  # a file there, or no permission to write
+        root.mkdir(parents=True, exist_ok=True)
     key = cache_key(corpus, settings, max_len, tokenizer)
     folder = root / key
     started = time.perf_counter()
@@ -318,7 +320,7 @@ def build(
         if check is not None and digests is None:
             digests = check
         elif check is not None and any(check[p].digest() != digests[p].digest() for p in watched):
-            raise RuntimeError(f"{text.origin} changed while it was being prepared; run again")
+            raise UserError(f"{text.origin} changed while it was being prepared; run again")
     inputs = [
         {"path": str(path.resolve()), "size": stats[path].st_size, "mtime_ns": stats[path].st_mtime_ns,
          "sha256": digests[path].hexdigest()}
@@ -355,7 +357,7 @@ def every_nth(path: Path, count: int, n: int, chunk: int = 1 << 20) -> np.ndarra
         for first in range(0, count, chunk):
             values = np.fromfile(stream, np.int64, count=min(chunk, count - first))
             if len(values) < min(chunk, count - first):
-                raise ValueError(f"{path}: {first + len(values)} values, expected {count}")
+                raise UserError(f"{path}: {first + len(values)} values, expected {count}")
             parts.append(values[::n])
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
@@ -435,7 +437,7 @@ class RaggedIds:
             self.file = self.path.open("rb")  # pread needs no seek: forked workers may share it
             size = os.fstat(self.file.fileno()).st_size
             if size != tokens * self.id_type.itemsize:
-                raise ValueError(f"{self.path}: {size} bytes, expected {tokens} ids of {self.id_type}")
+                raise UserError(f"{self.path}: {size} bytes, expected {tokens} ids of {self.id_type}")
 
     @classmethod
     def from_lists(cls, sequences: Sequence[Sequence[int]]) -> RaggedIds:
@@ -449,7 +451,7 @@ class RaggedIds:
         """The ``count`` sequences (``tokens`` ids) of ``name`` in a prepared cache folder."""
         lengths = np.fromfile(folder / f"{name}.lengths", np.int32, count=count)
         if len(lengths) != count:
-            raise ValueError(f"{folder / name}.lengths: {len(lengths)} lengths, expected {count}")
+            raise UserError(f"{folder / name}.lengths: {len(lengths)} lengths, expected {count}")
         block_offsets = every_nth(folder / f"{name}.offsets", count + 1, cls.BLOCK)
         return cls(lengths, block_offsets, None, source=(folder, name, id_type, count, tokens))
 
@@ -472,7 +474,7 @@ class RaggedIds:
         size = self.id_type.itemsize
         data = os.pread(self.file.fileno(), length * size, start * size)
         if len(data) != length * size:
-            raise ValueError(f"{self.path}: ended before id {start + length} (the file changed?)")
+            raise UserError(f"{self.path}: ended before id {start + length} (the file changed?)")
         return np.frombuffer(data, self.id_type)
 
     def __getitem__(self, index: int) -> list[int]:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
 
+from seq2seq.errors import UserError
+
 
 @dataclass
 class BatchPlan:
@@ -292,7 +294,7 @@ class ResumableDataLoader(DataLoader):
         if done >= world_size * -(-(saved or sampler.num_global_batches) // world_size):
             return  # saved at the end of an epoch: the next starts from its beginning
         if saved is not None and saved != sampler.num_global_batches:
-            raise ValueError(
+            raise UserError(
                 f"ckpt_path: saved after {done} of the {saved} batches of an epoch, but this run's epoch has"
                 f" {sampler.num_global_batches} (other data.* settings); resume with the checkpoint's data"
                 " settings, or from a checkpoint saved at the end of an epoch"

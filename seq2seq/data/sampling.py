@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from seq2seq.data.collate import Batch, EncodedSplit, ids_batch
 from seq2seq.data.corpora import ParallelFiles, ParallelText
 from seq2seq.data.sampler import TokenBucketBatchSampler
+from seq2seq.errors import UserError
 from seq2seq.tokenization import Tokenizer
 
 
@@ -35,9 +36,9 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"data.subword_sampling.alpha must be in (0, 1], got {self.alpha}")
+            raise UserError(f"data.subword_sampling.alpha must be in (0, 1], got {self.alpha}")
         if self.nbest != -1 and self.nbest < 2:
-            raise ValueError(f"data.subword_sampling.nbest must be -1 (all) or at least 2, got {self.nbest}")
+            raise UserError(f"data.subword_sampling.nbest must be -1 (all) or at least 2, got {self.nbest}")
 
 
 class FileLines:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from seq2seq.errors import UserError
+
 ATTENTION_KINDS = ("bahdanau", "luong_general", "luong_dot")
 
 
@@ -20,9 +22,9 @@ class Attention(nn.Module):
     def __init__(self, kind: str, query_size: int, memory_size: int) -> None:
         super().__init__()
         if kind not in ATTENTION_KINDS:
-            raise ValueError(f"model.attention must be null or one of {ATTENTION_KINDS}, got {kind!r}")
+            raise UserError(f"model.attention must be null or one of {ATTENTION_KINDS}, got {kind!r}")
         if kind == "luong_dot" and query_size != memory_size:
-            raise ValueError(f"luong_dot attention needs equal sizes, got {query_size} and {memory_size}")
+            raise UserError(f"luong_dot attention needs equal sizes, got {query_size} and {memory_size}")
         self.kind = kind
         if kind == "bahdanau":
             self.query_layer = nn.Linear(query_size, query_size, bias=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from seq2seq.errors import UserError
 from seq2seq.model.attention import Attention
 from seq2seq.model.encoder import EncoderOutput
 from seq2seq.tokenization import PAD_ID
@@ -65,7 +66,7 @@ class Decoder(nn.Module):
     ) -> None:
         super().__init__()
         if tie_embeddings and embed_size != hidden_size:
-            raise ValueError(
+            raise UserError(
                 "model.tie_embeddings needs model.embed_size == model.hidden_size,"
                 f" got {embed_size} and {hidden_size}"
             )

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from seq2seq.errors import UserError
 from seq2seq.tokenization import PAD_ID
 
 
@@ -58,7 +59,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         if bidirectional and hidden_size % 2:
-            raise ValueError(f"model.hidden_size must be even with model.bidirectional, got {hidden_size}")
+            raise UserError(f"model.hidden_size must be even with model.bidirectional, got {hidden_size}")
         self.num_directions = 2 if bidirectional else 1
         self.reverse_source = reverse_source
         self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=PAD_ID)

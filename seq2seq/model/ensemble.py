@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from seq2seq.errors import UserError
 from seq2seq.model.decoder import DecoderState
 from seq2seq.model.seq2seq import Seq2Seq
 
@@ -30,7 +31,7 @@ class Ensemble(nn.Module):
     def __init__(self, models: Sequence[Seq2Seq]) -> None:
         super().__init__()
         if not models:
-            raise ValueError("an ensemble needs at least one model")
+            raise UserError("an ensemble needs at least one model")
         self.models = nn.ModuleList(models)
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EnsembleState:

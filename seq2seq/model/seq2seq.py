@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from seq2seq.errors import UserError, is_int, is_number
 from seq2seq.model.decoder import Decoder, DecoderState
 from seq2seq.model.encoder import Bridge, Encoder
 
@@ -47,10 +48,10 @@ class Seq2Seq(nn.Module):
             ("hidden_size", hidden_size),
             ("num_layers", num_layers),
         ):
-            if value < 1:
-                raise ValueError(f"model.{name} must be positive, got {value}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+            if not is_int(value) or value < 1:
+                raise UserError(f"model.{name} must be positive, got {value!r}")
+        if not is_number(dropout) or not 0.0 <= dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {dropout!r}")
         self.encoder = Encoder(
             src_vocab_size, embed_size, hidden_size, num_layers, dropout, bidirectional, reverse_source
         )
