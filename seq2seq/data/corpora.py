@@ -8,6 +8,7 @@ only when its prepared cache is built (see :mod:`seq2seq.data.prepared`), never 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import random
@@ -438,6 +439,36 @@ def load_corpora(corpora: dict[str, dict[str, Any]]) -> Corpus:
         joined("test"),
         languages.pop() if len(languages) == 1 else None,
         tuple(parts),
+    )
+
+
+def load_bible_many_to_one(
+    src_versions: list[str],
+    tgt_version: str,
+    valid_size: int,
+    test_size: int,
+    seed: int,
+    train_size: int | None = None,
+) -> Corpus:
+    """Every version of ``src_versions`` into ``tgt_version``, one corpus each (named ``<src>-<tgt>``,
+    equal weights, no tag) read with :func:`load_bible` and joined by :func:`load_corpora`. Every corpus
+    holds out with the same ``seed``, so the held-out verses are the same for every source version: no
+    target verse of the validation or test split is trained on in another language."""
+    if not src_versions:
+        raise UserError("data.corpus.src_versions lists no Bible version")
+    reader = functools.partial(
+        load_bible,
+        tgt_version=str(tgt_version),
+        valid_size=valid_size,
+        test_size=test_size,
+        seed=seed,
+        train_size=train_size,
+    )
+    return load_corpora(
+        {
+            f"{v}-{tgt_version}": {"reader": functools.partial(reader, src_version=str(v))}
+            for v in src_versions
+        }
     )
 
 
