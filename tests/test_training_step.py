@@ -326,8 +326,8 @@ def test_without_test_scoring_the_best_checkpoint_still_gets_its_alpha(compose_c
     cfg = compose_config(
         "experiment=smoke",
         SMALL,
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=10",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=20",  # 2 validations: evaluate.min_validations lets it tune
         "decoding.beam=2",
         "decoding.alpha=auto",
         "evaluate.test=false",
