@@ -47,14 +47,19 @@ def test_a_short_run_validates_at_its_end_and_resumes_within_its_time_budget(
     last = checkpoints / "last.ckpt"
     used = torch.load(last, weights_only=False)["callbacks"]["Timer"]["time_elapsed"]["train"]
 
-    # A resume whose budget the first run already used fails at once, naming the time used and the option.
+    # A resume whose budget the run already used fails at once, naming the time used and the option. The
+    # checkpoint says an hour was used (12 steps take under a second on a fast host).
+    hour_used = torch.load(last, weights_only=False)
+    hour_used["callbacks"]["Timer"]["time_elapsed"]["train"] = 3600.0
+    torch.save(hour_used, tmp_path / "hour_used.ckpt")
     spent = tmp_path / "spent"
-    with pytest.raises(
-        ValueError, match=r"already trained for \d+:\d\d:\d\d, all of trainer.max_time=00:00:00:01"
-    ):
+    with pytest.raises(ValueError, match=r"already trained for 1:00:00, all of trainer.max_time=00:00:30:00"):
         train(
             compose_config(
-                *common, f"ckpt_path={last}", "trainer.max_time=00:00:00:01", f"paths.output_dir={spent}"
+                *common,
+                f"ckpt_path={tmp_path / 'hour_used.ckpt'}",
+                "trainer.max_time=00:00:30:00",
+                f"paths.output_dir={spent}",
             )
         )
     assert not spent.exists()  # before anything was written or loaded
