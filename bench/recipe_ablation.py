@@ -1,0 +1,201 @@
+"""Issue 24's measurement: one recipe setting at a time against today's default, at the default's budget,
+on Bible pairs, two runs side by side on one core each (``taskset``, one thread each), nothing else on
+the machine. Resumable: a finished run (result.json "ok" and its greedy translation) is skipped, an
+unfinished one resumes from its last.ckpt (``trainer.max_time`` counts the whole run across resumes),
+so a long queue can be run in pieces, stopped and started again with the same command.
+
+    python bench/recipe_ablation.py --pairs e-k,9-4 --settings default,linear,ema,unidirectional
+    python bench/recipe_ablation.py --pairs e-k,9-4 --settings ... --report   # the table only
+
+Every run is ``python train.py data.corpus.src_version=SRC data.corpus.tgt_version=TGT`` plus its
+setting's overrides (SETTINGS below); ``plain_loop`` is bench/plain_loop.py for the same minutes. Each
+of our runs is scored as train.py scores it (beam 5, alpha tuned on the validation split) and also
+greedy (translate.py beam=1), on the same test split. The table says which setting beat ``default`` on
+validation BLEU (what decides) and shows the test scores beside it; results.md in OUT holds it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from seq2seq.data.corpora import read_lines
+from seq2seq.metrics import corpus_scores
+
+# One change to today's default each (issue 24, item 5); "plain_loop" is the yardstick of item 6.
+SETTINGS: dict[str, list[str]] = {
+    "default": [],
+    "linear": ["module.scheduler.name=linear"],  # decay to zero at the end of the budget
+    "cosine": ["module.scheduler.name=cosine"],
+    "ema": ["module.ema_decay=0.999"],
+    # the one-direction encoder reading the source reversed (experiment=ctx_reversed)
+    "unidirectional": ["model.bidirectional=false", "model.bridge=false", "model.reverse_source=true"],
+    "subword_sampling": ["data.subword_sampling={alpha:0.1,nbest:-1}"],
+    "plain_loop": [],
+}
+
+
+def run_folder(out: Path, pair: str, setting: str) -> Path:
+    return out / pair / setting
+
+
+def finished(folder: Path, setting: str) -> bool:
+    if setting == "plain_loop":
+        return (folder / "plain.json").exists()
+    result = folder / "result.json"
+    return (
+        result.exists()
+        and json.loads(result.read_text())["status"] == "ok"
+        and (folder / "greedy.test.hyp").exists()
+    )
+
+
+def training_command(
+    folder: Path, pair: str, setting: str, minutes: float, overrides: list[str]
+) -> list[str] | None:
+    """The run's training command (a resumed run continues from its last.ckpt); None when trained."""
+    src, tgt = pair.split("-")
+    if setting == "plain_loop":
+        return [
+            sys.executable, "bench/plain_loop.py", "--src", src, "--tgt", tgt, "--minutes", str(minutes),
+            "--result", str(folder / "plain.json"),
+        ]  # fmt: skip
+    result = folder / "result.json"
+    if result.exists() and json.loads(result.read_text())["status"] == "ok":
+        return None
+    seconds = round(minutes * 60)
+    last = folder / "checkpoints" / "last.ckpt"
+    return [
+        sys.executable, "train.py", f"data.corpus.src_version={src}", f"data.corpus.tgt_version={tgt}",
+        f"trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={folder}", *overrides, *SETTINGS[setting],
+        *([f"ckpt_path={last}"] if last.exists() else []),
+    ]  # fmt: skip
+
+
+def greedy_command(folder: Path) -> list[str]:
+    """Greedy decoding of the test split with the run's best checkpoint."""
+    best = max((folder / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return [
+        sys.executable, "translate.py", f"ckpt={best}", f"input={folder / 'test.src'}",
+        f"output={folder / 'greedy.test.hyp'}", "beam=1", "progress=false",
+    ]  # fmt: skip
+
+
+def worker(core: int, jobs: queue.Queue, args: argparse.Namespace, failures: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def call(command: list[str], folder: Path) -> bool:
+        with open(folder / "run.log", "a") as log:
+            code = subprocess.call(["taskset", "-c", str(core), *command], stdout=log, stderr=log, env=env)
+        if code != 0:
+            failures.append(f"{folder}: exit {code}, see {folder / 'run.log'}")
+        return code == 0
+
+    while True:
+        try:
+            pair, setting = jobs.get_nowait()
+        except queue.Empty:
+            return
+        folder = run_folder(args.out, pair, setting)
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"core {core}: {pair} {setting}", flush=True)
+        train = training_command(folder, pair, setting, args.minutes, args.override)
+        if (train is None or call(train, folder)) and setting != "plain_loop":
+            call(greedy_command(folder), folder)
+        print(f"core {core}: {pair} {setting} ended", flush=True)
+
+
+def report(out: Path, pairs: list[str], settings: list[str]) -> str:
+    lines = []
+    for pair in pairs:
+        lines += [
+            f"\n### {pair}\n",
+            "| setting | steps | target tokens/s | best val BLEU (greedy) | vs default | test BLEU (beam 5)"
+            " | test BLEU (greedy) | test chrF (beam 5) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        default_val = None
+        for setting in settings:
+            folder = run_folder(out, pair, setting)
+            if not finished(folder, setting):
+                lines.append(f"| {setting} | not finished | | | | | | |")
+                continue
+            if setting == "plain_loop":
+                plain = json.loads((folder / "plain.json").read_text())
+                lines.append(
+                    f"| plain loop | {plain['steps']:,} | {plain['tokens_per_second']:,.0f} | - | - | -"
+                    f" | {plain['test_bleu_greedy']:.2f} | - |"
+                )
+                continue
+            result = json.loads((folder / "result.json").read_text())
+            refs = read_lines(folder / "test.ref")
+            beam = corpus_scores(read_lines(folder / "test.hyp"), refs, "en")
+            greedy = corpus_scores(read_lines(folder / "greedy.test.hyp"), refs, "en")
+            if setting == "default":
+                default_val = result["val_bleu"]
+            delta = "-" if default_val is None else f"{result['val_bleu'] - default_val:+.2f}"
+            lines.append(
+                f"| {setting} | {result['steps']:,} | {result['tokens_per_second']:,.0f}"
+                f" | {result['val_bleu']:.2f} | {delta} | {beam.bleu:.2f} | {greedy.bleu:.2f}"
+                f" | {beam.chrf:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", default="e-k,9-4", help="Bible SRC-TGT versions, comma-separated")
+    parser.add_argument(
+        "--settings", default="default,linear,ema,unidirectional", help=f"of {list(SETTINGS)}"
+    )
+    parser.add_argument("--minutes", type=float, default=28.0)
+    parser.add_argument("--cores", default="0,1", help="one run per core")
+    parser.add_argument("--out", type=Path, default=Path("outputs/recipe_ablation"))
+    parser.add_argument(
+        "--override", action="append", default=[], help="for every train.py run (data.* also for prepare)"
+    )
+    parser.add_argument("--report", action="store_true", help="print the table of what has finished")
+    args = parser.parse_args()
+    pairs, settings = args.pairs.split(","), args.settings.split(",")
+    if unknown := set(settings) - set(SETTINGS):
+        parser.error(f"--settings: unknown {sorted(unknown)}; known: {list(SETTINGS)}")
+    if not args.report:
+        for pair in pairs:  # the prepared data first, so that no timed run waits on another's build
+            src, tgt = pair.split("-")
+            subprocess.run(
+                [sys.executable, "-m", "seq2seq.prepare", f"data.corpus.src_version={src}",
+                 f"data.corpus.tgt_version={tgt}", *[o for o in args.override if o.startswith("data.")]],
+                check=True, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        jobs: queue.Queue = queue.Queue()
+        for pair in pairs:
+            for setting in settings:
+                if not finished(run_folder(args.out, pair, setting), setting):
+                    jobs.put((pair, setting))
+        failures: list[str] = []
+        threads = [
+            threading.Thread(target=worker, args=(int(core), jobs, args, failures))
+            for core in args.cores.split(",")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            sys.exit("\n".join(failures))
+    text = report(args.out, pairs, settings)
+    (args.out / "results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
