@@ -1,0 +1,53 @@
+"""bench/recipe_ablation.py resumes a long queue: finished runs are skipped, unfinished ones continue from
+their last.ckpt, and a setting's overrides reach train.py."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "bench" / "recipe_ablation.py"
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("recipe_ablation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_new_run_trains_from_scratch_with_its_setting(ablation, tmp_path):
+    command = ablation.training_command(tmp_path, "9-4", "linear", 28.0, ["model=tiny"])
+    assert command[1] == "train.py"
+    assert "data.corpus.src_version=9" in command and "data.corpus.tgt_version=4" in command
+    assert "trainer.max_time=00:00:28:00" in command
+    assert command.index("model=tiny") < command.index("module.scheduler.name=linear")
+    assert not any(arg.startswith("ckpt_path=") for arg in command)
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(ablation, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / "result.json").write_text(json.dumps({"status": "interrupted"}))
+    command = ablation.training_command(tmp_path, "e-k", "default", 1.5, [])
+    assert command[-1] == f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"
+    assert "trainer.max_time=00:00:01:30" in command
+    assert not ablation.finished(tmp_path, "default")
+
+
+def test_a_trained_run_is_not_trained_again_and_counts_as_finished_once_decoded(ablation, tmp_path):
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok"}))
+    assert ablation.training_command(tmp_path, "e-k", "ema", 28.0, []) is None
+    assert not ablation.finished(tmp_path, "ema")  # the greedy test translation is still to do
+    (tmp_path / "greedy.test.hyp").write_text("a\n")
+    assert ablation.finished(tmp_path, "ema")
+
+
+def test_the_plain_loop_is_finished_by_its_result(ablation, tmp_path):
+    command = ablation.training_command(tmp_path, "e-k", "plain_loop", 28.0, ["model=tiny"])
+    assert command[1] == "bench/plain_loop.py" and "model=tiny" not in command
+    assert not ablation.finished(tmp_path, "plain_loop")
+    (tmp_path / "plain.json").write_text("{}")
+    assert ablation.finished(tmp_path, "plain_loop")
