@@ -39,6 +39,11 @@ SETTINGS: dict[str, list[str]] = {
     # the one-direction encoder reading the source reversed (experiment=ctx_reversed)
     "unidirectional": ["model.bidirectional=false", "model.bridge=false", "model.reverse_source=true"],
     "subword_sampling": ["data.subword_sampling={alpha:0.5,nbest:-1}"],  # 1.02x the tokens (docs/training.md)
+    # the README's model variants (docs/benchmarks.md): "default" is the bidirectional context vector,
+    # "unidirectional" the reversed one
+    "context_vector": ["experiment=ctx_plain"],
+    "attn_bahdanau": ["experiment=attn_bahdanau"],
+    "attn_luong": ["experiment=attn_luong"],
     "plain_loop": [],
 }
 
