@@ -8,7 +8,7 @@ so a long queue can be run in pieces, stopped and started again with the same co
     python bench/recipe_ablation.py --pairs e-k,9-4 --settings ... --report   # the table only
 
 Every run is ``python train.py data.corpus.src_version=SRC data.corpus.tgt_version=TGT`` plus its
-setting's overrides (SETTINGS below); ``plain_loop`` is bench/plain_loop.py for the same minutes. Each
+setting's overrides (SETTINGS below; ``a+b`` combines two settings); ``plain_loop`` is bench/plain_loop.py for the same minutes. Each
 of our runs is scored as train.py scores it (beam 5, alpha tuned on the validation split) and also
 greedy (translate.py beam=1), on the same test split. The table says which setting beat ``default`` on
 validation BLEU (what decides) and shows the test scores beside it; results.md in OUT holds it too.
@@ -48,6 +48,11 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
+def setting_overrides(setting: str) -> list[str]:
+    """A setting's train.py overrides; "a+b" combines settings a and b (a winner of each, together)."""
+    return [override for part in setting.split("+") for override in SETTINGS[part]]
+
+
 def run_folder(out: Path, pair: str, setting: str) -> Path:
     return out / pair / setting
 
@@ -81,7 +86,8 @@ def training_command(
     return [
         sys.executable, "train.py", f"data.corpus.src_version={src}", f"data.corpus.tgt_version={tgt}",
         f"trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
-        "trainer.enable_progress_bar=false", f"hydra.run.dir={folder}", *overrides, *SETTINGS[setting],
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={folder}",
+        *overrides, *setting_overrides(setting),
         *([f"ckpt_path={last}"] if last.exists() else []),
     ]  # fmt: skip
 
@@ -162,7 +168,9 @@ def main() -> None:
     )
     parser.add_argument("--pairs", default="e-k,9-4", help="Bible SRC-TGT versions, comma-separated")
     parser.add_argument(
-        "--settings", default="default,linear,ema,unidirectional", help=f"of {list(SETTINGS)}"
+        "--settings",
+        default="default,linear,ema,unidirectional",
+        help=f"of {list(SETTINGS)}; a+b combines two",
     )
     parser.add_argument("--minutes", type=float, default=28.0)
     parser.add_argument("--cores", default="0,1", help="one run per core")
@@ -173,8 +181,11 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the table of what has finished")
     args = parser.parse_args()
     pairs, settings = args.pairs.split(","), args.settings.split(",")
-    if unknown := set(settings) - set(SETTINGS):
+    parts = {part for setting in settings for part in setting.split("+")}
+    if unknown := parts - set(SETTINGS):
         parser.error(f"--settings: unknown {sorted(unknown)}; known: {list(SETTINGS)}")
+    if any("+" in setting and "plain_loop" in setting.split("+") for setting in settings):
+        parser.error("--settings: plain_loop is not a train.py setting and combines with nothing")
     if not args.report:
         for pair in pairs:  # the prepared data first, so that no timed run waits on another's build
             src, tgt = pair.split("-")

@@ -51,3 +51,8 @@ def test_the_plain_loop_is_finished_by_its_result(ablation, tmp_path):
     assert not ablation.finished(tmp_path, "plain_loop")
     (tmp_path / "plain.json").write_text("{}")
     assert ablation.finished(tmp_path, "plain_loop")
+
+
+def test_settings_combine_with_a_plus(ablation, tmp_path):
+    command = ablation.training_command(tmp_path, "e-k", "unidirectional+lr_x2", 28.0, [])
+    assert "model.reverse_source=true" in command and "module.optimizer.lr=0.004" in command
