@@ -8,8 +8,8 @@ so a long queue can be run in pieces, stopped and started again with the same co
     python bench/recipe_ablation.py --pairs e-k,9-4 --settings ... --report   # the table only
 
 Every run is ``python train.py data.corpus.src_version=SRC data.corpus.tgt_version=TGT`` plus its
-setting's overrides (SETTINGS below; ``a+b`` combines two settings); ``plain_loop`` is bench/plain_loop.py for the same minutes. Each
-of our runs is scored as train.py scores it (beam 5, alpha tuned on the validation split) and also
+setting's overrides (SETTINGS below; ``a+b`` combines two settings); ``plain_loop`` is
+bench/plain_loop.py for the same minutes. Each of our runs is scored as train.py scores it (beam 5, alpha tuned on the validation split) and also
 greedy (translate.py beam=1), on the same test split. The table says which setting beat ``default`` on
 validation BLEU (what decides) and shows the test scores beside it; results.md in OUT holds it too.
 """
