@@ -9,9 +9,11 @@ so a long queue can be run in pieces, stopped and started again with the same co
 
 Every run is ``python train.py data.corpus.src_version=SRC data.corpus.tgt_version=TGT`` plus its
 setting's overrides (SETTINGS below; ``a+b`` combines two settings); ``plain_loop`` is
-bench/plain_loop.py for the same minutes. Each of our runs is scored as train.py scores it (beam 5, alpha tuned on the validation split) and also
-greedy (translate.py beam=1), on the same test split. The table says which setting beat ``default`` on
-validation BLEU (what decides) and shows the test scores beside it; results.md in OUT holds it too.
+bench/plain_loop.py for the same minutes. Each of our runs is scored as train.py scores it (beam 5,
+alpha tuned on the validation split) and also greedy (translate.py beam=1), on the same test split.
+The table says which setting beat ``default`` on validation BLEU (what decides; greedy, as training
+validates, and beam 5 with the tuned alpha) and shows the test scores beside it; results.md in OUT
+holds it too.
 """
 
 from __future__ import annotations
@@ -130,20 +132,20 @@ def report(out: Path, pairs: list[str], settings: list[str]) -> str:
     for pair in pairs:
         lines += [
             f"\n### {pair}\n",
-            "| setting | steps | target tokens/s | best val BLEU (greedy) | vs default | test BLEU (beam 5)"
-            " | test BLEU (greedy) | test chrF (beam 5) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| setting | steps | target tokens/s | best val BLEU (greedy) | vs default"
+            " | val BLEU (beam 5, alpha) | test BLEU (beam 5) | test BLEU (greedy) | test chrF (beam 5) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         default_val = None
         for setting in settings:
             folder = run_folder(out, pair, setting)
             if not finished(folder, setting):
-                lines.append(f"| {setting} | not finished | | | | | | |")
+                lines.append(f"| {setting} | not finished | | | | | | | |")
                 continue
             if setting == "plain_loop":
                 plain = json.loads((folder / "plain.json").read_text())
                 lines.append(
-                    f"| plain loop | {plain['steps']:,} | {plain['tokens_per_second']:,.0f} | - | - | -"
+                    f"| plain loop | {plain['steps']:,} | {plain['tokens_per_second']:,.0f} | - | - | - | -"
                     f" | {plain['test_bleu_greedy']:.2f} | - |"
                 )
                 continue
@@ -153,10 +155,13 @@ def report(out: Path, pairs: list[str], settings: list[str]) -> str:
             greedy = corpus_scores(read_lines(folder / "greedy.test.hyp"), refs, "en")
             if setting == "default":
                 default_val = result["val_bleu"]
+            # the length penalty's choice on the validation split (absent when it was not tuned)
+            tuned = result.get("alpha_bleu") or {}
+            beam_valid = f"{max(tuned.values()):.2f} ({result['alpha']:g})" if result.get("alpha") else "-"
             delta = "-" if default_val is None else f"{result['val_bleu'] - default_val:+.2f}"
             lines.append(
                 f"| {setting} | {result['steps']:,} | {result['tokens_per_second']:,.0f}"
-                f" | {result['val_bleu']:.2f} | {delta} | {beam.bleu:.2f} | {greedy.bleu:.2f}"
+                f" | {result['val_bleu']:.2f} | {delta} | {beam_valid} | {beam.bleu:.2f} | {greedy.bleu:.2f}"
                 f" | {beam.chrf:.2f} |"
             )
     return "\n".join(lines)
