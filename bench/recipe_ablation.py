@@ -27,7 +27,7 @@ import sys
 import threading
 from pathlib import Path
 
-from seq2seq.data.corpora import read_lines
+from seq2seq.data.corpora import BIBLE_LANGUAGES, read_lines
 from seq2seq.metrics import corpus_scores
 
 # One change to today's default each (issue 24, item 5); "plain_loop" is the yardstick of item 6.
@@ -59,15 +59,16 @@ def run_folder(out: Path, pair: str, setting: str) -> Path:
     return out / pair / setting
 
 
+def trained(folder: Path) -> bool:
+    """Whether train.py finished the run (trained and scored it)."""
+    result = folder / "result.json"
+    return result.exists() and json.loads(result.read_text())["status"] == "ok"
+
+
 def finished(folder: Path, setting: str) -> bool:
     if setting == "plain_loop":
         return (folder / "plain.json").exists()
-    result = folder / "result.json"
-    return (
-        result.exists()
-        and json.loads(result.read_text())["status"] == "ok"
-        and (folder / "greedy.test.hyp").exists()
-    )
+    return trained(folder) and (folder / "greedy.test.hyp").exists()
 
 
 def training_command(
@@ -80,8 +81,7 @@ def training_command(
             sys.executable, "bench/plain_loop.py", "--src", src, "--tgt", tgt, "--minutes", str(minutes),
             "--result", str(folder / "plain.json"),
         ]  # fmt: skip
-    result = folder / "result.json"
-    if result.exists() and json.loads(result.read_text())["status"] == "ok":
+    if trained(folder):
         return None
     seconds = round(minutes * 60)
     last = folder / "checkpoints" / "last.ckpt"
@@ -137,6 +137,7 @@ def report(out: Path, pairs: list[str], settings: list[str]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         default_val = None
+        tgt_lang = BIBLE_LANGUAGES.get(pair.split("-")[1])  # BLEU's tokenizer, as train.py chose it
         for setting in settings:
             folder = run_folder(out, pair, setting)
             if not finished(folder, setting):
@@ -151,8 +152,8 @@ def report(out: Path, pairs: list[str], settings: list[str]) -> str:
                 continue
             result = json.loads((folder / "result.json").read_text())
             refs = read_lines(folder / "test.ref")
-            beam = corpus_scores(read_lines(folder / "test.hyp"), refs, "en")
-            greedy = corpus_scores(read_lines(folder / "greedy.test.hyp"), refs, "en")
+            beam = corpus_scores(read_lines(folder / "test.hyp"), refs, tgt_lang)
+            greedy = corpus_scores(read_lines(folder / "greedy.test.hyp"), refs, tgt_lang)
             if setting == "default":
                 default_val = result["val_bleu"]
             # the length penalty's choice on the validation split (absent when it was not tuned)
