@@ -54,5 +54,5 @@ def test_the_plain_loop_is_finished_by_its_result(ablation, tmp_path):
 
 
 def test_settings_combine_with_a_plus(ablation, tmp_path):
-    command = ablation.training_command(tmp_path, "e-k", "unidirectional+lr_x2", 28.0, [])
-    assert "model.reverse_source=true" in command and "module.optimizer.lr=0.004" in command
+    command = ablation.training_command(tmp_path, "e-k", "unidirectional+lr_0.006", 28.0, [])
+    assert "model.reverse_source=true" in command and "module.optimizer.lr=0.006" in command
