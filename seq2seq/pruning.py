@@ -9,8 +9,10 @@ import os
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 
-from seq2seq.sweeper import PRUNED_AT, TRIAL_ENV, StudySpec
+from seq2seq.errors import UserError
+from seq2seq.sweeper import NO_TIME_BUDGET, PRUNED_AT, TRIAL_ENV, StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +21,25 @@ class TrialPruning(L.Callback):
     """Reports ``monitor`` after each validation to the trial, as ``trial.report(value, step)``, and stops
     training at once when ``trial.should_prune()``: the best checkpoint so far stays, and the run's
     result.json says ``pruned``. Under DDP only rank 0 talks to the storage; it broadcasts the decision,
-    so that all ranks stop together."""
+    so that all ranks stop together.
+
+    ``step`` is where the trial is in its budget (``hydra.sweeper.prune_on``): optimizer steps, or whole
+    seconds of training time for a ``trainer.max_time`` budget, so that the pruner (Hyperband's rungs)
+    compares trials at equal time, not at equal steps that some trials take longer to make."""
 
     def __init__(self, trial: dict[str, Any], monitor: str = "val_bleu") -> None:
         self.spec = trial  # seq2seq.sweeper.TRIAL_ENV
         self.monitor = monitor
         self.trial: Any = None
+        self.timer: Timer | None = None  # prune_on=seconds: Lightning's clock of the time budget
         self.validations: dict[int, float] = {}  # step: value, on rank 0
         self.pruned_at: int | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.spec.get("prune_on", "steps") == "seconds":
+            self.timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+            if self.timer is None or self.timer.time_remaining() is None:
+                raise UserError(NO_TIME_BUDGET)
         if trainer.is_global_zero and self.trial is None:
             import optuna
             from hydra.utils import instantiate
@@ -48,9 +59,11 @@ class TrialPruning(L.Callback):
         if trainer.is_global_zero:
             value, step = float(trainer.callback_metrics[self.monitor]), trainer.global_step
             self.validations[step] = value
-            self.trial.report(value, step)
-            # A trial at the end of its step budget is complete, whatever its last validation says.
-            prune = not 0 < trainer.max_steps <= step and self.trial.should_prune()
+            self.trial.report(value, self.position(trainer))
+            # A trial at the end of its budget (max_steps, or max_time: Lightning validates where it stops
+            # training) is complete, whatever its last validation says.
+            ending = trainer.should_stop or 0 < trainer.max_steps <= step
+            prune = not ending and self.trial.should_prune()
             if prune:
                 self.trial.set_user_attr(PRUNED_AT, step)
         prune = trainer.strategy.broadcast(prune, src=0)
@@ -59,6 +72,11 @@ class TrialPruning(L.Callback):
             trainer.should_stop = True
             log.info("Trial %d pruned at step %d (%s by validation: %s)", self.spec["trial"], self.pruned_at,
                      self.monitor, self.history())  # fmt: skip
+
+    def position(self, trainer: L.Trainer) -> int:
+        """Where the trial is in its budget, as the pruner counts: optimizer steps, or whole seconds of
+        training time (Lightning's Timer: validation included, and the time of the run resumed from)."""
+        return trainer.global_step if self.timer is None else int(self.timer.time_elapsed())
 
     def history(self) -> str:
         return " ".join(f"{step}:{value:.2f}" for step, value in self.validations.items())

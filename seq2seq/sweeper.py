@@ -46,14 +46,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The trial a training job runs, for seq2seq.pruning: JSON {storage, study, trial, pruner}. An environment
-# variable reaches every process of the job (Lightning's DDP processes inherit it).
+# The trial a training job runs, for seq2seq.pruning: JSON {storage, study, trial, pruner, prune_on, ...}.
+# An environment variable reaches every process of the job (Lightning's DDP processes inherit it).
 TRIAL_ENV = "SEQ2SEQ_SWEEP_TRIAL"
 JOURNAL_FILE = "optuna.journal"
 # Trial user attributes: which worker runs it (to fail it when the worker dies), why it failed, where
 # a pruned trial stopped (set by seq2seq.pruning), which trial a retry repeats.
 WORKER, HOST_PID, ERROR, PRUNED_AT, RETRY_OF = "worker", "host_pid", "error", "pruned_at_step", "retry_of"
 FIXED_POINTS_DONE = "fixed_points_enqueued"
+NO_TIME_BUDGET = "hydra.sweeper.prune_on=seconds: the trials have no time budget (set trainer.max_time)"
 
 
 def require_optuna() -> Any:
@@ -370,6 +371,7 @@ class Worker:
                 "study": self.spec.name,
                 "trial": trial.number,
                 "pruner": OmegaConf.to_container(pruner, resolve=True) if pruner else None,
+                "prune_on": self.sweeper.prune_on,
                 "heartbeat_interval": self.spec.heartbeat_interval,
             }
         )
@@ -528,6 +530,11 @@ def run_sweep(
     space, fixed = search_space(sweeper.params or {}, arguments)
     if not space:
         raise UserError("hydra.sweeper.params: nothing to search (give key: choice(...), interval(...), ...)")
+    if sweeper.prune_on not in ("steps", "seconds"):
+        raise UserError(f"hydra.sweeper.prune_on must be steps or seconds, got {sweeper.prune_on!r}")
+    timed = config.trainer.get("max_time") or "trainer.max_time" in space
+    if sweeper.prune_on == "seconds" and not timed:
+        raise UserError(NO_TIME_BUDGET)
     if sweeper.workers < 1 or sweeper.n_trials < 0:
         raise UserError("hydra.sweeper.workers must be at least 1 and hydra.sweeper.n_trials not negative")
     spec = StudySpec(

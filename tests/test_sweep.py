@@ -115,6 +115,31 @@ def test_pruning_search_two_workers_without_barrier(tmp_path):
     )
 
 
+def test_pruning_on_training_seconds_reports_time_not_steps(tmp_path):
+    """hydra.sweeper.prune_on=seconds: a time budget's trials report where they are in seconds of training
+    (Hyperband's rungs then compare them at equal time); result.json still lists validations by step."""
+    pytest.importorskip("optuna")
+    overrides = ["hparams_search=smoke_pruning", "hydra.sweeper.prune_on=seconds", "hydra.sweeper.workers=1"]
+    result, _ = sweep(tmp_path / "no_budget", *overrides)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "prune_on=seconds: the trials have no time budget (set trainer.max_time)" in result.stderr
+    result, rows = sweep(
+        tmp_path, *overrides, "hydra.sweeper.n_trials=1", "trainer.max_time=00:00:10:00",
+        "hydra.sweeper.pruner={_target_:optuna.pruners.SuccessiveHalvingPruner}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (trial,) = study_of(tmp_path / "sweep", "smoke_pruning").trials
+    (row,) = rows
+    seconds = sorted(trial.intermediate_values)
+    assert len(seconds) == 4 and seconds[-1] <= float(row["train_minutes"]) * 60 + 1  # 4 validations
+    assert seconds != [30, 60, 90, 120] and [v.split(":")[0] for v in row["validations"].split()] == [
+        "30",
+        "60",
+        "90",
+        "120",
+    ]
+
+
 def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study(tmp_path):
     pytest.importorskip("optuna")
     sweep_dir = tmp_path / "sweep"

@@ -35,6 +35,9 @@ class Seq2SeqSweeperConf:
     fixed_points: list[Any] = field(default_factory=lambda: [{}])
     sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler"})
     pruner: Any = None  # e.g. {_target_: optuna.pruners.MedianPruner}; null: no pruning
+    # what a validation reports as its step: steps (optimizer steps) | seconds (training time, for
+    # trainer.max_time budgets: the pruner's resources, e.g. Hyperband's min_resource, are then seconds)
+    prune_on: str = "steps"
     plots: bool = True  # optimization history, intermediate values, importances: HTML (plotly) and PNG
     # key: choice(a, b) | range(1, 4) | interval(0.0, 0.3) | tag(log, interval(1e-4, 1e-2))
     params: dict[str, Any] = field(default_factory=dict)
