@@ -115,29 +115,31 @@ def test_pruning_search_two_workers_without_barrier(tmp_path):
     )
 
 
-def test_pruning_on_training_seconds_reports_time_not_steps(tmp_path):
-    """hydra.sweeper.prune_on=seconds: a time budget's trials report where they are in seconds of training
-    (Hyperband's rungs then compare them at equal time); result.json still lists validations by step."""
+def test_the_hyperband_recipe_search_reports_training_seconds(tmp_path):
+    """conf/hparams_search/bible_recipe_hyperband.yaml, shrunk to the toy task: its trials report where
+    they are in seconds of training (hydra.sweeper.prune_on=seconds), so Hyperband's rungs compare them at
+    equal time; result.json still lists the validations by step."""
     pytest.importorskip("optuna")
-    overrides = ["hparams_search=smoke_pruning", "hydra.sweeper.prune_on=seconds", "hydra.sweeper.workers=1"]
-    result, _ = sweep(tmp_path / "no_budget", *overrides)
+    search = ["hparams_search=bible_recipe_hyperband", "hydra.sweeper.n_trials=2"]
+    result, _ = sweep(tmp_path / "no_budget", *search, "trainer.max_time=null")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "prune_on=seconds: the trials have no time budget (set trainer.max_time)" in result.stderr
     result, rows = sweep(
-        tmp_path, *overrides, "hydra.sweeper.n_trials=1", "trainer.max_time=00:00:10:00",
-        "hydra.sweeper.pruner={_target_:optuna.pruners.SuccessiveHalvingPruner}",
+        tmp_path, *search, "trainer.max_time=00:00:05:00", "trainer.max_steps=40",
+        "trainer.val_check_interval=10",
+        "hydra.sweeper.pruner.min_resource=1", "hydra.sweeper.pruner.max_resource=300",
+        # the toy corpus's own subwords: it has too few pieces for the searched vocabularies
+        "data.subword.vocab_size=32", "data.subword.model_type=word",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    (trial,) = study_of(tmp_path / "sweep", "smoke_pruning").trials
-    (row,) = rows
-    seconds = sorted(trial.intermediate_values)
-    assert len(seconds) == 4 and seconds[-1] <= float(row["train_minutes"]) * 60 + 1  # 4 validations
-    assert seconds != [30, 60, 90, 120] and [v.split(":")[0] for v in row["validations"].split()] == [
-        "30",
-        "60",
-        "90",
-        "120",
-    ]
+    trials = study_of(tmp_path / "sweep", "bible_recipe_hyperband").trials
+    assert len(trials) == len(rows) == 2
+    for trial in trials:
+        (row,) = [r for r in rows if int(r["trial"]) == trial.number]
+        steps = [int(v.split(":")[0]) for v in row["validations"].split()]
+        seconds = sorted(trial.intermediate_values)
+        assert steps and all(step % 10 == 0 for step in steps)
+        assert seconds and seconds != steps and seconds[-1] <= float(row["train_minutes"]) * 60 + 1
 
 
 def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study(tmp_path):
