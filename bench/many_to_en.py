@@ -1,0 +1,213 @@
+"""Issue 25's measurement: one many-to-English Bible model (``experiment=bible_many_to_en``, 27 languages,
+831,654 pairs) against bilingual models of the same size and budget, on this machine.
+
+    python bench/many_to_en.py --languages 5 --bilingual-run e=outputs/recipe_s4/e-k/default
+
+1. Prepares the many-to-English data alone (sentencepiece on all 27 languages, then the ids), timed,
+   with its peak memory (``/usr/bin/time``).
+2. Trains the many-to-English model on core 0 and, side by side on core 1, a bilingual model of the
+   default (``data.corpus.src_version=X``) for each of ``--languages``, the same minutes each, one
+   thread each, with peak memory. ``--bilingual-run X=FOLDER`` takes a bilingual X-k run made the same
+   way earlier (bench/recipe_ablation.py's ``default``) instead of training one.
+3. Scores each bilingual model on the many-to-English model's test verses of its language (beam 5, its
+   tuned alpha), so both are scored on the same verses. Those verses are held out of both models'
+   training (the hold-out is one seeded permutation of the verses: the many-to-English test is its
+   positions 100-300, the bilingual hold-out its first 2,000), but they lie in the bilingual model's
+   validation split (positions 0-1,000), which chose its checkpoint and alpha: the table says so.
+
+Resumable: what has finished is skipped, an unfinished training run resumes from its last.ckpt.
+Nothing else should run on the machine. results.md in OUT holds the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from seq2seq.data.corpora import BIBLE_LANGUAGES, load_bible, read_lines
+from seq2seq.metrics import corpus_scores
+
+TARGET = "k"  # the many-to-English model's target: KJV
+
+
+def peak_memory_gib(time_file: Path) -> float:
+    """The peak resident memory that ``/usr/bin/time -v`` wrote to ``time_file``, in GiB (the largest of
+    its reports: a resumed run appends one)."""
+    kbytes = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", time_file.read_text())
+    return max(map(int, kbytes)) / 2**20
+
+
+def trained(folder: Path) -> bool:
+    result = folder / "result.json"
+    return result.exists() and json.loads(result.read_text())["status"] == "ok"
+
+
+def train_command(folder: Path, minutes: float, overrides: list[str]) -> list[str]:
+    """train.py for ``minutes`` into ``folder``, resuming from its last.ckpt, under ``/usr/bin/time``."""
+    seconds = round(minutes * 60)
+    last = folder / "checkpoints" / "last.ckpt"
+    return [
+        "/usr/bin/time", "-v", "-a", "-o", str(folder / "time.txt"),
+        sys.executable, "train.py", *overrides, "trainer.enable_progress_bar=false",
+        f"trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
+        f"hydra.run.dir={folder}", *([f"ckpt_path={last}"] if last.exists() else []),
+    ]  # fmt: skip
+
+
+def run_logged(command: list[str], log: Path, core: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pinned = ["taskset", "-c", str(core), *command] if core is not None else command
+    with open(log, "a") as out:
+        return subprocess.Popen(pinned, stdout=out, stderr=out, env=env)
+
+
+def prepare_command(overrides: list[str], log: Path) -> str:
+    """``python -m seq2seq.prepare`` (under ``/usr/bin/time``, which writes beside ``log``); the cache."""
+    command = ["/usr/bin/time", "-v", "-o", str(log.with_suffix(".time.txt")), sys.executable, "-m",
+               "seq2seq.prepare", *overrides]  # fmt: skip
+    with open(log, "a") as err:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True)
+    if done.returncode != 0:
+        sys.exit(f"prepare failed: see {log}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def prepare(out: Path, languages: list[str]) -> dict:
+    """The many-to-English cache, built alone and timed (reused when built before: then from its run);
+    the bilingual ones too, so that no timed run builds one beside another."""
+    for src in languages:
+        prepare_command([f"data.corpus.src_version={src}", f"data.corpus.tgt_version={TARGET}"],
+                        out / f"prepare-{src}-{TARGET}.log")  # fmt: skip
+    record = out / "prepare.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    start = time.perf_counter()
+    cache = Path(prepare_command(["experiment=bible_many_to_en"], out / "prepare.log"))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    fields = {
+        "seconds": time.perf_counter() - start,
+        "peak_gib": peak_memory_gib(out / "prepare.time.txt"),
+        "cache": str(cache),
+        "cache_mib": sum(f.stat().st_size for f in cache.iterdir()) / 2**20,
+        "train_pairs": manifest["splits"]["train"]["kept"],
+        "manifest_seconds": manifest["seconds"],
+    }
+    record.write_text(json.dumps(fields, indent=1))
+    return fields
+
+
+def train_side_by_side(out: Path, languages: list[str], minutes: float) -> None:
+    """The many-to-English model on core 0; the bilingual models one after another on core 1."""
+    many = out / "many"
+    many.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    if not trained(many):
+        command = train_command(many, minutes, ["experiment=bible_many_to_en"])
+        jobs.append((many, run_logged(command, many / "run.log", core=0)))
+    for src in languages:
+        folder = out / f"{src}-{TARGET}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if trained(folder):
+            continue
+        pair = [f"data.corpus.src_version={src}", f"data.corpus.tgt_version={TARGET}"]
+        process = run_logged(train_command(folder, minutes, pair), folder / "run.log", core=1)
+        if process.wait() != 0:
+            sys.exit(f"{folder}: training failed, see {folder / 'run.log'}")
+    for folder, process in jobs:
+        if process.wait() != 0:
+            sys.exit(f"{folder}: training failed, see {folder / 'run.log'}")
+
+
+def score_on_many_test(bilingual: Path, src: str, many: Path) -> dict:
+    """Beam-5 BLEU of a bilingual run's best checkpoint on the many-to-English test verses of ``src``."""
+    hypotheses = bilingual / "many_test.hyp"
+    corpus_cfg = OmegaConf.load(many / "config_resolved.yaml").data.corpus
+    test = load_bible(
+        src, TARGET, corpus_cfg.valid_size, corpus_cfg.test_size, corpus_cfg.seed, train_size=1
+    ).test
+    if not hypotheses.exists():
+        source = bilingual / "many_test.src"
+        source.write_text("".join(line + "\n" for line in test.src), encoding="utf-8")
+        best = json.loads((bilingual / "result.json").read_text())["checkpoint"]
+        command = [sys.executable, "translate.py", f"ckpt={best}", f"input={source}",
+                   f"output={hypotheses}", "beam=5", "progress=false"]  # fmt: skip
+        if run_logged(command, bilingual / "run.log", core=1).wait() != 0:
+            sys.exit(f"{bilingual}: translate failed, see {bilingual / 'run.log'}")
+    scores = corpus_scores(read_lines(hypotheses), test.tgt, BIBLE_LANGUAGES[TARGET])
+    return {"bleu": scores.bleu, "chrf": scores.chrf, "verses": len(test.tgt)}
+
+
+def report(out: Path, bilingual: dict[str, Path], prep: dict) -> str:
+    many = json.loads((out / "many" / "result.json").read_text())
+    lines = [
+        f"Prepare (alone): {prep['train_pairs']:,} training pairs in {prep['seconds'] / 60:.1f} min"
+        f" (sentencepiece {prep['manifest_seconds']['sentencepiece'] / 60:.1f} min), peak memory"
+        f" {prep['peak_gib']:.2f} GiB, cache {prep['cache_mib']:.0f} MiB.",
+        "",
+        "| model | steps | target tokens/s | peak memory (GiB) | val BLEU (greedy) | test BLEU, own split |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    runs = {"many-to-English": out / "many", **{f"{s}-{TARGET} bilingual": f for s, f in bilingual.items()}}
+    for name, folder in runs.items():
+        result = json.loads((folder / "result.json").read_text())
+        memory = f"{peak_memory_gib(folder / 'time.txt'):.2f}" if (folder / "time.txt").exists() else "-"
+        own = "mean of 27" if folder == out / "many" else "1,000 verses"
+        lines.append(
+            f"| {name} | {result['steps']:,} | {result['tokens_per_second']:,.0f} | {memory}"
+            f" | {result['val_bleu']:.2f} | {result['test_bleu']:.2f} ({own}) |"
+        )
+    lines += [
+        "",
+        "Test BLEU (beam 5, tuned alpha) on the same verses: the many-to-English test of each language",
+        "(the bilingual model's validation split holds these verses: they chose its checkpoint and alpha).",
+        "",
+        "| source language | many-to-English | bilingual | difference |",
+        "|---|---:|---:|---:|",
+    ]
+    for src, folder in bilingual.items():
+        ours = many["test_bleu_by_corpus"][f"{src}-{TARGET}"]
+        theirs = score_on_many_test(folder, src, out / "many")
+        lines.append(
+            f"| {BIBLE_LANGUAGES[src]} ({src}, {theirs['verses']} verses) | {ours:.2f} | {theirs['bleu']:.2f}"
+            f" | {ours - theirs['bleu']:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--languages", default="5", help="bilingual X-k models to train, comma-separated")
+    parser.add_argument(
+        "--bilingual-run", action="append", default=[], metavar="X=FOLDER",
+        help="a bilingual X-k train.py run made earlier on this machine, side by side (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--minutes", type=float, default=28.0)
+    parser.add_argument("--out", type=Path, default=Path("outputs/many_to_en"))
+    args = parser.parse_args()
+    languages = [src for src in args.languages.split(",") if src]
+    earlier = dict(run.split("=", 1) for run in args.bilingual_run)
+    bilingual = {src: Path(folder) for src, folder in earlier.items()}
+    bilingual |= {src: args.out / f"{src}-{TARGET}" for src in languages}
+    for src, folder in earlier.items():
+        if not trained(Path(folder)):
+            parser.error(f"--bilingual-run {src}={folder}: no finished train.py run (result.json) there")
+    args.out.mkdir(parents=True, exist_ok=True)
+    prep = prepare(args.out, languages)
+    train_side_by_side(args.out, languages, args.minutes)
+    text = report(args.out, bilingual, prep)
+    (args.out / "results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
