@@ -16,7 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from seq2seq.checkpoints import store_alpha
 from seq2seq.data.corpora import ParallelText, read_lines
 from seq2seq.errors import UserError
-from seq2seq.metrics import check_bleu_tokenize, corpus_scores, scores_by_corpus
+from seq2seq.metrics import (
+    MixtureSplit,
+    check_bleu_tokenize,
+    corpus_scores,
+    mean_over_corpora,
+    scores_by_corpus,
+)
 from seq2seq.precision import DECODING_PRECISIONS
 from seq2seq.search import AUTO, UNTUNED_ALPHA, DecodingSettings, best_for_alpha
 from seq2seq.translator import FileReport, Translator, translate_file
@@ -65,9 +71,12 @@ def choose_alpha(
     references: Sequence[str],
     settings: DecodingSettings,
     grid: Sequence[float],
+    mixture: MixtureSplit | None = None,
 ) -> AlphaChoice:
     """The length penalty of ``grid`` whose beam search translations of ``sources`` score the best BLEU
-    against ``references`` (the smallest alpha on a tie).
+    against ``references`` (the smallest alpha on a tie). For a mixture of corpora (``mixture``: the
+    corpus of each sentence), BLEU is the mean of the corpora's, each tokenized for its target
+    language, as validation's ``val_bleu`` is.
 
     One beam search gives every alpha's translations (see :func:`~seq2seq.search.beam_candidates`), so
     a grid costs about what one decoding of ``sources`` costs.
@@ -79,10 +88,13 @@ def choose_alpha(
         alpha: [texts[best_for_alpha([h for _, h in texts], alpha)][0] for texts in candidates]
         for alpha in grid
     }
-    bleu = {
-        alpha: corpus_scores(outputs, references, translator.tgt_lang, translator.bleu_tokenize).bleu
-        for alpha, outputs in translations.items()
-    }
+
+    def bleu_of(outputs: list[str]) -> float:
+        if mixture is None:
+            return corpus_scores(outputs, references, translator.tgt_lang, translator.bleu_tokenize).bleu
+        return mean_over_corpora(scores_by_corpus(outputs, references, *mixture, translator.bleu_tokenize))[0]
+
+    bleu = {alpha: bleu_of(outputs) for alpha, outputs in translations.items()}
     best = max(grid, key=lambda alpha: bleu[alpha])
     return AlphaChoice(best, bleu, translations, time.perf_counter() - started)
 
@@ -93,10 +105,12 @@ def tune_alpha(
     valid: ParallelText,
     settings: DecodingSettings,
     grid: list[float],
+    mixture: MixtureSplit | None = None,
 ) -> AlphaChoice:
-    """``decoding.alpha=auto``: choose the length penalty on the validation split, log the BLEU of each
-    alpha, store the choice in ``checkpoint`` and use it in ``translator`` from now on."""
-    choice = choose_alpha(translator, valid.src, valid.tgt, settings, grid)
+    """``decoding.alpha=auto``: choose the length penalty on the validation split (of a ``mixture`` of
+    corpora: by the mean of their BLEU), log the BLEU of each alpha, store the choice in ``checkpoint``
+    and use it in ``translator`` from now on."""
+    choice = choose_alpha(translator, valid.src, valid.tgt, settings, grid, mixture)
     table = ", ".join(f"{alpha:g}: {bleu:.2f}" for alpha, bleu in choice.bleu.items())
     if choice.tied:
         log.info(
@@ -145,7 +159,7 @@ def evaluate_best_checkpoint(
     output_dir: Path,
     settings: DecodingSettings,
     evaluate: DictConfig,
-    test_corpora: tuple[Sequence[int], Sequence[tuple[str, str | None]]] | None = None,
+    mixtures: dict[str, MixtureSplit] | None = None,
     validations: int | None = None,
 ) -> dict[str, Any]:
     """What a run does with its best checkpoint after training, as ``evaluate`` says: choose its length
@@ -154,9 +168,10 @@ def evaluate_best_checkpoint(
     score the test split and print the scores. Decodes on ``device``, the one that trained (a GPU decodes
     many times faster than the CPU).
 
-    ``test_corpora``, for a mixture of corpora: the corpus of each test pair and the (name, target
-    language) of each corpus; the test split is then also scored per corpus, and ``test_bleu`` is the
-    mean of the corpora's BLEU, as validation's ``val_bleu`` is.
+    ``mixtures``, for a mixture of corpora: by split (``valid``, ``test``), the corpus of each pair and
+    the (name, target language) of each corpus. The length penalty is then chosen by the mean of the
+    corpora's validation BLEU, the test split is also scored per corpus, and ``test_bleu`` is the mean
+    of the corpora's BLEU, as validation's ``val_bleu`` is.
 
     A run that validated fewer than ``evaluate.min_validations`` times (``validations``; None: not
     counted) trained too little for the length penalty to matter: alpha is not tuned, which saves a beam
@@ -182,7 +197,8 @@ def evaluate_best_checkpoint(
     fields: dict[str, Any] = {"test_bleu": None}
     if tune:
         grid = OmegaConf.to_container(evaluate.alpha_grid, resolve=True)
-        choice = tune_alpha(translator, checkpoint, texts["valid"], settings, grid)
+        valid_mixture = (mixtures or {}).get("valid")
+        choice = tune_alpha(translator, checkpoint, texts["valid"], settings, grid, valid_mixture)
         alpha = None if choice.tied else choice.alpha
         fields.update(alpha=alpha, alpha_bleu=choice.bleu, alpha_seconds=choice.seconds)
     elif translator.alpha is None:
@@ -194,15 +210,15 @@ def evaluate_best_checkpoint(
             f"Test split ({test.origin}), beam {settings.beam}, alpha {translator.settings(settings).alpha},"
             f" {translator.precision}, checkpoint {checkpoint}:\n{report}"
         )
-        if test_corpora is not None:
+        if test_mixture := (mixtures or {}).get("test"):
             hypotheses = read_lines(output_dir / "test.hyp")
-            by_corpus = scores_by_corpus(hypotheses, test.tgt, *test_corpora, evaluate.bleu_tokenize)
+            by_corpus = scores_by_corpus(hypotheses, test.tgt, *test_mixture, evaluate.bleu_tokenize)
             for name, scores in by_corpus.items():
                 print(
                     f"Test split, corpus {name}: BLEU {scores.bleu:.2f}, chrF {scores.chrf:.2f}"
                     f" ({scores.bleu_signature})"
                 )
             fields["test_bleu_by_corpus"] = {name: scores.bleu for name, scores in by_corpus.items()}
-            fields["test_bleu"] = sum(fields["test_bleu_by_corpus"].values()) / len(by_corpus)
+            fields["test_bleu"] = mean_over_corpora(by_corpus)[0]
             print(f"Test BLEU, mean over the {len(by_corpus)} corpora: {fields['test_bleu']:.2f}")
     return fields

@@ -57,6 +57,11 @@ def corpus_scores(
     )
 
 
+# A split of a mixture of corpora (seq2seq.data.load_corpora): the corpus of each sentence, as a position
+# in the list of each corpus's (name, target language).
+MixtureSplit = tuple[Sequence[int], Sequence[tuple[str, str | None]]]
+
+
 def scores_by_corpus(
     hypotheses: Sequence[str],
     references: Sequence[str],
@@ -73,6 +78,15 @@ def scores_by_corpus(
             [hypotheses[row] for row in rows], [references[row] for row in rows], tgt_lang, bleu_tokenize
         )
     return scores
+
+
+def mean_over_corpora(by_corpus: dict[str, CorpusScores]) -> tuple[float, float]:
+    """A mixture's BLEU and chrF: the means over its corpora (each corpus counts the same, whatever its
+    size), as validation picks the best checkpoint by and the length penalty is chosen by."""
+    return (
+        sum(s.bleu for s in by_corpus.values()) / len(by_corpus),
+        sum(s.chrf for s in by_corpus.values()) / len(by_corpus),
+    )
 
 
 def check_bleu_tokenize(name: str | None) -> str | None:

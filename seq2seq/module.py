@@ -16,7 +16,7 @@ from seq2seq.data.collate import Batch
 from seq2seq.ema import WeightAverage
 from seq2seq.errors import UserError, is_number
 from seq2seq.lightning_private import should_update_logs
-from seq2seq.metrics import check_bleu_tokenize, corpus_scores, scores_by_corpus
+from seq2seq.metrics import check_bleu_tokenize, corpus_scores, mean_over_corpora, scores_by_corpus
 from seq2seq.model import Seq2Seq
 from seq2seq.precision import clip_gradients
 from seq2seq.schedules import BUDGET_SCHEDULES, STEP_SCHEDULES, build_scheduler
@@ -281,10 +281,7 @@ class TranslationModule(L.LightningModule):
             corpora = [(part.name, part.tgt_lang or self.tgt_lang) for part in datamodule.corpus.parts]
             ids = corpus_ids[indices].tolist()
             by_corpus = scores_by_corpus(hypotheses, kept_references, ids, corpora, self.bleu_tokenize)
-            metrics.update(
-                val_bleu=sum(s.bleu for s in by_corpus.values()) / len(by_corpus),
-                val_chrf=sum(s.chrf for s in by_corpus.values()) / len(by_corpus),
-            )
+            metrics["val_bleu"], metrics["val_chrf"] = mean_over_corpora(by_corpus)
             for name, scores in by_corpus.items():
                 metrics.update({f"val_bleu/{name}": scores.bleu, f"val_chrf/{name}": scores.chrf})
         # Every process computed the same values from the gathered sentences: nothing to reduce.

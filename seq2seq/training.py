@@ -27,6 +27,7 @@ from seq2seq.data import TranslationDataModule
 from seq2seq.errors import UserError
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
 from seq2seq.lightning_private import check_sigterm_on_logging_steps
+from seq2seq.metrics import MixtureSplit
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.pruning import trial_pruning
@@ -181,7 +182,7 @@ def train(cfg: DictConfig) -> float:
                 output_dir,
                 decoding,
                 cfg.evaluate,
-                corpora_of_test_split(datamodule),
+                mixture_splits(datamodule),
                 final_validation.count,
             )
         log.info(
@@ -210,15 +211,16 @@ def train(cfg: DictConfig) -> float:
     return best_bleu
 
 
-def corpora_of_test_split(
-    datamodule: TranslationDataModule,
-) -> tuple[list[int], list[tuple[str, str | None]]] | None:
-    """For a mixture of corpora: the corpus of each test pair, and each corpus's name and target language."""
-    corpus_ids = datamodule.corpus_ids.get("test")
-    if corpus_ids is None:
-        return None
+def mixture_splits(datamodule: TranslationDataModule) -> dict[str, MixtureSplit] | None:
+    """For a mixture of corpora: by split (valid, test), the corpus of each pair, and each corpus's name
+    and target language; None for one corpus."""
     corpora = [(part.name, part.tgt_lang or datamodule.tgt_lang) for part in datamodule.corpus.parts]
-    return corpus_ids.tolist(), corpora
+    splits = {
+        split: (datamodule.corpus_ids[split].tolist(), corpora)
+        for split in ("valid", "test")
+        if datamodule.corpus_ids.get(split) is not None
+    }
+    return splits or None
 
 
 def fine_tuning_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:

@@ -13,8 +13,12 @@ from hydra.utils import instantiate
 
 from seq2seq.data import TranslationDataModule, load_corpora, load_synthetic
 from seq2seq.data.sampler import CorpusMixture
+from seq2seq.evaluation import choose_alpha
+from seq2seq.metrics import mean_over_corpora, scores_by_corpus
+from seq2seq.search import DecodingSettings
 from seq2seq.tokenization import SubwordSettings, train_tokenizer
 from seq2seq.training import train
+from seq2seq.translator import Translator
 from tests.test_training import QUIET
 
 
@@ -73,9 +77,9 @@ def test_the_tag_is_the_first_source_id_and_is_kept_whole_at_translation(mixture
 
 
 @pytest.mark.slow
-def test_validation_and_test_are_scored_per_corpus(compose_config, tmp_path, caplog):
+def test_validation_test_and_the_length_penalty_are_scored_per_corpus(compose_config, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    cfg = compose_config("experiment=smoke", "data=toy_mixture", "decoding.beam=1", *QUIET)
+    cfg = compose_config("experiment=smoke", "data=toy_mixture", "decoding.beam=2", *QUIET)
     best = train(cfg)
     run = tmp_path / "run"
     rows = [row for row in csv.DictReader((run / "logs" / "metrics.csv").open()) if row.get("val_bleu")]
@@ -90,6 +94,22 @@ def test_validation_and_test_are_scored_per_corpus(compose_config, tmp_path, cap
     result = json.loads((run / "result.json").read_text())
     assert set(result["test_bleu_by_corpus"]) == {"copy", "reverse"}
     assert result["test_bleu"] == pytest.approx(sum(result["test_bleu_by_corpus"].values()) / 2)
+
+    # alpha=auto chose the length penalty by the mean of the corpora's validation BLEU, as val_bleu is
+    # (not by BLEU over the pooled sentences, which weighs the larger corpus more).
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    valid, ids = datamodule.texts["valid"], datamodule.corpus_ids["valid"].tolist()
+    corpora = [("copy", None), ("reverse", None)]
+    translator = Translator.from_checkpoint(result["checkpoint"])
+    choice = choose_alpha(translator, valid.src, valid.tgt, DecodingSettings(beam=2), [0.6, 1.0, 1.5, 2.0])
+    pooled = {str(alpha): bleu for alpha, bleu in choice.bleu.items()}
+    per_corpus = {
+        str(alpha): mean_over_corpora(scores_by_corpus(outputs, valid.tgt, ids, corpora))[0]
+        for alpha, outputs in choice.translations.items()
+    }
+    assert result["alpha_bleu"] == pytest.approx(per_corpus) and pooled != pytest.approx(per_corpus)
 
 
 @pytest.mark.parametrize(
