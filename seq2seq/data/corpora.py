@@ -12,6 +12,7 @@ import functools
 import hashlib
 import itertools
 import random
+import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -322,6 +323,16 @@ def bible_db_path() -> Path:
     return path
 
 
+# A line break and the whitespace around it (version d writes "\n\t\t\t" inside 211 verses).
+LINE_BREAK = re.compile(r"\s*[\r\n]+\s*")
+
+
+def one_line(verse: str) -> str:
+    """A verse as one line of text: its line breaks, with the whitespace around them, become one space
+    (every split is written and translated line by line; a break would split the verse)."""
+    return LINE_BREAK.sub(" ", verse).strip() if "\n" in verse or "\r" in verse else verse
+
+
 def load_bible(
     src_version: str,
     tgt_version: str,
@@ -372,8 +383,8 @@ def load_bible(
 
     def split(indices: list[int], name: str) -> ParallelText:
         return ParallelText(
-            [rows[i][0] for i in indices],
-            [rows[i][1] for i in indices],
+            [one_line(rows[i][0]) for i in indices],
+            [one_line(rows[i][1]) for i in indices],
             origin=f"bible {src_version}->{tgt_version} {name}",
         )
 
