@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -13,6 +15,15 @@ from omegaconf import DictConfig
 from seq2seq.model import Seq2Seq
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` imported as a module (bench/ holds scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -1,19 +1,13 @@
 """bench/many_to_en.py: its runs resume, and it reads peak memory from /usr/bin/time's report."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "many_to_en.py"
+from tests.conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def many_to_en():
-    spec = importlib.util.spec_from_file_location("many_to_en", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("many_to_en")
 
 
 def test_a_run_is_timed_and_resumes_from_its_last_checkpoint(many_to_en, tmp_path):

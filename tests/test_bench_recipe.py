@@ -1,21 +1,16 @@
 """bench/recipe_ablation.py resumes a long queue: finished runs are skipped, unfinished ones continue from
 their last.ckpt, and a setting's overrides reach train.py."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "recipe_ablation.py"
+from tests.conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("recipe_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("recipe_ablation")
 
 
 def test_a_new_run_trains_from_scratch_with_its_setting(ablation, tmp_path):
