@@ -22,7 +22,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -223,7 +224,7 @@ class StaleTrialRetry:
         requeue(study, trial, self.max_retry)
 
 
-def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int) -> None:
+def requeue(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial, max_retry: int) -> None:
     """Queue ``trial``'s values again, unless its original trial has been retried ``max_retry`` times."""
     original = trial.user_attrs.get(RETRY_OF, trial.number)
     retries = sum(t.user_attrs.get(RETRY_OF) == original for t in study.get_trials(deepcopy=False))
@@ -251,13 +252,35 @@ def optuna_state(name: str) -> Any:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs: a killed worker whose parent has not reaped it yet
+    (a zombie) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not Path("/proc").is_dir():
+        return True  # not Linux: the process exists, zombie or not
+    try:
+        # "pid (name) state ...": the name in parentheses may hold spaces
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False  # it ended just now
+
+
+@contextmanager
+def study_lock(sweep_dir: Path) -> Iterator[None]:
+    """A lock file in the sweep folder for the study's read-then-write steps (asking for a trial under
+    ``n_trials``, failing a dead worker's trial once), across the workers and the sweep's own process."""
+    from optuna.storages.journal import JournalFileOpenLock
+
+    lock = JournalFileOpenLock(str(sweep_dir / "ask"))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -275,8 +298,8 @@ def fail_orphaned_trials(
     study: optuna.Study, spec: StudySpec, sweep_dir: Path, dead_workers: set[str] = frozenset()
 ) -> None:
     """Fail the running trials whose worker is gone: one of ``dead_workers``, or a process of this host
-    that no longer exists (a command killed before). Database storages with a heartbeat also fail
-    trials that stopped beating (on any host)."""
+    that no longer runs (killed, or left by a command killed before). Database storages with a heartbeat
+    also fail trials that stopped beating (on any host). Call it under ``study_lock``."""
     fail_stale_trials(study)
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(optuna_state("RUNNING"),)):
@@ -333,13 +356,11 @@ class Worker:
     def next_trial(self, study: optuna.Study) -> optuna.Trial | None:
         """The next trial (a queued one first), or None when the study has all it needs. Under a lock
         file in the sweep folder, so that workers asking at once never overshoot ``n_trials``."""
-        from optuna.storages.journal import JournalFileOpenLock
-
-        lock = JournalFileOpenLock(str(Path(self.config.hydra.sweep.dir, "ask")))
-        lock.acquire()
-        try:
-            if self.spec.heartbeat_interval:
-                fail_stale_trials(study)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        with study_lock(sweep_dir):
+            # A trial whose worker died still counts as running until someone fails it: do it here, so
+            # that this worker takes its place rather than stopping short of n_trials.
+            fail_orphaned_trials(study, self.spec, sweep_dir)
             states = [t.state.name for t in study.get_trials(deepcopy=False)]
             claimed = sum(states.count(s) for s in ("COMPLETE", "PRUNED", "RUNNING"))
             max_failed = self.sweeper.max_failed_trials
@@ -352,8 +373,6 @@ class Worker:
             trial.set_user_attr(WORKER, self.token)
             trial.set_user_attr(HOST_PID, f"{socket.gethostname()}:{os.getpid()}")
             return trial
-        finally:
-            lock.release()
 
     def run_trial(self, study: optuna.Study, trial: optuna.Trial) -> None:
         """Run the training job of ``trial`` in this process and tell the study how it ended."""
@@ -387,6 +406,7 @@ class Worker:
         except BaseException as error:  # Ctrl-C, SIGTERM: the study must not keep a running trial
             trial.set_user_attr(ERROR, f"interrupted ({type(error).__name__})")
             study.tell(trial, state=optuna_state("FAIL"))
+            requeue(study, trial, self.spec.retry_killed)  # the next command runs it again
             raise
         finally:
             os.environ.pop(TRIAL_ENV, None)
@@ -545,7 +565,8 @@ def run_sweep(
         retry_killed=sweeper.retry_killed,
     )
     study = spec.load()
-    fail_orphaned_trials(study, spec, sweep_dir)
+    with study_lock(sweep_dir):
+        fail_orphaned_trials(study, spec, sweep_dir)
     enqueue_fixed_points(
         study, OmegaConf.to_container(sweeper.fixed_points) if sweeper.fixed_points else [], space, config
     )
@@ -578,7 +599,8 @@ def run_sweep(
     ]
 
     def on_dead(tokens: set[str]) -> None:
-        fail_orphaned_trials(study, spec, sweep_dir, tokens)
+        with study_lock(sweep_dir):
+            fail_orphaned_trials(study, spec, sweep_dir, tokens)
 
     if executor is None:
         run_local(workers, on_dead)

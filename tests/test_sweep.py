@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import socket
@@ -145,35 +146,59 @@ def test_the_hyperband_recipe_search_reports_training_seconds(tmp_path):
         assert seconds and seconds != steps and seconds[-1] <= float(row["train_minutes"]) * 60 + 1
 
 
+def smoke_search(tmp_path: Path, *overrides: str) -> list[str]:
+    """The command of a smoke_pruning search in ``tmp_path/sweep``, without pruning or plots."""
+    return [
+        sys.executable, "train.py", "hparams_search=smoke_pruning", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, "hydra.sweeper.pruner=null",
+        "hydra.sweeper.plots=false", *overrides,
+    ]  # fmt: skip
+
+
+# The killed-worker tests: 3 trials of 60 steps, the baseline first.
+THREE_TRIALS = [
+    "hydra.sweeper.n_trials=3", "trainer.max_steps=60", "module.optimizer.lr=choice(0.01,0.03)",
+    "hydra.sweeper.fixed_points=[{}]",
+]  # fmt: skip
+
+
+# A dead worker's trial is failed by the sweep's own process (the worker ended badly) or by another
+# worker that finds its process gone, whichever looks first.
+DEAD_WORKER = re.compile(r"its worker \(.+\) (stopped during the trial|is gone)")
+
+
+def a_trial_mid_training(sweep_dir: Path, sweep: subprocess.Popen):
+    """A running trial that has reported a validation, read from the journal in this process while the
+    sweep writes it."""
+    deadline = time.monotonic() + 180
+    running = []
+    while time.monotonic() < deadline and sweep.poll() is None:
+        if (sweep_dir / "optuna.journal").exists():
+            running = [t for t in study_of(sweep_dir, "smoke_pruning").trials if t.state.name == "RUNNING"]
+        if any(t.intermediate_values for t in running):
+            break
+        time.sleep(0.5)
+    return next(t for t in running if t.intermediate_values)
+
+
+def kill_a_worker_mid_trial(sweep_dir: Path, sweep: subprocess.Popen):
+    """SIGKILL the worker of a trial mid-training; returns that trial once the sweep has marked it ended."""
+    victim = a_trial_mid_training(sweep_dir, sweep)
+    os.kill(int(victim.user_attrs["host_pid"].rpartition(":")[2]), signal.SIGKILL)
+    while study_of(sweep_dir, "smoke_pruning").trials[victim.number].state.name == "RUNNING":
+        time.sleep(0.5)  # the sweep fails that trial at once; the other worker goes on
+    return victim
+
+
 def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study(tmp_path):
     pytest.importorskip("optuna")
     sweep_dir = tmp_path / "sweep"
-    command = [
-        sys.executable, "train.py", "hparams_search=smoke_pruning", f"hydra.sweep.dir={sweep_dir}",
-        f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.pruner=null", "hydra.sweeper.plots=false", "trainer.max_steps=60",
-        "module.optimizer.lr=choice(0.01,0.03)", "hydra.sweeper.fixed_points=[{}]",
-    ]  # fmt: skip
+    command = smoke_search(tmp_path, *THREE_TRIALS)
     first = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        # Read the journal from this process while the sweep writes it: wait for a trial with a validation.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and first.poll() is None:
-            running = []
-            if (sweep_dir / "optuna.journal").exists():
-                running = [
-                    t for t in study_of(sweep_dir, "smoke_pruning").trials if t.state.name == "RUNNING"
-                ]
-            if any(t.intermediate_values for t in running):
-                break
-            time.sleep(0.5)
-        victim = next(t for t in running if t.intermediate_values)
-        os.kill(int(victim.user_attrs["host_pid"].rpartition(":")[2]), signal.SIGKILL)
-        # The sweep fails that trial at once; the other worker goes on.
-        while study_of(sweep_dir, "smoke_pruning").trials[victim.number].state.name == "RUNNING":
-            time.sleep(0.5)
+        victim = kill_a_worker_mid_trial(sweep_dir, first)
         assert first.poll() is None
         os.killpg(first.pid, signal.SIGKILL)  # then the whole command, mid-trial
         first.wait()
@@ -182,7 +207,7 @@ def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study
             os.killpg(first.pid, signal.SIGKILL)
     study = study_of(sweep_dir, "smoke_pruning")
     assert study.trials[victim.number].state.name == "FAIL"
-    assert "stopped during the trial" in study.trials[victim.number].user_attrs["error"]
+    assert DEAD_WORKER.fullmatch(study.trials[victim.number].user_attrs["error"])
     # The same command again: the trial left running by the killed command is failed, the study ends
     # with 3 complete trials and no running one, the baseline was not queued a second time.
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -197,7 +222,60 @@ def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(rows) == len(study.trials) and len(failed) == states(study).count("FAIL") >= 1
-    assert all(r["lr"] for r in failed) and any("stopped during the trial" in r["error"] for r in failed)
+    assert all(r["lr"] for r in failed) and any(DEAD_WORKER.fullmatch(r["error"]) for r in failed)
+
+
+def test_ctrl_c_fails_the_running_trials_and_queues_them_again(tmp_path):
+    """A long search run in pieces (docs/recipe-search.md): Ctrl-C (or a job's time limit) ends a piece,
+    and with retry_killed the next piece starts with the trials it interrupted, values unchanged."""
+    pytest.importorskip("optuna")
+    sweep_dir = tmp_path / "sweep"
+    command = smoke_search(tmp_path, "hydra.sweeper.retry_killed=1", "trainer.max_steps=600")
+    sweep = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        a_trial_mid_training(sweep_dir, sweep)
+        os.killpg(sweep.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+        sweep.wait(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode != 0
+    trials = study_of(sweep_dir, "smoke_pruning").trials
+    interrupted = [t for t in trials if t.state.name == "FAIL"]
+    assert interrupted and not [t for t in trials if t.state.name in ("RUNNING", "COMPLETE")]
+    assert all(t.user_attrs["error"].startswith("interrupted") for t in interrupted)
+    queued = [t for t in trials if t.state.name == "WAITING" and "retry_of" in t.user_attrs]
+    assert sorted((t.user_attrs["retry_of"], t.system_attrs["fixed_params"]) for t in queued) == sorted(
+        (t.number, t.params) for t in interrupted
+    )
+
+
+def test_workers_as_submitit_jobs_and_a_killed_job(tmp_path):
+    """hydra/launcher=submitit_local: each worker is one submitit job, as on SLURM (hydra/launcher=slurm);
+    a job killed mid-trial fails its trial and the other job finishes the study."""
+    pytest.importorskip("optuna")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    command = smoke_search(tmp_path, "hydra/launcher=submitit_local", *THREE_TRIALS)
+    sweep = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        victim = kill_a_worker_mid_trial(sweep_dir, sweep)
+        stdout, stderr = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 0, stderr[-3000:]
+    assert "Submitted 2 workers: jobs" in stderr + stdout
+    study = study_of(sweep_dir, "smoke_pruning")
+    assert study.trials[victim.number].state.name == "FAIL"
+    assert DEAD_WORKER.fullmatch(study.trials[victim.number].user_attrs["error"])
+    assert states(study).count("COMPLETE") == 3 and "RUNNING" not in states(study)
+    assert len({t.user_attrs["host_pid"] for t in study.trials}) == 2  # one process per job
+    assert len(list((sweep_dir / ".submitit").glob("*/*_log.out"))) == 2
 
 
 def test_recipe_search_in_sqlite_decides_without_test_scores(tmp_path):
