@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from runs import best_checkpoint, train_command, trained
 
 from seq2seq.data.corpora import BIBLE_LANGUAGES, load_bible, read_lines
 from seq2seq.metrics import corpus_scores
@@ -47,21 +48,10 @@ def peak_memory_gib(time_file: Path) -> float:
     return max(map(int, kbytes)) / 2**20
 
 
-def trained(folder: Path) -> bool:
-    result = folder / "result.json"
-    return result.exists() and json.loads(result.read_text())["status"] == "ok"
-
-
-def train_command(folder: Path, minutes: float, overrides: list[str]) -> list[str]:
-    """train.py for ``minutes`` into ``folder``, resuming from its last.ckpt, under ``/usr/bin/time``."""
-    seconds = round(minutes * 60)
-    last = folder / "checkpoints" / "last.ckpt"
-    return [
-        "/usr/bin/time", "-v", "-a", "-o", str(folder / "time.txt"),
-        sys.executable, "train.py", *overrides, "trainer.enable_progress_bar=false",
-        f"trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
-        f"hydra.run.dir={folder}", *([f"ckpt_path={last}"] if last.exists() else []),
-    ]  # fmt: skip
+def timed_train_command(folder: Path, minutes: float, overrides: list[str]) -> list[str]:
+    """runs.train_command under ``/usr/bin/time``, which appends its report to ``folder/time.txt``."""
+    timed = ["/usr/bin/time", "-v", "-a", "-o", str(folder / "time.txt")]
+    return [*timed, *train_command(folder, minutes, overrides)]
 
 
 def run_logged(command: list[str], log: Path, core: int | None = None) -> subprocess.Popen:
@@ -113,7 +103,7 @@ def train_side_by_side(out: Path, languages: list[str], minutes: float) -> None:
     jobs = []
     if not trained(many):
         # no test decoding in the run: this script scores both kinds of model on the same verses
-        command = train_command(many, minutes, ["experiment=bible_many_to_en", "evaluate.test=false"])
+        command = timed_train_command(many, minutes, ["experiment=bible_many_to_en", "evaluate.test=false"])
         jobs.append((many, run_logged(command, many / "run.log", core=0)))
     for src in languages:
         folder = out / f"{src}-{TARGET}"
@@ -121,16 +111,12 @@ def train_side_by_side(out: Path, languages: list[str], minutes: float) -> None:
         if trained(folder):
             continue
         pair = [f"data.corpus.src_version={src}", f"data.corpus.tgt_version={TARGET}"]
-        process = run_logged(train_command(folder, minutes, pair), folder / "run.log", core=1)
+        process = run_logged(timed_train_command(folder, minutes, pair), folder / "run.log", core=1)
         if process.wait() != 0:
             sys.exit(f"{folder}: training failed, see {folder / 'run.log'}")
     for folder, process in jobs:
         if process.wait() != 0:
             sys.exit(f"{folder}: training failed, see {folder / 'run.log'}")
-
-
-def best_checkpoint(run: Path) -> Path:
-    return max((run / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
 
 
 def score_on_many_test(run: Path, src: str, many: Path) -> dict:

@@ -27,6 +27,8 @@ import sys
 import threading
 from pathlib import Path
 
+from runs import best_checkpoint, train_command, trained
+
 from seq2seq.data.corpora import BIBLE_LANGUAGES, read_lines
 from seq2seq.metrics import corpus_scores
 
@@ -61,12 +63,6 @@ def run_folder(out: Path, pair: str, setting: str) -> Path:
     return out / pair / setting
 
 
-def trained(folder: Path) -> bool:
-    """Whether train.py finished the run (trained and scored it)."""
-    result = folder / "result.json"
-    return result.exists() and json.loads(result.read_text())["status"] == "ok"
-
-
 def finished(folder: Path, setting: str) -> bool:
     if setting == "plain_loop":
         return (folder / "plain.json").exists()
@@ -85,22 +81,14 @@ def training_command(
         ]  # fmt: skip
     if trained(folder):
         return None
-    seconds = round(minutes * 60)
-    last = folder / "checkpoints" / "last.ckpt"
-    return [
-        sys.executable, "train.py", f"data.corpus.src_version={src}", f"data.corpus.tgt_version={tgt}",
-        f"trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
-        "trainer.enable_progress_bar=false", f"hydra.run.dir={folder}",
-        *overrides, *setting_overrides(setting),
-        *([f"ckpt_path={last}"] if last.exists() else []),
-    ]  # fmt: skip
+    pair_overrides = [f"data.corpus.src_version={src}", f"data.corpus.tgt_version={tgt}"]
+    return train_command(folder, minutes, [*pair_overrides, *overrides, *setting_overrides(setting)])
 
 
 def greedy_command(folder: Path) -> list[str]:
     """Greedy decoding of the test split with the run's best checkpoint."""
-    best = max((folder / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
     return [
-        sys.executable, "translate.py", f"ckpt={best}", f"input={folder / 'test.src'}",
+        sys.executable, "translate.py", f"ckpt={best_checkpoint(folder)}", f"input={folder / 'test.src'}",
         f"output={folder / 'greedy.test.hyp'}", "beam=1", "progress=false",
     ]  # fmt: skip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -18,8 +19,12 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def bench_script(name: str) -> ModuleType:
-    """``bench/<name>.py`` imported as a module (bench/ holds scripts, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    """``bench/<name>.py`` imported as a module (bench/ holds scripts, not a package: they import each
+    other as ``python bench/<name>.py`` does, from bench/ on the path)."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))
+    path = bench / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -11,13 +11,13 @@ def many_to_en():
 
 
 def test_a_run_is_timed_and_resumes_from_its_last_checkpoint(many_to_en, tmp_path):
-    command = many_to_en.train_command(tmp_path, 28.0, ["experiment=bible_many_to_en"])
+    command = many_to_en.timed_train_command(tmp_path, 28.0, ["experiment=bible_many_to_en"])
     assert command[:5] == ["/usr/bin/time", "-v", "-a", "-o", str(tmp_path / "time.txt")]
     assert "trainer.max_time=00:00:28:00" in command and f"hydra.run.dir={tmp_path}" in command
     assert not any(arg.startswith("ckpt_path=") for arg in command)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
-    resumed = many_to_en.train_command(tmp_path, 28.0, ["experiment=bible_many_to_en"])
+    resumed = many_to_en.timed_train_command(tmp_path, 28.0, ["experiment=bible_many_to_en"])
     assert resumed[-1] == f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"
 
 
