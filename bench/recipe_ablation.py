@@ -6,6 +6,7 @@ so a long queue can be run in pieces, stopped and started again with the same co
 
     python bench/recipe_ablation.py --pairs e-k,9-4 --settings default,linear,ema,unidirectional
     python bench/recipe_ablation.py --pairs e-k,9-4 --settings ... --report   # the table only
+    python bench/recipe_ablation.py --sweep sweeps/bible_recipe_hyperband --settings default,sweep_best
 
 Every run is ``python train.py data.corpus.src_version=SRC data.corpus.tgt_version=TGT`` plus its
 setting's overrides (SETTINGS below; ``a+b`` combines two settings); ``plain_loop`` is
@@ -52,6 +53,38 @@ SETTINGS: dict[str, list[str]] = {
     "attn_luong": ["experiment=attn_luong"],
     "plain_loop": [],
 }
+
+
+def best_of_sweep(sweep_dir: Path) -> list[str]:
+    """The train.py overrides of the best complete trial of the study that ``sweep_dir`` holds (its
+    multirun.yaml names the study and where it is stored)."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    from seq2seq.sweeper import JOURNAL_FILE, StudySpec, trial_overrides
+
+    sweeper = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweeper
+    spec = StudySpec(
+        storage=str(sweeper.storage or sweep_dir / JOURNAL_FILE),
+        name=sweeper.study_name,
+        direction=sweeper.direction,
+    )
+    study = optuna.load_study(study_name=spec.name, storage=spec.open_storage())
+    return trial_overrides([], study.best_trial.params)
+
+
+def add_sweep_best(out: Path, sweep_dir: Path) -> list[str]:
+    """Register the setting ``sweep_best``: the best trial of ``sweep_dir``'s study, chosen once and kept in
+    ``out/sweep_best.json``, so that a resumed queue trains what it started although the study went on."""
+    record = out / "sweep_best.json"
+    if record.exists():
+        overrides = json.loads(record.read_text())["overrides"]
+    else:
+        overrides = best_of_sweep(sweep_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"sweep": str(sweep_dir), "overrides": overrides}, indent=1) + "\n")
+    SETTINGS["sweep_best"] = overrides
+    return overrides
 
 
 def setting_overrides(setting: str) -> list[str]:
@@ -175,7 +208,12 @@ def main() -> None:
         "--override", action="append", default=[], help="for every train.py run (data.* also for prepare)"
     )
     parser.add_argument("--report", action="store_true", help="print the table of what has finished")
+    parser.add_argument(
+        "--sweep", type=Path, help="a sweep folder: its best trial becomes the setting sweep_best"
+    )
     args = parser.parse_args()
+    if args.sweep or (args.out / "sweep_best.json").exists():
+        print("sweep_best:", " ".join(add_sweep_best(args.out, args.sweep)), flush=True)
     pairs, settings = args.pairs.split(","), args.settings.split(",")
     parts = {part for setting in settings for part in setting.split("+")}
     if unknown := parts - set(SETTINGS):

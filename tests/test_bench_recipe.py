@@ -51,3 +51,32 @@ def test_the_plain_loop_is_finished_by_its_result(ablation, tmp_path):
 def test_settings_combine_with_a_plus(ablation, tmp_path):
     command = ablation.training_command(tmp_path, "e-k", "unidirectional+lr_0.006", 28.0, [])
     assert "model.reverse_source=true" in command and "module.optimizer.lr=0.006" in command
+
+
+def test_the_best_trial_of_a_sweep_is_a_setting_kept_for_resumes(ablation, tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from omegaconf import OmegaConf
+
+    from seq2seq.sweeper import JOURNAL_FILE, StudySpec
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    OmegaConf.save(
+        {"hydra": {"sweeper": {"study_name": "recipe", "storage": None, "direction": "maximize"}}},
+        sweep / "multirun.yaml",
+    )
+    spec = StudySpec(storage=str(sweep / JOURNAL_FILE), name="recipe", direction="maximize")
+    study = spec.load()
+    space = {"module.optimizer.lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)}
+    for lr, bleu in ((0.002, 4.0), (0.005, 6.5), (0.008, 5.0)):
+        study.enqueue_trial({"module.optimizer.lr": lr})
+        study.tell(study.ask(space), bleu)
+    out = tmp_path / "out"
+    assert ablation.add_sweep_best(out, sweep) == ["module.optimizer.lr=0.005"]
+    command = ablation.training_command(tmp_path / "run", "e-k", "sweep_best", 28.0, [])
+    assert "module.optimizer.lr=0.005" in command
+    # The study goes on (a better trial): a resumed queue keeps training what it started.
+    study.enqueue_trial({"module.optimizer.lr": 0.003})
+    study.tell(study.ask(space), 9.0)
+    assert ablation.add_sweep_best(out, sweep) == ["module.optimizer.lr=0.005"]
+    assert ablation.best_of_sweep(sweep) == ["module.optimizer.lr=0.003"]
