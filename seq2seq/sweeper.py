@@ -602,11 +602,13 @@ def run_sweep(
         with study_lock(sweep_dir):
             fail_orphaned_trials(study, spec, sweep_dir, tokens)
 
-    if executor is None:
-        run_local(workers, on_dead)
-    else:
-        run_jobs(executor, workers, on_dead)
-    report(study, sweep_dir, plots=sweeper.plots)
+    try:
+        if executor is None:
+            run_local(workers, on_dead)
+        else:
+            run_jobs(executor, workers, on_dead)
+    finally:  # also when stopped (Ctrl-C, a time limit): a search run in pieces shows where it stands
+        report(study, sweep_dir, plots=sweeper.plots)
 
 
 def report(study: optuna.Study, sweep_dir: Path, plots: bool) -> None:

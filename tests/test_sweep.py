@@ -231,9 +231,9 @@ def test_ctrl_c_fails_the_running_trials_and_queues_them_again(tmp_path):
     pytest.importorskip("optuna")
     sweep_dir = tmp_path / "sweep"
     command = smoke_search(tmp_path, "hydra.sweeper.retry_killed=1", "trainer.max_steps=600")
-    sweep = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    log = tmp_path / "sweep.log"
+    with log.open("w") as out:
+        sweep = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=out, start_new_session=True)
     try:
         a_trial_mid_training(sweep_dir, sweep)
         os.killpg(sweep.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
@@ -242,6 +242,7 @@ def test_ctrl_c_fails_the_running_trials_and_queues_them_again(tmp_path):
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
     assert sweep.returncode != 0
+    assert re.search(r"Study smoke_pruning: \d+ fail, \d+ waiting", log.read_text())  # where it stands
     trials = study_of(sweep_dir, "smoke_pruning").trials
     interrupted = [t for t in trials if t.state.name == "FAIL"]
     assert interrupted and not [t for t in trials if t.state.name in ("RUNNING", "COMPLETE")]
