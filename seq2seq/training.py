@@ -165,9 +165,11 @@ def train(cfg: DictConfig) -> float:
     by_bleu = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val_bleu"]
     checkpoint = by_bleu[0] if by_bleu else None
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
+        interval = cfg.trainer.val_check_interval
+        unit = "batches" if isinstance(interval, int) else "of training (DD:HH:MM:SS)"
         raise UserError(
             "Training ended before any validation: no best checkpoint to evaluate"
-            f" (validation runs every trainer.val_check_interval={cfg.trainer.val_check_interval} batches)"
+            f" (validation runs every trainer.val_check_interval={interval} {unit})"
         )
     best_bleu = float(checkpoint.best_model_score)
     log.info("Best checkpoint: %s (validation BLEU %.2f)", checkpoint.best_model_path, best_bleu)
