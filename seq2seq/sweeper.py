@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -464,6 +465,22 @@ def cpu_shares(workers: int) -> list[list[int]] | None:
     return [cpus[i * share : (i + 1) * share] for i in range(workers)]
 
 
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's time limit) stops the sweep's own process as Ctrl-C does, by an
+    exception, so that it still waits for its workers and reports the study. Not in the workers: there
+    Lightning handles SIGTERM during training, which saves the trial's last.ckpt."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_local(workers: list[Worker], on_dead: Callable[[set[str]], None]) -> None:
     """Each worker in a forked process; returns when all have ended. A worker that ends by a signal or
     an error has its running trial failed at once (``on_dead``); the others go on."""
@@ -473,15 +490,16 @@ def run_local(workers: list[Worker], on_dead: Callable[[set[str]], None]) -> Non
         process.start()
     running = dict(processes)
     try:
-        while running:
-            for sentinel in wait([p.sentinel for p in running]):
-                process = next(p for p in running if p.sentinel == sentinel)
-                worker = running.pop(process)
-                process.join()
-                if process.exitcode != 0:
-                    log.warning("Worker %d ended with exit code %s", worker.index, process.exitcode)
-                    on_dead({worker.token})
-    except BaseException:  # Ctrl-C reached the workers too: let them record their trials, then stop
+        with sigterm_raises():
+            while running:
+                for sentinel in wait([p.sentinel for p in running]):
+                    process = next(p for p in running if p.sentinel == sentinel)
+                    worker = running.pop(process)
+                    process.join()
+                    if process.exitcode != 0:
+                        log.warning("Worker %d ended with exit code %s", worker.index, process.exitcode)
+                        on_dead({worker.token})
+    except BaseException:  # Ctrl-C or SIGTERM reached the workers too: let them record their trials
         for process in running:
             process.join(timeout=60)
         raise
@@ -527,13 +545,14 @@ def run_jobs(
     badly (killed, timed out, preempted)."""
     jobs = {executor.submit(worker): worker for worker in workers}
     log.info("Submitted %d workers: jobs %s", len(jobs), ", ".join(job.job_id for job in jobs))
-    while jobs:
-        time.sleep(poll_s)
-        for job in [job for job in jobs if job.done()]:
-            worker = jobs.pop(job)
-            if job.exception() is not None:
-                log.warning("Worker %d (job %s) ended badly: %s", worker.index, job.job_id, job.exception())
-                on_dead({worker.token})
+    with sigterm_raises():
+        while jobs:
+            time.sleep(poll_s)
+            for job in [job for job in jobs if job.done()]:
+                worker = jobs.pop(job)
+                if (error := job.exception()) is not None:
+                    log.warning("Worker %d (job %s) ended badly: %s", worker.index, job.job_id, error)
+                    on_dead({worker.token})
 
 
 # --- the sweep -----------------------------------------------------------------------------------------

@@ -225,18 +225,23 @@ def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study
     assert all(r["lr"] for r in failed) and any(DEAD_WORKER.fullmatch(r["error"]) for r in failed)
 
 
-def test_ctrl_c_fails_the_running_trials_and_queues_them_again(tmp_path):
-    """A long search run in pieces (docs/recipe-search.md): Ctrl-C (or a job's time limit) ends a piece,
-    and with retry_killed the next piece starts with the trials it interrupted, values unchanged."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_path, stop):
+    """A long search run in pieces (docs/recipe-search.md): Ctrl-C, or SIGTERM (a job's time limit), ends a
+    piece, and with retry_killed the next piece starts with the trials it interrupted, values unchanged."""
     pytest.importorskip("optuna")
     sweep_dir = tmp_path / "sweep"
     command = smoke_search(tmp_path, "hydra.sweeper.retry_killed=1", "trainer.max_steps=600")
     log = tmp_path / "sweep.log"
     with log.open("w") as out:
-        sweep = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=out, start_new_session=True)
+        sweep = subprocess.Popen(
+            command, cwd=REPO, stdout=out, stderr=out, start_new_session=True,
+            # a background job of a non-interactive shell (CI) starts with SIGINT ignored
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
     try:
         a_trial_mid_training(sweep_dir, sweep)
-        os.killpg(sweep.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+        os.killpg(sweep.pid, stop)  # the whole process group, as a terminal's Ctrl-C or SLURM does
         sweep.wait(timeout=120)
     finally:
         if sweep.poll() is None:
