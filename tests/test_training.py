@@ -48,15 +48,15 @@ def test_tiny_model_learns_the_reverse_task(compose_config, tmp_path):
 
 def test_validation_every_so_much_training_time(compose_config, caplog):
     """trainer.val_check_interval as a duration (Lightning's DD:HH:MM:SS): a validation after each second of
-    training here, whatever the model's speed, and the last step's."""
+    training here, however many steps that is on this machine, and one where max_time stops training."""
     cfg = compose_config(
-        "experiment=smoke", "trainer.val_check_interval='00:00:00:01'", "trainer.max_steps=80",
-        "evaluate.test=false", *QUIET,
+        "experiment=smoke", "trainer.val_check_interval='00:00:00:01'", "trainer.max_time=00:00:00:05",
+        "trainer.max_steps=-1", "evaluate.test=false", *QUIET,
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="seq2seq"):
         train(cfg)
     steps = [int(step) for step in re.findall(r"validation at step (\d+)", caplog.text)]
-    assert len(steps) >= 3 and steps[-1] == 80 and steps == sorted(set(steps))
+    assert len(steps) >= 3 and steps == sorted(set(steps))
 
 
 def test_attention_model_trains_translates_and_aligns(compose_config, tmp_path):
