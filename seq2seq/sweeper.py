@@ -334,6 +334,7 @@ class Worker:
     config: DictConfig
     cpus: list[int] | None = None  # local workers: the CPU cores this worker may use
     singletons: Any = None  # Hydra's global state, for a worker in a fresh process (submitit)
+    resumed: bool = False  # the study had trials before this command
 
     def __call__(self) -> None:
         if self.singletons is not None:
@@ -347,10 +348,7 @@ class Worker:
                 import torch
 
                 torch.set_num_threads(len(self.cpus))
-        sampler = instantiate(self.sweeper.sampler) if self.sweeper.sampler else None
-        if sampler is not None and self.index > 0:
-            sampler.reseed_rng()  # a seeded sampler would propose the same values in every worker
-        study = self.spec.load(sampler=sampler)
+        study = self.spec.load(sampler=worker_sampler(self.sweeper.sampler, self.index, self.resumed))
         while (trial := self.next_trial(study)) is not None:
             self.run_trial(study, trial)
 
@@ -433,6 +431,19 @@ class Worker:
         else:
             trial.set_user_attr(ERROR, f"the task returned {value!r}, not a number")
             study.tell(trial, state=optuna_state("FAIL"))
+
+
+def worker_sampler(config: DictConfig | None, index: int, resumed: bool) -> Any:
+    """Worker ``index``'s sampler, from ``hydra.sweeper.sampler`` (None: Optuna's default). A seeded
+    sampler proposes the same values wherever it starts from that seed: only the first worker of a new
+    study keeps the seed (a search that can be repeated); the other workers, and every worker of a
+    command that continues a study, draw a fresh one, or they would repeat those proposals."""
+    if not config:
+        return None
+    sampler = instantiate(config)
+    if index > 0 or resumed:
+        sampler.reseed_rng()
+    return sampler
 
 
 class Heartbeat:
@@ -584,6 +595,7 @@ def run_sweep(
         retry_killed=sweeper.retry_killed,
     )
     study = spec.load()
+    resumed = bool(study.trials)
     with study_lock(sweep_dir):
         fail_orphaned_trials(study, spec, sweep_dir)
     enqueue_fixed_points(
@@ -612,6 +624,7 @@ def run_sweep(
             task_function=task_function,
             config=config,
             cpus=shares[i] if shares else None,
+            resumed=resumed,
             singletons=Singleton.get_state() if executor is not None else None,
         )
         for i in range(sweeper.workers)

@@ -305,6 +305,28 @@ def test_recipe_search_in_sqlite_decides_without_test_scores(tmp_path):
     assert max(t.value for t in study.trials) == pytest.approx(float(rows[0]["val_bleu"]))
 
 
+def test_a_continued_study_does_not_repeat_the_proposals_of_its_seed():
+    """The first piece of bible_recipe_hyperband and its second each began with worker 0 at the sampler's
+    seed: trial 6 repeated trial 2's values exactly. Only worker 0 of a new study keeps the seed."""
+    optuna = pytest.importorskip("optuna")
+    from omegaconf import OmegaConf
+
+    from seq2seq.sweeper import worker_sampler
+
+    config = OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": 1234})
+    space = {"module.optimizer.lr": optuna.distributions.FloatDistribution(1e-3, 6e-3, log=True)}
+
+    def first_proposal(index: int, resumed: bool) -> float:
+        study = optuna.create_study(sampler=worker_sampler(config, index, resumed))
+        return study.ask(space).params["module.optimizer.lr"]
+
+    new_study = first_proposal(0, resumed=False)
+    assert first_proposal(0, resumed=False) == new_study  # a new study's search can be repeated
+    assert first_proposal(1, resumed=False) != new_study
+    assert first_proposal(0, resumed=True) != new_study
+    assert worker_sampler(None, 0, resumed=True) is None  # Optuna's default sampler
+
+
 def test_a_baseline_outside_the_search_space_is_one_line(tmp_path):
     pytest.importorskip("optuna")
     result, _ = sweep(tmp_path, "hparams_search=smoke_pruning", "module.optimizer.lr=choice(0.003,0.03)")
