@@ -61,14 +61,9 @@ def best_of_sweep(sweep_dir: Path) -> list[str]:
     import optuna
     from omegaconf import OmegaConf
 
-    from seq2seq.sweeper import JOURNAL_FILE, StudySpec, trial_overrides
+    from seq2seq.sweeper import StudySpec, trial_overrides
 
-    sweeper = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweeper
-    spec = StudySpec(
-        storage=str(sweeper.storage or sweep_dir / JOURNAL_FILE),
-        name=sweeper.study_name,
-        direction=sweeper.direction,
-    )
+    spec = StudySpec.of(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweeper, sweep_dir)
     study = optuna.load_study(study_name=spec.name, storage=spec.open_storage())
     return trial_overrides([], study.best_trial.params)
 

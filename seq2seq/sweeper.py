@@ -178,6 +178,17 @@ class StudySpec:
     heartbeat_interval: int | None = None
     retry_killed: int = 0
 
+    @classmethod
+    def of(cls, sweeper: DictConfig, sweep_dir: Path) -> StudySpec:
+        """The study of a sweep: ``hydra.sweeper`` as written, the journal in ``sweep_dir`` by default."""
+        return cls(
+            storage=str(sweeper.storage or (sweep_dir / JOURNAL_FILE)),
+            name=sweeper.study_name,
+            direction=sweeper.direction,
+            heartbeat_interval=sweeper.heartbeat_interval,
+            retry_killed=sweeper.retry_killed,
+        )
+
     def open_storage(self) -> Any:
         optuna = require_optuna()
         if "://" not in self.storage:
@@ -587,13 +598,7 @@ def run_sweep(
         raise UserError(NO_TIME_BUDGET)
     if sweeper.workers < 1 or sweeper.n_trials < 0:
         raise UserError("hydra.sweeper.workers must be at least 1 and hydra.sweeper.n_trials not negative")
-    spec = StudySpec(
-        storage=str(sweeper.storage or (sweep_dir / JOURNAL_FILE)),
-        name=sweeper.study_name,
-        direction=sweeper.direction,
-        heartbeat_interval=sweeper.heartbeat_interval,
-        retry_killed=sweeper.retry_killed,
-    )
+    spec = StudySpec.of(sweeper, sweep_dir)
     study = spec.load()
     resumed = bool(study.trials)
     with study_lock(sweep_dir):

@@ -166,7 +166,7 @@ def train(cfg: DictConfig) -> float:
     checkpoint = by_bleu[0] if by_bleu else None
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
         interval = cfg.trainer.val_check_interval
-        unit = "batches" if isinstance(interval, int) else "of training (DD:HH:MM:SS)"
+        unit = {int: "batches", float: "of an epoch"}.get(type(interval), "of training (DD:HH:MM:SS)")
         raise UserError(
             "Training ended before any validation: no best checkpoint to evaluate"
             f" (validation runs every trainer.val_check_interval={interval} {unit})"

@@ -61,10 +61,11 @@ def test_the_best_trial_of_a_sweep_is_a_setting_kept_for_resumes(ablation, tmp_p
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    OmegaConf.save(
-        {"hydra": {"sweeper": {"study_name": "recipe", "storage": None, "direction": "maximize"}}},
-        sweep / "multirun.yaml",
-    )
+    sweeper = {
+        "study_name": "recipe", "storage": None, "direction": "maximize", "heartbeat_interval": None,
+        "retry_killed": 0,
+    }  # fmt: skip
+    OmegaConf.save({"hydra": {"sweeper": sweeper}}, sweep / "multirun.yaml")
     spec = StudySpec(storage=str(sweep / JOURNAL_FILE), name="recipe", direction="maximize")
     study = spec.load()
     space = {"module.optimizer.lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)}
