@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 TRIAL_ENV = "SEQ2SEQ_SWEEP_TRIAL"
 JOURNAL_FILE = "optuna.journal"
 # Trial user attributes: which worker runs it (to fail it when the worker dies), why it failed, where
-# a pruned trial stopped (set by seq2seq.pruning), which trial a retry repeats.
-WORKER, HOST_PID, ERROR, PRUNED_AT, RETRY_OF = "worker", "host_pid", "error", "pruned_at_step", "retry_of"
+# a pruned trial stopped (set by seq2seq.pruning), which trial a retry repeats, which attempt's last
+# checkpoint it resumed.
+WORKER, HOST_PID, ERROR, PRUNED_AT = "worker", "host_pid", "error", "pruned_at_step"
+RETRY_OF, RESUMED_FROM = "retry_of", "resumed_from"
 FIXED_POINTS_DONE = "fixed_points_enqueued"
 NO_TIME_BUDGET = "hydra.sweeper.prune_on=seconds: the trials have no time budget (set trainer.max_time)"
 
@@ -386,7 +388,7 @@ class Worker:
 
     def run_trial(self, study: optuna.Study, trial: optuna.Trial) -> None:
         """Run the training job of ``trial`` in this process and tell the study how it ended."""
-        overrides = trial_overrides(self.fixed, trial.params)
+        overrides = trial_overrides(self.fixed, trial.params) + self.resume(study, trial)
         log.info("Worker %d: trial %d: %s", self.index, trial.number, " ".join(overrides))
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config):
@@ -416,13 +418,37 @@ class Worker:
         except BaseException as error:  # Ctrl-C, SIGTERM: the study must not keep a running trial
             trial.set_user_attr(ERROR, f"interrupted ({type(error).__name__})")
             study.tell(trial, state=optuna_state("FAIL"))
-            requeue(study, trial, self.spec.retry_killed)  # the next command runs it again
+            requeue(study, trial, self.spec.retry_killed)  # the next command resumes it
             raise
         finally:
             os.environ.pop(TRIAL_ENV, None)
             if heartbeat:
                 heartbeat.stop()
         self.tell(study, trial, result)
+
+    def resume(self, study: optuna.Study, trial: optuna.Trial) -> list[str]:
+        """A retry of an interrupted trial goes on from the last checkpoint of its latest attempt that has
+        one, with that attempt's validations reported again (the pruner's rungs count the time already
+        trained): the override that resumes it, or [] to start afresh."""
+        original = trial.user_attrs.get(RETRY_OF)
+        if original is None:
+            return []
+        attempts = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.number < trial.number and original in (t.number, t.user_attrs.get(RETRY_OF))
+        ]
+        for attempt in sorted(attempts, key=lambda t: t.number, reverse=True):
+            checkpoint = Path(self.config.hydra.sweep.dir, str(attempt.number), "checkpoints", "last.ckpt")
+            if checkpoint.is_file():
+                break
+        else:
+            return []
+        for position, value in sorted(attempt.intermediate_values.items()):
+            trial.report(value, position)
+        trial.set_user_attr(RESUMED_FROM, attempt.number)
+        log.info("Trial %d resumes trial %d from %s", trial.number, attempt.number, checkpoint)
+        return [f"ckpt_path={override_value(str(checkpoint.resolve()))}"]
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, result: Any) -> None:
         if result.status == JobStatus.FAILED:

@@ -17,6 +17,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
 
 from .test_training import QUIET, REPO, run_script
 
@@ -256,6 +257,26 @@ def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_pat
     assert sorted((t.user_attrs["retry_of"], t.system_attrs["fixed_params"]) for t in queued) == sorted(
         (t.number, t.params) for t in interrupted
     )
+    # The next piece: each retry goes on from its interrupted attempt's last checkpoint (where it has
+    # one), with that attempt's validations already reported; here each trial ends at step 90.
+    checkpoints = {t.number: sweep_dir / str(t.number) / "checkpoints" / "last.ckpt" for t in interrupted}
+    assert any(path.is_file() for path in checkpoints.values())  # the trial seen mid-training has one
+    waiting = sum(t.state.name == "WAITING" for t in trials)  # the retries and the baselines not begun
+    again = [*command, f"hydra.sweeper.n_trials={waiting}", "trainer.max_steps=90"]
+    result = subprocess.run(again, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = study_of(sweep_dir, "smoke_pruning").trials
+    for retry in (trials[t.number] for t in queued):
+        before = trials[retry.user_attrs["retry_of"]]
+        assert retry.state.name == "COMPLETE"
+        if not checkpoints[before.number].is_file():
+            assert "resumed_from" not in retry.user_attrs
+            continue
+        assert retry.user_attrs["resumed_from"] == before.number
+        assert before.intermediate_values.items() <= retry.intermediate_values.items()
+        step = torch.load(checkpoints[before.number], map_location="cpu", weights_only=False)["global_step"]
+        first_logged = next(csv.DictReader((sweep_dir / str(retry.number) / "logs" / "metrics.csv").open()))
+        assert 0 < step <= int(first_logged["step"])  # no step trained again
 
 
 def test_workers_as_submitit_jobs_and_a_killed_job(tmp_path):
