@@ -87,6 +87,18 @@ def setting_overrides(setting: str) -> list[str]:
     return [override for part in setting.split("+") for override in SETTINGS[part]]
 
 
+def data_choices(settings: list[str], overrides: list[str]) -> list[tuple[str, ...]]:
+    """The distinct ``data.*`` overrides of the train.py settings (a sweep's best trial may choose its own
+    subwords): one prepared cache each."""
+    return sorted(
+        {
+            tuple(o for o in [*overrides, *setting_overrides(setting)] if o.startswith("data."))
+            for setting in settings
+            if setting != "plain_loop"
+        }
+    )
+
+
 def run_folder(out: Path, pair: str, setting: str) -> Path:
     return out / pair / setting
 
@@ -216,13 +228,14 @@ def main() -> None:
     if any("+" in setting and "plain_loop" in setting.split("+") for setting in settings):
         parser.error("--settings: plain_loop is not a train.py setting and combines with nothing")
     if not args.report:
-        for pair in pairs:  # the prepared data first, so that no timed run waits on another's build
+        for pair in pairs:  # the prepared data first, so that no timed run builds it beside another's
             src, tgt = pair.split("-")
-            subprocess.run(
-                [sys.executable, "-m", "seq2seq.prepare", f"data.corpus.src_version={src}",
-                 f"data.corpus.tgt_version={tgt}", *[o for o in args.override if o.startswith("data.")]],
-                check=True, stdout=subprocess.DEVNULL,
-            )  # fmt: skip
+            for data_overrides in data_choices(settings, args.override):
+                subprocess.run(
+                    [sys.executable, "-m", "seq2seq.prepare", f"data.corpus.src_version={src}",
+                     f"data.corpus.tgt_version={tgt}", *data_overrides],
+                    check=True, stdout=subprocess.DEVNULL,
+                )  # fmt: skip
         jobs: queue.Queue = queue.Queue()
         for pair in pairs:
             for setting in settings:

@@ -81,3 +81,12 @@ def test_the_best_trial_of_a_sweep_is_a_setting_kept_for_resumes(ablation, tmp_p
     study.tell(study.ask(space), 9.0)
     assert ablation.add_sweep_best(out, sweep) == ["module.optimizer.lr=0.005"]
     assert ablation.best_of_sweep(sweep) == ["module.optimizer.lr=0.003"]
+
+
+def test_each_settings_subwords_are_prepared_before_the_timed_runs(ablation):
+    ablation.SETTINGS["vocab_4k"] = ["data.subword.vocab_size=4000", "model.hidden_size=512"]
+    try:
+        choices = ablation.data_choices(["default", "vocab_4k", "plain_loop", "linear"], ["data.max_len=64"])
+    finally:
+        del ablation.SETTINGS["vocab_4k"]
+    assert choices == [("data.max_len=64",), ("data.max_len=64", "data.subword.vocab_size=4000")]
