@@ -427,7 +427,7 @@ class Worker:
         self.tell(study, trial, result)
 
     def resume(self, study: optuna.Study, trial: optuna.Trial) -> list[str]:
-        """A retry of an interrupted trial goes on from the last checkpoint of its latest attempt that has
+        """A retry of an interrupted trial goes on from the newest checkpoint of its latest attempt that has
         one, with that attempt's validations reported again (the pruner's rungs count the time already
         trained): the override that resumes it, or [] to start afresh."""
         original = trial.user_attrs.get(RETRY_OF)
@@ -438,9 +438,12 @@ class Worker:
             for t in study.get_trials(deepcopy=False)
             if t.number < trial.number and original in (t.number, t.user_attrs.get(RETRY_OF))
         ]
+        from seq2seq.slurm import newest_checkpoint  # imports Lightning: only where a trial runs
+
         for attempt in sorted(attempts, key=lambda t: t.number, reverse=True):
-            checkpoint = Path(self.config.hydra.sweep.dir, str(attempt.number), "checkpoints", "last.ckpt")
-            if checkpoint.is_file():
+            # what a stopped run resumes from: last.ckpt, or a newer HPC checkpoint of a preempted job
+            checkpoint = newest_checkpoint(Path(self.config.hydra.sweep.dir, str(attempt.number)))
+            if checkpoint is not None:
                 break
         else:
             return []
