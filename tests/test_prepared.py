@@ -296,7 +296,8 @@ def test_read_ahead_is_skipped_when_the_files_would_not_fit(tmp_path, caplog):
 
 # One process of a simulated cluster: instantiates the data config, sets it up as train() does before the
 # Trainer exists, prints what it opened. Builds are slowed so that two nodes' builds overlap; "nolock"
-# makes flock raise as on a file system mounted without lock support.
+# makes flock raise as on a file system mounted without lock support. (With PYTHONUNBUFFERED, as CI
+# has it, print writes each of its arguments at once: another thread's output can land between them.)
 CLUSTER_PROCESS = """
 import errno, logging, sys, time
 from hydra.utils import instantiate
@@ -314,7 +315,10 @@ def slow_build(*args):
 prepared.build = slow_build
 datamodule = instantiate(OmegaConf.load(sys.argv[1]))
 datamodule.setup("fit")
-print("opened", datamodule.prepared, "reads ahead:", datamodule.reading_ahead is not None)
+reads_ahead = datamodule.reading_ahead is not None
+if reads_ahead:  # its log line, written by another thread, must not land inside the line printed below
+    datamodule.reading_ahead.join()
+print(f"opened {datamodule.prepared} reads ahead: {reads_ahead}")
 """
 
 
@@ -343,9 +347,10 @@ def test_two_nodes_of_two_ranks_prepare_once_per_node(tmp_path, compose_config, 
     assert sum(output.count("Preparing data into") for output in outputs) == 2
     for node in range(2):
         node_outputs = outputs[2 * node : 2 * node + 2]
-        assert node_outputs[0].count("Preparing data into") == 1
-        assert node_outputs[1].count("Preparing data into") == 0  # local rank 1 waits
-        assert [output.count("reads ahead: True") for output in node_outputs] == [1, 0]
+        shown = "\n--- next process ---\n".join(node_outputs)
+        assert node_outputs[0].count("Preparing data into") == 1, shown
+        assert node_outputs[1].count("Preparing data into") == 0, shown  # local rank 1 waits
+        assert [output.count("reads ahead: True") for output in node_outputs] == [1, 0], shown
     opened = {output.split("opened ")[1].split(" reads ahead")[0] for output in outputs}
     folders = [Path(path) for path in opened]
     assert all(".tmp-" not in folder.name for folder in folders) and len({f.name for f in folders}) == 1
