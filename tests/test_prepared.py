@@ -297,7 +297,7 @@ def test_read_ahead_is_skipped_when_the_files_would_not_fit(tmp_path, caplog):
 # One process of a simulated cluster: instantiates the data config, sets it up as train() does before the
 # Trainer exists, prints what it opened. Builds are slowed so that two nodes' builds overlap; "nolock"
 # makes flock raise as on a file system mounted without lock support. (With PYTHONUNBUFFERED, as CI
-# has it, print writes each of its arguments at once: another thread's output can land between them.)
+# has it, print writes each argument in a write of its own: another thread's output can land between.)
 CLUSTER_PROCESS = """
 import errno, logging, sys, time
 from hydra.utils import instantiate
