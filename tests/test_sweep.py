@@ -130,8 +130,8 @@ def test_the_hyperband_recipe_search_reports_training_seconds(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "prune_on=seconds: the trials have no time budget (set trainer.max_time)" in result.stderr
     result, rows = sweep(
-        tmp_path, *search, "trainer.max_time=00:00:05:00", "trainer.max_steps=40",
-        "trainer.val_check_interval=10",
+        tmp_path, *search, "trainer.max_time=00:00:05:00", "trainer.max_steps=20",
+        "trainer.val_check_interval=10", "hydra.sweeper.plots=false",
         "hydra.sweeper.pruner.min_resource=1", "hydra.sweeper.pruner.max_resource=300",
         # the toy corpus's own subwords: it has too few pieces for the searched vocabularies
         "data.subword.vocab_size=32", "data.subword.model_type=word",
@@ -310,7 +310,8 @@ def test_recipe_search_in_sqlite_decides_without_test_scores(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     result, rows = sweep(
         tmp_path, "hparams_search=bible_recipe", "hydra.sweeper.n_trials=2", "hydra.sweeper.fixed_points=[]",
-        f"hydra.sweeper.storage={storage}", "trainer.max_steps=30", "trainer.val_check_interval=30",
+        f"hydra.sweeper.storage={storage}", "trainer.max_steps=10", "trainer.val_check_interval=10",
+        "hydra.sweeper.plots=false",
         # the toy corpus's own subwords: it has too few pieces for the searched vocabularies
         "data.subword.vocab_size=32", "data.subword.model_type=word",
     )  # fmt: skip
