@@ -117,27 +117,34 @@ def test_pruning_search_two_workers_without_barrier(tmp_path):
     )
 
 
-def test_the_hyperband_recipe_search_reports_training_seconds(tmp_path):
-    """conf/hparams_search/bible_recipe_hyperband.yaml, shrunk to the toy task: its trials report where
-    they are in seconds of training (hydra.sweeper.prune_on=seconds), so Hyperband's rungs compare them at
-    equal time; result.json still lists the validations by step."""
+@pytest.mark.parametrize(
+    "search_name, pruner_overrides",
+    [
+        ("bible_recipe_halving", ["hydra.sweeper.pruner.min_resource=1"]),
+        (
+            "bible_recipe_hyperband",
+            ["hydra.sweeper.pruner.min_resource=1", "hydra.sweeper.pruner.max_resource=300"],
+        ),
+    ],
+)
+def test_the_pruned_recipe_searches_report_training_seconds(tmp_path, search_name, pruner_overrides):
+    """conf/hparams_search/bible_recipe_{halving,hyperband}.yaml, shrunk to the toy task: their trials
+    report where they are in seconds of training (hydra.sweeper.prune_on=seconds), so the pruner's rungs
+    compare them at equal time; result.json still lists the validations by step."""
     pytest.importorskip("optuna")
     # no baseline: the smoke experiment's tiny model is outside the search space
-    search = [
-        "hparams_search=bible_recipe_hyperband", "hydra.sweeper.n_trials=2", "hydra.sweeper.fixed_points=[]"
-    ]  # fmt: skip
+    search = [f"hparams_search={search_name}", "hydra.sweeper.n_trials=2", "hydra.sweeper.fixed_points=[]"]
     result, _ = sweep(tmp_path / "no_budget", *search, "trainer.max_time=null")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "prune_on=seconds: the trials have no time budget (set trainer.max_time)" in result.stderr
     result, rows = sweep(
         tmp_path, *search, "trainer.max_time=00:00:05:00", "trainer.max_steps=20",
-        "trainer.val_check_interval=10", "hydra.sweeper.plots=false",
-        "hydra.sweeper.pruner.min_resource=1", "hydra.sweeper.pruner.max_resource=300",
+        "trainer.val_check_interval=10", "hydra.sweeper.plots=false", *pruner_overrides,
         # the toy corpus's own subwords: it has too few pieces for the searched vocabularies
         "data.subword.vocab_size=32", "data.subword.model_type=word",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    trials = study_of(tmp_path / "sweep", "bible_recipe_hyperband").trials
+    trials = study_of(tmp_path / "sweep", search_name).trials
     assert len(trials) == len(rows) == 2
     for trial in trials:
         (row,) = [r for r in rows if int(r["trial"]) == trial.number]
