@@ -41,7 +41,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seq2seq.errors import UserError, user_path
-from seq2seq.sweep import write_result
+from seq2seq.sweep import swept_keys, write_result, write_summary
 
 if TYPE_CHECKING:
     import optuna
@@ -674,11 +674,14 @@ def run_sweep(
         else:
             run_jobs(executor, workers, on_dead)
     finally:  # also when stopped (Ctrl-C, a time limit): a search run in pieces shows where it stands
-        report(study, sweep_dir, plots=sweeper.plots)
+        # Hydra's multirun-end callbacks do not run after a stop: the trials it interrupted go in too
+        write_summary(sweep_dir, swept_keys(config))
+        report(study, sweep_dir, plots=sweeper.plots, step_unit=sweeper.prune_on)
 
 
-def report(study: optuna.Study, sweep_dir: Path, plots: bool) -> None:
-    """Log the best trial; write the study's plots into the sweep folder."""
+def report(study: optuna.Study, sweep_dir: Path, plots: bool, step_unit: str = "steps") -> None:
+    """Log the best trial; write the study's plots into the sweep folder (``step_unit``: what the
+    trials' reports count, steps or seconds of training)."""
     states = [t.state.name for t in study.trials]
     counts = ", ".join(
         f"{states.count(s)} {s.lower()}"
@@ -692,15 +695,19 @@ def report(study: optuna.Study, sweep_dir: Path, plots: bool) -> None:
             "Best: trial %d, %g, %s", best.number, best.value, " ".join(trial_overrides([], best.params))
         )
     if plots:
-        write_plots(study, sweep_dir)
+        write_plots(study, sweep_dir, step_unit)
 
 
 PLOTS = ("optimization_history", "intermediate_values", "param_importances")
 
 
-def write_plots(study: optuna.Study, sweep_dir: Path) -> None:
+LEGEND_ROWS = 15  # Optuna's PNG legends have a row per trial: more go in columns
+
+
+def write_plots(study: optuna.Study, sweep_dir: Path, step_unit: str = "steps") -> None:
     """``<plot>.html`` (plotly, interactive) and ``<plot>.png`` (matplotlib) for each of PLOTS; a plot
-    the study cannot make yet (too few trials) or a missing plotting library is a warning."""
+    the study cannot make yet (too few trials) or a missing plotting library is a warning. The
+    intermediate values' x axis says ``step_unit`` (Optuna calls every report's position a step)."""
     import warnings
 
     import optuna.visualization as plotly_plots
@@ -709,7 +716,10 @@ def write_plots(study: optuna.Study, sweep_dir: Path) -> None:
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         for name in PLOTS:
             try:
-                getattr(plotly_plots, f"plot_{name}")(study).write_html(sweep_dir / f"{name}.html")
+                interactive = getattr(plotly_plots, f"plot_{name}")(study)
+                if name == "intermediate_values":
+                    interactive.update_xaxes(title_text=f"{step_unit} of training")
+                interactive.write_html(sweep_dir / f"{name}.html")
             except (ImportError, ValueError, RuntimeError) as error:
                 log.warning("No %s.html: %s", name, error)
             try:
@@ -721,6 +731,13 @@ def write_plots(study: optuna.Study, sweep_dir: Path) -> None:
 
                 axes = getattr(matplotlib_plots, f"plot_{name}")(study)
                 figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+                if name == "intermediate_values":
+                    axes.set_xlabel(f"{step_unit} of training")
+                    labels = axes.get_legend_handles_labels()
+                    if len(labels[0]) > LEGEND_ROWS:  # else dozens of trials set the figure's height
+                        columns = -(-len(labels[0]) // LEGEND_ROWS)
+                        axes.legend(*labels, bbox_to_anchor=(1.02, 1.0), loc="upper left", ncol=columns)
+                        figure.set_size_inches(11, 5)
                 figure.savefig(sweep_dir / f"{name}.png", dpi=120, bbox_inches="tight")
                 plt.close(figure)
             except (ImportError, ValueError, RuntimeError) as error:

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -269,6 +270,8 @@ def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_pat
     interrupted = [t for t in trials if t.state.name == "FAIL"]
     assert interrupted and not [t for t in trials if t.state.name in ("RUNNING", "COMPLETE")]
     assert all(t.user_attrs["error"].startswith("interrupted") for t in interrupted)
+    summary = {row["trial"]: row["status"] for row in csv.DictReader((sweep_dir / "summary.csv").open())}
+    assert all(summary[str(t.number)] == "interrupted" for t in interrupted)  # as the piece left them
     queued = [t for t in trials if t.state.name == "WAITING" and "retry_of" in t.user_attrs]
     assert sorted((t.user_attrs["retry_of"], t.system_attrs["fixed_params"]) for t in queued) == sorted(
         (t.number, t.params) for t in interrupted
@@ -450,3 +453,22 @@ def test_two_workers_on_a_postgresql_study(tmp_path, postgres_url):
     assert states(study) == ["COMPLETE"] * 3 and len(rows) == 3
     assert len({t.user_attrs["host_pid"] for t in study.trials}) == 2
     assert not (tmp_path / "sweep" / "optuna.journal").exists()
+
+
+def test_the_intermediate_values_plot_stays_legible_with_many_trials(tmp_path):
+    """Optuna's PNG legend has a row per trial: forty trials would make the figure a tall strip."""
+    optuna = pytest.importorskip("optuna")
+    pytest.importorskip("matplotlib")
+    from seq2seq.sweeper import write_plots
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        trial = study.ask()
+        lr = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        for seconds in (300, 900):
+            trial.report(lr * seconds, seconds)
+        study.tell(trial, lr * 900)
+    write_plots(study, tmp_path, step_unit="seconds")
+    width, height = struct.unpack(">II", (tmp_path / "intermediate_values.png").read_bytes()[16:24])
+    assert width > height
+    assert "seconds of training" in (tmp_path / "intermediate_values.html").read_text()
