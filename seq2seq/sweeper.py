@@ -673,9 +673,11 @@ def run_sweep(
             run_local(workers, on_dead)
         else:
             run_jobs(executor, workers, on_dead)
-    finally:  # also when stopped (Ctrl-C, a time limit): a search run in pieces shows where it stands
-        # Hydra's multirun-end callbacks do not run after a stop: the trials it interrupted go in too
+    except BaseException:  # stopped (Ctrl-C, a time limit): a search run in pieces shows where it stands
+        # Hydra's multirun-end callback, which writes the summary, does not run after a stop
         write_summary(sweep_dir, swept_keys(config))
+        raise
+    finally:
         report(study, sweep_dir, plots=sweeper.plots, step_unit=sweeper.prune_on)
 
 
@@ -733,10 +735,12 @@ def write_plots(study: optuna.Study, sweep_dir: Path, step_unit: str = "steps") 
                 figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
                 if name == "intermediate_values":
                     axes.set_xlabel(f"{step_unit} of training")
-                    labels = axes.get_legend_handles_labels()
-                    if len(labels[0]) > LEGEND_ROWS:  # else dozens of trials set the figure's height
-                        columns = -(-len(labels[0]) // LEGEND_ROWS)
-                        axes.legend(*labels, bbox_to_anchor=(1.02, 1.0), loc="upper left", ncol=columns)
+                    handles, labels = axes.get_legend_handles_labels()
+                    if len(labels) > LEGEND_ROWS:  # else dozens of trials set the figure's height
+                        columns = -(-len(labels) // LEGEND_ROWS)
+                        axes.legend(
+                            handles, labels, bbox_to_anchor=(1.02, 1.0), loc="upper left", ncol=columns
+                        )
                         figure.set_size_inches(11, 5)
                 figure.savefig(sweep_dir / f"{name}.png", dpi=120, bbox_inches="tight")
                 plt.close(figure)
