@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from seq2seq.cli import log_to_files
 from seq2seq.data.collate import Batch, target_tokens
 from seq2seq.flops import measured_peak_flops, training_flops
-from seq2seq.lightning_private import should_update_logs
+from seq2seq.lightning_private import forget_unfinished_batch, should_update_logs
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,7 @@ class InterruptionCheckpoint(L.Callback):
                 log.warning("%s %s: nothing trained, no checkpoint saved", reason, where)
             return
         path = self.dirpath / "last.ckpt"
+        forget_unfinished_batch(trainer)
         try:
             trainer.save_checkpoint(path)
         except Exception as error:  # the original exception must still reach the user

@@ -90,6 +90,23 @@ def check_sigterm_on_logging_steps(trainer: L.Trainer) -> None:
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = agree_on_sigterm
 
 
+def forget_unfinished_batch(trainer: L.Trainer) -> None:
+    """Make the run's batch counts end at its last trained batch, before saving a checkpoint while the
+    next one was under way (Ctrl-C or an error before its optimizer step), so that the resumed run
+    validates at the same steps as one never stopped.
+
+    Internal loop state (as in ``batches_done_in_epoch``): on restart Lightning rewinds the epoch's
+    counts (``batch_progress.current``) to the last finished batch but not the run's (``.total``), and
+    its epoch loop schedules validations with ``val_check_interval`` from the run's count of batches
+    begun (``total_batch_idx``): a batch counted as begun but never trained moved every later validation
+    a step early (59, 89 instead of 60, 90) and added one at the end. A batch interrupted after its
+    training step (in ``on_train_batch_end``) is one Lightning resumes itself; its counts already agree
+    and stay as they are.
+    """
+    total = trainer.fit_loop.epoch_loop.batch_progress.total
+    total.ready = total.started = total.processed
+
+
 def batches_done_in_epoch(trainer: L.Trainer) -> int:
     """Training batches of the current epoch that went through a training step: the data position a
     resumed run continues from (the loader runs ahead of training by its prefetching, so its own count

@@ -121,6 +121,18 @@ class StopAtStep(L.Callback):
             trainer.should_stop = True
 
 
+class CtrlCAtStep(L.Callback):
+    """Raises KeyboardInterrupt (what Ctrl-C raises wherever Python is) as the batch after ``step``
+    optimizer steps begins: Lightning has counted the batch as ready but not trained it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 class BugAtBatch(L.Callback):
     """Fails the ``batch``-th training batch as a bug in our code or a library would: a ValueError from
     ``zip(strict=True)`` over sequences of different lengths (not a user's mistake: no UserError)."""

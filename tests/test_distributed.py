@@ -380,6 +380,35 @@ def test_ctrl_c_leaves_a_last_checkpoint_to_resume_from(tmp_path):
     assert checkpoint_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")[0] == step + 5
 
 
+def validation_steps(run: Path) -> list[int]:
+    """The steps at which a run validated, from its train.log (seq2seq.callbacks.ValidationLog)."""
+    return [int(step) for step in re.findall(r"validation at step (\d+) \|", (run / "train.log").read_text())]
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_as_a_batch_begins_resumes_on_the_same_steps(tmp_path):
+    """Ctrl-C can land inside a batch that Lightning has counted as begun but not trained. The resumed run
+    trains the same batches and validates at the same steps as a run never interrupted (Lightning rewinds
+    only the epoch's counters on restart, not the run's, which moved every later validation a step)."""
+    cache, every = tmp_path / "cache", ["trainer.max_steps=20", "trainer.val_check_interval=5"]
+    smoke(tmp_path / "straight", cache, *every, *record(tmp_path / "straight_batches"))
+    interrupted = tmp_path / "interrupted"
+    ctrl_c = ["+callbacks.ctrl_c._target_=tests.fault_callbacks.CtrlCAtStep", "+callbacks.ctrl_c.step=7"]
+    result = run_script(
+        "train.py", "experiment=smoke", f"hydra.run.dir={interrupted}", f"paths.cache_dir={cache}", *QUIET,
+        *STOP_ONLY, *every, *ctrl_c,
+    )  # fmt: skip
+    assert result.returncode == 130, result.stderr[-3000:]
+    last = interrupted / "checkpoints" / "last.ckpt"
+    assert "Interrupted by Ctrl-C (SIGINT) at step 7" in result.stdout and checkpoint_state(last)[0] == 7
+    resumed = tmp_path / "resumed"
+    smoke(resumed, cache, f"ckpt_path={last}", *every, *record(tmp_path / "resumed_batches"))
+    assert validation_steps(interrupted) == [5] and validation_steps(resumed) == [10, 15, 20]
+    assert validation_steps(tmp_path / "straight") == [5, 10, 15, 20]
+    straight = [(r["step"], r["indices"]) for r in read_records(tmp_path / "straight_batches")]
+    assert [(r["step"], r["indices"]) for r in read_records(tmp_path / "resumed_batches")] == straight[7:]
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_steps_once_per_k_batches(tmp_path):
     run = tmp_path / "run"
