@@ -45,10 +45,12 @@ def write_result(output_dir: str | Path, **fields: Any) -> None:
 
 def swept_keys(config: DictConfig) -> set[str]:
     """The keys a multirun varies: its sweep overrides (``key=a,b``, ``range(...)``, ...) and the
-    sweeper's declared search space (``hydra.sweeper.params``, as the Optuna sweeper has)."""
+    sweeper's declared search space (``hydra.sweeper.params``, as the Optuna sweeper has) but for the
+    keys the command line sets to one value."""
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     keys = {override.key_or_group for override in parsed if override.is_sweep_override()}
-    return keys | set(config.hydra.sweeper.get("params") or {})
+    fixed = {override.key_or_group for override in parsed if not override.is_sweep_override()}
+    return keys | (set(config.hydra.sweeper.get("params") or {}) - fixed)
 
 
 def collect_results(sweep_dir: str | Path, swept: set[str] | None = None) -> list[dict[str, Any]]:

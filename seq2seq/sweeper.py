@@ -104,8 +104,9 @@ def distribution(override: Override) -> Any:
 
 
 def search_space(params: Mapping[str, Any], arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """The distributions of ``hydra.sweeper.params`` and of the command line's sweep overrides (which
-    win), and the command line's other overrides, passed to every trial as they are."""
+    """The distributions of ``hydra.sweeper.params`` and of the command line's sweep overrides, and the
+    command line's other overrides, passed to every trial as they are. The command line wins: a sweep
+    override replaces the key's distribution, one value takes the key out of the search."""
     parser = OverridesParser.create()
     space, fixed = {}, []
     declared = [f"{key}={value}" for key, value in params.items()]
@@ -115,6 +116,7 @@ def search_space(params: Mapping[str, Any], arguments: list[str]) -> tuple[dict[
             space[override.get_key_element()] = distribution(override)
         elif line not in declared:
             fixed.append(line)
+            space.pop(override.get_key_element(), None)
         else:
             raise UserError(f"hydra.sweeper.params: {line} is one value, not a choice, range or interval")
     return space, fixed

@@ -152,10 +152,14 @@ def test_the_pruned_recipe_searches_report_training_seconds(tmp_path, search_nam
         "trainer.val_check_interval=10", "hydra.sweeper.plots=false", *pruner_overrides,
         # the toy corpus's own subwords: it has too few pieces for the searched vocabularies
         "data.subword.vocab_size=32", "data.subword.model_type=word",
+        # toy sizes: one value on the command line takes a key out of the search
+        "model.embed_size=32", "model.hidden_size=64", "data.batch_tokens=640",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     trials = study_of(tmp_path / "sweep", search_name).trials
     assert len(trials) == len(rows) == 2
+    assert all("model.hidden_size" not in t.params and "module.optimizer.lr" in t.params for t in trials)
+    assert "hidden_size" not in rows[0] and "lr" in rows[0]  # summary.csv: a column per key searched
     for trial in trials:
         (row,) = [r for r in rows if int(r["trial"]) == trial.number]
         steps = [int(v.split(":")[0]) for v in row["validations"].split()]
@@ -337,10 +341,13 @@ def test_recipe_search_in_sqlite_decides_without_test_scores(tmp_path):
         "hydra.sweeper.plots=false",
         # the toy corpus's own subwords: it has too few pieces for the searched vocabularies
         "data.subword.vocab_size=32", "data.subword.model_type=word",
+        # toy sizes: a sweep override replaces the key's distribution, one value takes it out
+        "model.hidden_size=choice(32, 64)", "model.embed_size=32", "data.batch_tokens=640",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
-    assert all(r["bidirectional"] and r["reverse_source"] and r["hidden_size"] and r["lr"] for r in rows)
+    assert all(r["bidirectional"] and r["reverse_source"] and r["lr"] for r in rows)
+    assert {r["hidden_size"] for r in rows} <= {"32", "64"} and "embed_size" not in rows[0]
     assert "max_steps" not in rows[0]  # constant: not shown
     # evaluate.test=false: no test decoding at all, so the choice cannot see test scores.
     assert all(r["test_bleu"] == "" for r in rows)
@@ -348,6 +355,19 @@ def test_recipe_search_in_sqlite_decides_without_test_scores(tmp_path):
     study = optuna.load_study(study_name="bible_recipe", storage=storage)
     assert states(study) == ["COMPLETE", "COMPLETE"]
     assert max(t.value for t in study.trials) == pytest.approx(float(rows[0]["val_bleu"]))
+
+
+def test_the_command_line_wins_over_the_search_space():
+    """A sweep override replaces a key's distribution; one value takes the key out of the search (it
+    had been sampled over it)."""
+    pytest.importorskip("optuna")
+    from seq2seq.sweeper import search_space
+
+    params = {"model.hidden_size": "choice(256, 512)", "module.optimizer.lr": "interval(0.001, 0.01)"}
+    arguments = ["model.hidden_size=64", "module.optimizer.lr=choice(0.01, 0.03)", "trainer.max_steps=9"]
+    space, fixed = search_space(params, arguments)
+    assert list(space) == ["module.optimizer.lr"] and space["module.optimizer.lr"].choices == (0.01, 0.03)
+    assert fixed == ["model.hidden_size=64", "trainer.max_steps=9"]
 
 
 def test_a_continued_study_does_not_repeat_the_proposals_of_its_seed():
