@@ -250,14 +250,20 @@ def requeue(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial,
 
 
 def fail_trial(
-    study: optuna.Study, spec: StudySpec, trial: optuna.trial.FrozenTrial, error: str, output_dir: Path
+    study: optuna.Study,
+    spec: StudySpec,
+    trial: optuna.trial.FrozenTrial,
+    error: str,
+    output_dir: Path,
+    status: str = "failed",
 ) -> None:
     """Record a trial whose worker stopped without telling the study: failed, in the study and in its
-    result.json (which the summary reads), and queued again if so configured."""
+    result.json (which the summary reads; ``status`` failed, or interrupted when the sweep was stopped),
+    and queued again if so configured."""
     study._storage.set_trial_user_attr(trial._trial_id, ERROR, error)  # the trial object is not ours
     study.tell(trial.number, state=optuna_state("FAIL"), skip_if_finished=True)
     log.warning("Trial %d failed: %s", trial.number, error)
-    write_result(output_dir, status="failed", error=error, overrides=trial_overrides([], trial.params))
+    write_result(output_dir, status=status, error=error, overrides=trial_overrides([], trial.params))
     requeue(study, trial, spec.retry_killed)
 
 
@@ -311,23 +317,34 @@ def fail_stale_trials(study: optuna.Study) -> None:
 
 
 def fail_orphaned_trials(
-    study: optuna.Study, spec: StudySpec, sweep_dir: Path, dead_workers: set[str] = frozenset()
+    study: optuna.Study,
+    spec: StudySpec,
+    sweep_dir: Path,
+    dead_workers: set[str] = frozenset(),
+    stopped: bool = False,
 ) -> None:
-    """Fail the running trials whose worker is gone: one of ``dead_workers``, or a process of this host
-    that no longer runs (killed, or left by a command killed before). Database storages with a heartbeat
-    also fail trials that stopped beating (on any host). Call it under ``study_lock``."""
+    """Fail the running trials whose worker is gone: one of ``dead_workers`` (ended by the sweep's stop,
+    if ``stopped``), or a process of this host that no longer runs (killed, or left by a command killed
+    before). Database storages with a heartbeat also fail trials that stopped beating (on any host).
+    Call it under ``study_lock``."""
     fail_stale_trials(study)
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(optuna_state("RUNNING"),)):
         worker = trial.user_attrs.get(WORKER)
         trial_host, _, pid = str(trial.user_attrs.get(HOST_PID, "")).rpartition(":")
-        if worker in dead_workers:
+        status = "failed"
+        if worker in dead_workers and stopped:
+            error, status = (
+                f"interrupted (its worker {worker} ended at the stop without recording it)",
+                "interrupted",
+            )
+        elif worker in dead_workers:
             error = f"its worker ({worker}) stopped during the trial"
         elif trial_host == host and pid.isdigit() and not pid_alive(int(pid)):
             error = f"its worker (process {pid} on {host}) is gone"
         else:
             continue
-        fail_trial(study, spec, trial, error, sweep_dir / str(trial.number))
+        fail_trial(study, spec, trial, error, sweep_dir / str(trial.number), status)
 
 
 # --- workers -------------------------------------------------------------------------------------------
@@ -534,7 +551,7 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_local(workers: list[Worker], on_dead: Callable[[set[str]], None]) -> None:
+def run_local(workers: list[Worker], on_dead: Callable[[set[str], bool], None]) -> None:
     """Each worker in a forked process; returns when all have ended. A worker that ends by a signal or
     an error has its running trial failed at once (``on_dead``); the others go on."""
     context = multiprocessing.get_context("fork")  # Hydra's state and the task function, as they are
@@ -551,10 +568,13 @@ def run_local(workers: list[Worker], on_dead: Callable[[set[str]], None]) -> Non
                     process.join()
                     if process.exitcode != 0:
                         log.warning("Worker %d ended with exit code %s", worker.index, process.exitcode)
-                        on_dead({worker.token})
+                        on_dead({worker.token}, False)
     except BaseException:  # Ctrl-C or SIGTERM reached the workers too: let them record their trials
         for process in running:
             process.join(timeout=60)
+        # A worker the signal reached outside training (starting a trial, between two) ended at once,
+        # leaving its trial running; one that recorded its trial has none left running.
+        on_dead({running[p].token for p in running if p.exitcode not in (0, None)}, True)
         raise
 
 
@@ -592,7 +612,7 @@ def submitit_executor(config: DictConfig) -> Any | None:
 
 
 def run_jobs(
-    executor: Any, workers: list[Worker], on_dead: Callable[[set[str]], None], poll_s: float = 5.0
+    executor: Any, workers: list[Worker], on_dead: Callable[[set[str], bool], None], poll_s: float = 5.0
 ) -> None:
     """Each worker as one submitit job; returns when all have ended, failing the trial of a job that ended
     badly (killed, timed out, preempted)."""
@@ -605,7 +625,7 @@ def run_jobs(
                 worker = jobs.pop(job)
                 if (error := job.exception()) is not None:
                     log.warning("Worker %d (job %s) ended badly: %s", worker.index, job.job_id, error)
-                    on_dead({worker.token})
+                    on_dead({worker.token}, False)
 
 
 # --- the sweep -----------------------------------------------------------------------------------------
@@ -666,9 +686,9 @@ def run_sweep(
         for i in range(sweeper.workers)
     ]
 
-    def on_dead(tokens: set[str]) -> None:
+    def on_dead(tokens: set[str], stopped: bool) -> None:
         with study_lock(sweep_dir):
-            fail_orphaned_trials(study, spec, sweep_dir, tokens)
+            fail_orphaned_trials(study, spec, sweep_dir, tokens, stopped)
 
     try:
         if executor is None:

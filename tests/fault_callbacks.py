@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,13 @@ class CtrlCAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class SlowToBuild(L.Callback):
+    """Takes ``seconds`` to construct: a run that stays this long in its set-up, before training."""
+
+    def __init__(self, seconds: float) -> None:
+        time.sleep(seconds)
 
 
 class BugAtBatch(L.Callback):

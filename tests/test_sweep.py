@@ -332,6 +332,42 @@ def test_workers_as_submitit_jobs_and_a_killed_job(tmp_path):
     assert len(list((sweep_dir / ".submitit").glob("*/*_log.out"))) == 2
 
 
+def test_a_stop_before_training_leaves_no_trial_running(tmp_path):
+    """SIGTERM to the command while both workers set their trials up (no training yet, so no Lightning
+    handler): the workers end at once, and the sweep records their trials as interrupted and queues them
+    again; it had left them running."""
+    pytest.importorskip("optuna")
+    sweep_dir = tmp_path / "sweep"
+    slow = ["+callbacks.slow._target_=tests.fault_callbacks.SlowToBuild", "+callbacks.slow.seconds=600"]
+    command = smoke_search(tmp_path, "hydra.sweeper.retry_killed=1", *slow)
+    sweep = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and sweep.poll() is None:
+            journal = (sweep_dir / "optuna.journal").exists()
+            if journal and states(study_of(sweep_dir, "smoke_pruning")).count("RUNNING") == 2:
+                break
+            time.sleep(0.5)
+        os.killpg(sweep.pid, signal.SIGTERM)
+        sweep.wait(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode != 0
+    trials = study_of(sweep_dir, "smoke_pruning").trials
+    stopped = [t for t in trials if t.state.name == "FAIL"]
+    assert len(stopped) == 2 and "RUNNING" not in states(study_of(sweep_dir, "smoke_pruning"))
+    assert all(t.user_attrs["error"].startswith("interrupted (its worker") for t in stopped)
+    summary = {row["trial"]: row["status"] for row in csv.DictReader((sweep_dir / "summary.csv").open())}
+    assert all(summary[str(t.number)] == "interrupted" for t in stopped)
+    retries = [
+        t.user_attrs["retry_of"] for t in trials if t.state.name == "WAITING" and "retry_of" in t.user_attrs
+    ]
+    assert sorted(retries) == sorted(t.number for t in stopped)
+
+
 def test_recipe_search_in_sqlite_decides_without_test_scores(tmp_path):
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
