@@ -333,13 +333,10 @@ def fail_orphaned_trials(
         worker = trial.user_attrs.get(WORKER)
         trial_host, _, pid = str(trial.user_attrs.get(HOST_PID, "")).rpartition(":")
         status = "failed"
-        if worker in dead_workers and stopped:
-            error, status = (
-                f"interrupted (its worker {worker} ended at the stop without recording it)",
-                "interrupted",
-            )
-        elif worker in dead_workers:
+        if worker in dead_workers:
             error = f"its worker ({worker}) stopped during the trial"
+            if stopped:  # the sweep's stop ended it before it could record the trial
+                error, status = f"interrupted ({error})", "interrupted"
         elif trial_host == host and pid.isdigit() and not pid_alive(int(pid)):
             error = f"its worker (process {pid} on {host}) is gone"
         else:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -189,18 +190,29 @@ THREE_TRIALS = [
 DEAD_WORKER = re.compile(r"its worker \(.+\) (stopped during the trial|is gone)")
 
 
-def a_trial_mid_training(sweep_dir: Path, sweep: subprocess.Popen):
-    """A running trial that has reported a validation, read from the journal in this process while the
-    sweep writes it."""
+def running_trials(sweep_dir: Path, sweep: subprocess.Popen, enough: Callable[[list], bool]) -> list:
+    """The study's running trials once ``enough`` holds for them (or after 180 s, or when the sweep
+    ends), read from the journal in this process while the sweep writes it."""
     deadline = time.monotonic() + 180
     running = []
     while time.monotonic() < deadline and sweep.poll() is None:
         if (sweep_dir / "optuna.journal").exists():
             running = [t for t in study_of(sweep_dir, "smoke_pruning").trials if t.state.name == "RUNNING"]
-        if any(t.intermediate_values for t in running):
+        if enough(running):
             break
         time.sleep(0.5)
+    return running
+
+
+def a_trial_mid_training(sweep_dir: Path, sweep: subprocess.Popen):
+    """A running trial that has reported a validation."""
+    running = running_trials(sweep_dir, sweep, lambda trials: any(t.intermediate_values for t in trials))
     return next(t for t in running if t.intermediate_values)
+
+
+def summary_statuses(sweep_dir: Path) -> dict[int, str]:
+    """Each trial's status in the sweep's summary.csv."""
+    return {int(row["trial"]): row["status"] for row in csv.DictReader((sweep_dir / "summary.csv").open())}
 
 
 def kill_a_worker_mid_trial(sweep_dir: Path, sweep: subprocess.Popen):
@@ -274,8 +286,8 @@ def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_pat
     interrupted = [t for t in trials if t.state.name == "FAIL"]
     assert interrupted and not [t for t in trials if t.state.name in ("RUNNING", "COMPLETE")]
     assert all(t.user_attrs["error"].startswith("interrupted") for t in interrupted)
-    summary = {row["trial"]: row["status"] for row in csv.DictReader((sweep_dir / "summary.csv").open())}
-    assert all(summary[str(t.number)] == "interrupted" for t in interrupted)  # as the piece left them
+    summary = summary_statuses(sweep_dir)
+    assert all(summary[t.number] == "interrupted" for t in interrupted)  # as the piece left them
     queued = [t for t in trials if t.state.name == "WAITING" and "retry_of" in t.user_attrs]
     assert sorted((t.user_attrs["retry_of"], t.system_attrs["fixed_params"]) for t in queued) == sorted(
         (t.number, t.params) for t in interrupted
@@ -344,12 +356,7 @@ def test_a_stop_before_training_leaves_no_trial_running(tmp_path):
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and sweep.poll() is None:
-            journal = (sweep_dir / "optuna.journal").exists()
-            if journal and states(study_of(sweep_dir, "smoke_pruning")).count("RUNNING") == 2:
-                break
-            time.sleep(0.5)
+        running_trials(sweep_dir, sweep, lambda trials: len(trials) == 2)
         os.killpg(sweep.pid, signal.SIGTERM)
         sweep.wait(timeout=120)
     finally:
@@ -358,10 +365,10 @@ def test_a_stop_before_training_leaves_no_trial_running(tmp_path):
     assert sweep.returncode != 0
     trials = study_of(sweep_dir, "smoke_pruning").trials
     stopped = [t for t in trials if t.state.name == "FAIL"]
-    assert len(stopped) == 2 and "RUNNING" not in states(study_of(sweep_dir, "smoke_pruning"))
+    assert len(stopped) == 2 and "RUNNING" not in [t.state.name for t in trials]
     assert all(t.user_attrs["error"].startswith("interrupted (its worker") for t in stopped)
-    summary = {row["trial"]: row["status"] for row in csv.DictReader((sweep_dir / "summary.csv").open())}
-    assert all(summary[str(t.number)] == "interrupted" for t in stopped)
+    summary = summary_statuses(sweep_dir)
+    assert all(summary[t.number] == "interrupted" for t in stopped)
     retries = [
         t.user_attrs["retry_of"] for t in trials if t.state.name == "WAITING" and "retry_of" in t.user_attrs
     ]
