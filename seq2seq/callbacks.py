@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from seq2seq.cli import log_to_files
 from seq2seq.data.collate import Batch, target_tokens
 from seq2seq.flops import measured_peak_flops, training_flops
-from seq2seq.lightning_private import forget_unfinished_batch, should_update_logs
+from seq2seq.private_apis import forget_unfinished_batch, should_update_logs
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +267,10 @@ class ThroughputMonitor(LightningThroughputMonitor):
                 throughput.available_flops = self.available_flops
         self._flops_since_update: dict[Any, int] = {}
 
-    # Private (Lightning 2.6.6, see seq2seq/lightning_private.py): ``_update`` is where the parent counts
+    # Private (Lightning 2.6.6, see seq2seq/private_apis.py): ``_update`` is where the parent counts
     # a batch and reads its clock, and its counters are ``_lengths``/``_samples``/``_batches``; no public
     # hook counts a batch without the clock. ``_throughputs`` holds the per-stage Throughput objects, which
-    # copy the peak when set up. tests/test_lightning_private.py checks they exist.
+    # copy the peak when set up. tests/test_private_apis.py checks they exist.
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
         stage = trainer.state.stage
         flops = getattr(pl_module, "flops_per_batch", None)

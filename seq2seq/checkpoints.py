@@ -154,7 +154,7 @@ def save_last_checkpoint(trainer: L.Trainer) -> None:
     resumed run would find the next epoch already at its end, skip it, and draw the following epoch's
     batch order. So the counts are first reset as Lightning resets them when an epoch starts.
     """
-    from seq2seq.lightning_private import restart_finished_epoch
+    from seq2seq.private_apis import restart_finished_epoch
 
     restart_finished_epoch(trainer)
     for callback in trainer.checkpoint_callbacks:

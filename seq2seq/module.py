@@ -15,10 +15,10 @@ from torch import Tensor
 from seq2seq.data.collate import Batch
 from seq2seq.ema import WeightAverage
 from seq2seq.errors import UserError, is_number
-from seq2seq.lightning_private import should_update_logs
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores, mean_over_corpora, scores_by_corpus
 from seq2seq.model import Seq2Seq
 from seq2seq.precision import clip_gradients
+from seq2seq.private_apis import should_update_logs
 from seq2seq.schedules import BUDGET_SCHEDULES, STEP_SCHEDULES, build_scheduler
 from seq2seq.search import DecodingSettings, decode
 from seq2seq.tokenization import PAD_ID, Tokenizer

@@ -26,10 +26,10 @@ from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data import TranslationDataModule
 from seq2seq.errors import UserError
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
-from seq2seq.lightning_private import check_sigterm_on_logging_steps
 from seq2seq.metrics import MixtureSplit
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
+from seq2seq.private_apis import check_sigterm_on_logging_steps
 from seq2seq.pruning import trial_pruning
 from seq2seq.run_dir import discard_unused_run_dir, write_run_record
 from seq2seq.slurm import SlurmRequeue, newest_checkpoint

@@ -37,7 +37,7 @@ LAYERS = {
     "seq2seq.data": 6,
     "seq2seq.model": 6,
     "seq2seq.tokenization": 6,
-    "seq2seq.lightning_private": 6,  # a leaf: the data module reads the loop position through it
+    "seq2seq.private_apis": 6,  # a leaf: the data module reads the loop position through it
     "seq2seq.files": 6,  # a leaf: files written whole (translations, checkpoints)
     "seq2seq.errors": 6,  # a leaf: UserError, raised by every layer
 }

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from seq2seq.callbacks import ThroughputMonitor, TrainingFlops
 from seq2seq.data.collate import EncodedSplit, batch_size, target_tokens
 from seq2seq.flops import measured_peak_flops, training_flops
-from seq2seq.lightning_private import should_update_logs
 from seq2seq.module import TranslationModule
+from seq2seq.private_apis import should_update_logs
 from seq2seq.training import train
 from seq2seq.translator import Translator
 from tests.test_training import QUIET

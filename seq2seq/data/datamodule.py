@@ -39,7 +39,7 @@ from seq2seq.data.sampler import (
 )
 from seq2seq.data.sampling import EpochTaggedSampler, ResampledSplit, SamplingSettings
 from seq2seq.errors import UserError, is_int
-from seq2seq.lightning_private import batches_done_in_epoch
+from seq2seq.private_apis import batches_done_in_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)

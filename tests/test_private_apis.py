@@ -1,5 +1,5 @@
 """The private Lightning names this package relies on still exist and mean what they did (see
-seq2seq/lightning_private.py, and the ThroughputMonitor subclass in seq2seq/callbacks.py)."""
+seq2seq/private_apis.py, and the ThroughputMonitor subclass in seq2seq/callbacks.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
-from seq2seq import lightning_private
+from seq2seq import private_apis
 from seq2seq.callbacks import ThroughputMonitor as OurThroughputMonitor
 
 
@@ -23,7 +23,7 @@ def test_the_logger_connector_still_decides_which_steps_log():
     decisions = []
     for batches in range(6):
         trainer.fit_loop.epoch_loop._batches_that_stepped = batches
-        decisions.append(lightning_private.should_update_logs(trainer))
+        decisions.append(private_apis.should_update_logs(trainer))
     assert decisions == [False, False, True, False, False, True]  # every third, counted from 1
 
 
@@ -38,9 +38,9 @@ def test_the_epoch_loop_still_has_what_restart_finished_epoch_resets():
     ):
         assert callable(tracker.reset_on_run)
     assert callable(loop.val_loop.batch_progress.total.reset)
-    assert lightning_private.batches_done_in_epoch(trainer) == 0
+    assert private_apis.batches_done_in_epoch(trainer) == 0
     loop.batch_progress.increment_processed()
-    assert lightning_private.batches_done_in_epoch(trainer) == 1
+    assert private_apis.batches_done_in_epoch(trainer) == 1
 
 
 def test_the_throughput_monitor_still_counts_in_update_with_private_counters():
@@ -58,7 +58,7 @@ def test_the_sigterm_broadcast_and_handler_are_still_what_check_sigterm_on_loggi
     assert "self._broadcast_sigterm_tensor()" in inspect.getsource(_TrainingEpochLoop.advance)
     assert "self._sigterm_notifier_fn" in inspect.getsource(_SignalConnector.register_signal_handlers)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    lightning_private.check_sigterm_on_logging_steps(trainer)
+    private_apis.check_sigterm_on_logging_steps(trainer)
     assert trainer._signal_connector.received_sigterm is False
     assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor.__name__ == "agree_on_sigterm"
     trainer._signal_connector._sigterm_notifier_fn(signal.SIGTERM, None)  # one process: stops at once

@@ -1,18 +1,20 @@
-"""Every private Lightning name this package uses, in one place, each with why no public API serves.
+"""Every private name of Lightning, Hydra and OmegaConf that this package uses, in one place, each with
+why no public API serves and the version it was checked against.
 
-Checked against Lightning 2.6.6 (the version pinned by pyproject.toml's range when written);
-tests/test_lightning_private.py fails if a later Lightning renames or removes any of them.
+tests/test_private_apis.py fails if a later release renames or removes any of them, or changes what
+they do. The libraries are imported inside the functions (their arguments are the libraries' objects):
+importing this module loads none of them, so the command layer and the translator can use it.
 """
 
 from __future__ import annotations
 
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import lightning as L
-import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+if TYPE_CHECKING:
+    import lightning as L
 
-CHECKED_VERSION = "2.6.6"
+CHECKED_VERSIONS = {"lightning": "2.6.6", "hydra-core": "1.3.8", "omegaconf": "2.3.1"}
 
 
 def should_update_logs(trainer: L.Trainer) -> bool:
@@ -67,6 +69,9 @@ def check_sigterm_on_logging_steps(trainer: L.Trainer) -> None:
     Private: both are methods of the trainer's loop and signal connector, replaced on these instances;
     no public hook runs before Lightning's broadcast or replaces its handler.
     """
+    import torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     connector = trainer._signal_connector
     noted = [False]  # a SIGTERM reached this process
 
