@@ -81,7 +81,8 @@ def best_of_sweep(sweep_dir: Path) -> list[str]:
     import optuna
     from omegaconf import OmegaConf
 
-    from seq2seq.sweeper import StudySpec, trial_overrides
+    from seq2seq.sweeper.space import trial_overrides
+    from seq2seq.trial import StudySpec
 
     spec = StudySpec.of(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweeper, sweep_dir)
     study = optuna.load_study(study_name=spec.name, storage=spec.open_storage())

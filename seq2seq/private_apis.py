@@ -121,3 +121,13 @@ def batches_done_in_epoch(trainer: L.Trainer) -> int:
     either; Lightning restores it from checkpoints itself.
     """
     return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
+def failed_job_error(result: object) -> BaseException:
+    """The exception that a failed Hydra job (``run_job``'s ``JobReturn``, status FAILED) raised.
+
+    Private: ``JobReturn.return_value`` raises a failed job's exception (and writes a line to stderr)
+    rather than returning it, and no public attribute holds it; ``run_job`` stores it in the dataclass
+    field ``_return_value``. Checked against hydra-core 1.3.8.
+    """
+    return result._return_value

@@ -1,5 +1,5 @@
 """Pruning of sweep trials: each validation's BLEU goes to the Optuna trial the sweeper runs
-(seq2seq.sweeper), and training stops when the study's pruner says so."""
+(seq2seq.sweeper; seq2seq.trial is their protocol), and training stops when the study's pruner says so."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Timer
 
 from seq2seq.errors import UserError
-from seq2seq.sweeper import NO_TIME_BUDGET, PRUNED_AT, TRIAL_ENV, StudySpec
+from seq2seq.trial import NO_TIME_BUDGET, PRUNED_AT, TRIAL_ENV, StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class TrialPruning(L.Callback):
     compares trials at equal time, not at equal steps that some trials take longer to make."""
 
     def __init__(self, trial: dict[str, Any], monitor: str = "val_bleu") -> None:
-        self.spec = trial  # seq2seq.sweeper.TRIAL_ENV
+        self.spec = trial  # seq2seq.trial.TRIAL_ENV
         self.monitor = monitor
         self.trial: Any = None
         self.timer: Timer | None = None  # prune_on=seconds: Lightning's clock of the time budget

@@ -57,7 +57,7 @@ def test_the_best_trial_of_a_sweep_is_a_setting_kept_for_resumes(ablation, tmp_p
     optuna = pytest.importorskip("optuna")
     from omegaconf import OmegaConf
 
-    from seq2seq.sweeper import JOURNAL_FILE, StudySpec
+    from seq2seq.trial import JOURNAL_FILE, StudySpec
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()

@@ -63,3 +63,15 @@ def test_the_sigterm_broadcast_and_handler_are_still_what_check_sigterm_on_loggi
     assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor.__name__ == "agree_on_sigterm"
     trainer._signal_connector._sigterm_notifier_fn(signal.SIGTERM, None)  # one process: stops at once
     assert trainer.received_sigterm
+
+
+def test_a_failed_hydra_job_still_keeps_its_exception_where_failed_job_error_reads_it():
+    import pytest
+    from hydra.core.utils import JobReturn, JobStatus
+
+    error = ValueError("model.hidden_size must be positive")
+    result = JobReturn(status=JobStatus.FAILED)
+    result.return_value = error  # as run_job records a job that raised
+    assert private_apis.failed_job_error(result) is error
+    with pytest.raises(ValueError):  # the public property raises it: hence the private field
+        _ = result.return_value

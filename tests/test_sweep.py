@@ -69,7 +69,7 @@ def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path):
 
 def study_of(sweep_dir: Path, name: str, storage: str | None = None):
     """The study as another process reads it while the sweep writes it."""
-    from seq2seq.sweeper import JOURNAL_FILE, StudySpec
+    from seq2seq.trial import JOURNAL_FILE, StudySpec
 
     spec = StudySpec(storage=storage or str(sweep_dir / JOURNAL_FILE), name=name, direction="maximize")
     return pytest.importorskip("optuna").load_study(study_name=name, storage=spec.open_storage())
@@ -404,7 +404,7 @@ def test_the_command_line_wins_over_the_search_space():
     """A sweep override replaces a key's distribution; one value takes the key out of the search (it
     had been sampled over it)."""
     pytest.importorskip("optuna")
-    from seq2seq.sweeper import search_space
+    from seq2seq.sweeper.space import search_space
 
     params = {"model.hidden_size": "choice(256, 512)", "module.optimizer.lr": "interval(0.001, 0.01)"}
     arguments = ["model.hidden_size=64", "module.optimizer.lr=choice(0.01, 0.03)", "trainer.max_steps=9"]
@@ -419,7 +419,7 @@ def test_a_continued_study_does_not_repeat_the_proposals_of_its_seed():
     optuna = pytest.importorskip("optuna")
     from omegaconf import OmegaConf
 
-    from seq2seq.sweeper import worker_sampler
+    from seq2seq.sweeper.workers import worker_sampler
 
     config = OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": 1234})
     space = {"module.optimizer.lr": optuna.distributions.FloatDistribution(1e-3, 6e-3, log=True)}
@@ -526,7 +526,7 @@ def test_the_intermediate_values_plot_stays_legible_with_many_trials(tmp_path):
     """Optuna's PNG legend has a row per trial: forty trials would make the figure a tall strip."""
     optuna = pytest.importorskip("optuna")
     pytest.importorskip("matplotlib")
-    from seq2seq.sweeper import write_plots
+    from seq2seq.sweeper.plots import write_plots
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(40):
