@@ -3,6 +3,8 @@ steps, what the best and last checkpoints hold, and a resumed run continuing it.
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -97,3 +99,42 @@ def test_ema_decay_must_be_in_the_open_unit_interval():
         TranslationModule(
             {"embed_size": 8, "hidden_size": 16}, 12, 12, {"lr": 0.01}, {"name": "constant"}, ema_decay=1.0
         )
+
+
+def test_validation_scores_the_average_not_the_raw_weights(compose_config, tmp_path):
+    """The logged validation loss and BLEU are those of the averaged weights (held by the best
+    checkpoint), which differ from those of the raw weights (last.ckpt) that training left."""
+    cfg = compose_config(
+        *QUICK, "module.ema_decay=0.9", "trainer.max_steps=12", "trainer.val_check_interval=12",
+        "trainer.precision=32-true",
+    )  # fmt: skip
+    train(cfg)
+    (logged,) = [
+        r for r in csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").open()) if r["val_loss"]
+    ]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (best,) = checkpoints.glob("best-step12-*.ckpt")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+
+    def scores(path: Path) -> dict[str, float]:
+        """Validation's scores of a checkpoint's weights, as they are (no averaging outside fit)."""
+        checkpoint = torch.load(path, weights_only=False)
+        module = TranslationModule(**checkpoint["hyper_parameters"])
+        module.load_state_dict(checkpoint["state_dict"])
+        module.tokenizer = datamodule.tokenizer
+        trainer = L.Trainer(
+            accelerator="cpu", precision="32-true", logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=1, use_distributed_sampler=False,
+        )  # fmt: skip
+        (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        return metrics
+
+    average, raw = scores(best), scores(checkpoints / "last.ckpt")
+    tolerance = 1e-4
+    assert abs(average["val_loss"] - raw["val_loss"]) > 100 * tolerance  # 0.06 here: told apart
+    loss = float(logged["val_loss"])
+    assert abs(loss - average["val_loss"]) < tolerance, (
+        f"logged val_loss {loss}: the averaged weights score {average['val_loss']}, the raw {raw['val_loss']}"
+    )
+    assert float(logged["val_bleu"]) == pytest.approx(average["val_bleu"], abs=tolerance)
