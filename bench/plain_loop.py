@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from seq2seq.data import load_bible
-from seq2seq.data.prepared import build_or_reuse, open_prepared
+from seq2seq.data.prepared.cache import build_or_reuse, open_prepared
 from seq2seq.tokenization import BOS_ID, EOS_ID, PAD_ID, SubwordSettings
 
 

@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from seq2seq.data import EncodedSplit, ParallelFiles, RaggedIds
-from seq2seq.data import prepared as prepared_module
-from seq2seq.data.prepared import read_ahead, stale_reason
+from seq2seq.data.prepared import cache as prepared_module
+from seq2seq.data.prepared.cache import read_ahead, stale_reason
 from seq2seq.tokenization import LineSample
 from tests.test_training import QUIET, REPO, run_script
 
@@ -302,7 +302,7 @@ CLUSTER_PROCESS = """
 import errno, logging, sys, time
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-import seq2seq.data.prepared as prepared
+import seq2seq.data.prepared.cache as prepared
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 if sys.argv[2] == "nolock":
     def flock(fd, operation):

@@ -12,7 +12,7 @@ from seq2seq.data.corpora import (
     load_synthetic,
 )
 from seq2seq.data.datamodule import TranslationDataModule
-from seq2seq.data.prepared import RaggedIds
+from seq2seq.data.prepared.cache import RaggedIds
 from seq2seq.data.sampler import TokenBucketBatchSampler
 
 __all__ = [

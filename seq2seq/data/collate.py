@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from seq2seq.data.prepared import RaggedIds
+from seq2seq.data.prepared.cache import RaggedIds
 from seq2seq.tokenization import BOS_ID, EOS_ID, PAD_ID
 
 

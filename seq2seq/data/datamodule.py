@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from seq2seq.data.collate import EncodedSplit
 from seq2seq.data.corpora import ConcatenatedText, Corpus, ParallelText
-from seq2seq.data.prepared import (
+from seq2seq.data.prepared.cache import (
     build_or_reuse,
     memory_available,
     open_prepared,
