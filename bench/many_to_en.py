@@ -35,7 +35,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from runs import best_checkpoint, train_command, trained
 
-from seq2seq.data.corpora import BIBLE_LANGUAGES, load_bible, read_lines
+from seq2seq.data.corpora import BIBLE_LANGUAGES, load_bible
+from seq2seq.data.text import read_lines
 from seq2seq.metrics import corpus_scores
 
 TARGET = "k"  # the many-to-English model's target: KJV

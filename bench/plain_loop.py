@@ -24,8 +24,9 @@ import sacrebleu
 import torch
 from torch import Tensor, nn
 
-from seq2seq.data import load_bible
-from seq2seq.data.prepared.cache import build_or_reuse, open_prepared
+from seq2seq.data.corpora import load_bible
+from seq2seq.data.prepared.cache import build_or_reuse
+from seq2seq.data.prepared.format import open_prepared
 from seq2seq.tokenization import BOS_ID, EOS_ID, PAD_ID, SubwordSettings
 
 

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from seq2seq.data.corpora import read_lines
+from seq2seq.data.text import read_lines
 from seq2seq.metrics import corpus_scores
 
 VARIANTS = {

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from runs import best_checkpoint, train_command, trained
 
-from seq2seq.data.corpora import BIBLE_LANGUAGES, read_lines
+from seq2seq.data.corpora import BIBLE_LANGUAGES
+from seq2seq.data.text import read_lines
 from seq2seq.metrics import corpus_scores
 
 # the recipe's values before the Hyperband search chose new ones (the learning rate aside)

@@ -27,8 +27,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from seq2seq.data import TranslationDataModule
 from seq2seq.data.collate import Batch
+from seq2seq.data.datamodule import TranslationDataModule
 from seq2seq.data.sampler import padding_efficiency
 from seq2seq.flops import training_flops
 from seq2seq.module import TranslationModule

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.checkpoints import store_alpha
-from seq2seq.data.corpora import ParallelText, read_lines
+from seq2seq.data.corpora import ParallelText
+from seq2seq.data.text import read_lines
 from seq2seq.errors import UserError
 from seq2seq.metrics import (
     MixtureSplit,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seq2seq.cli import run_cli
-from seq2seq.data.corpora import read_lines
+from seq2seq.data.text import read_lines
 from seq2seq.errors import UserError
 from seq2seq.metrics import corpus_scores
 

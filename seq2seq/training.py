@@ -23,7 +23,7 @@ from seq2seq.checkpoints import (
     save_last_checkpoint,
 )
 from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
-from seq2seq.data import TranslationDataModule
+from seq2seq.data.datamodule import TranslationDataModule
 from seq2seq.errors import UserError
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
 from seq2seq.metrics import MixtureSplit

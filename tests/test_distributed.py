@@ -19,8 +19,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from seq2seq.data import TokenBucketBatchSampler
-from seq2seq.data.sampler import ResumableDataLoader
+from seq2seq.data.sampler import ResumableDataLoader, TokenBucketBatchSampler
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_trainer_precision
 from tests.fault_callbacks import read_records

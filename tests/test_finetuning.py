@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seq2seq.checkpoints import check_architecture
-from seq2seq.data import load_synthetic
+from seq2seq.data.corpora import load_synthetic
 from seq2seq.metrics import corpus_scores
 from seq2seq.training import train
 from seq2seq.translator import Translator

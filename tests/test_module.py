@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from seq2seq.data import EncodedSplit
+from seq2seq.data.encoded import EncodedSplit
 from seq2seq.module import TranslationModule
 from seq2seq.tokenization import PAD_ID
 from seq2seq.training import train

@@ -21,9 +21,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from seq2seq.data import EncodedSplit, ParallelFiles, RaggedIds
-from seq2seq.data.prepared import cache as prepared_module
-from seq2seq.data.prepared.cache import read_ahead, stale_reason
+from seq2seq.data.corpora import ParallelFiles
+from seq2seq.data.encoded import EncodedSplit
+from seq2seq.data.prepared import cache as cache_module
+from seq2seq.data.prepared.cache import stale_reason
+from seq2seq.data.prepared.format import RaggedIds
+from seq2seq.data.prepared.read_ahead import read_ahead
 from seq2seq.tokenization import LineSample
 from tests.test_training import QUIET, REPO, run_script
 
@@ -302,17 +305,17 @@ CLUSTER_PROCESS = """
 import errno, logging, sys, time
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-import seq2seq.data.prepared.cache as prepared
+import seq2seq.data.prepared.cache as cache
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 if sys.argv[2] == "nolock":
     def flock(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
-    prepared.fcntl.flock = flock
-build = prepared.build
+    cache.fcntl.flock = flock
+build = cache.build
 def slow_build(*args):
     build(*args)
     time.sleep(3)
-prepared.build = slow_build
+cache.build = slow_build
 datamodule = instantiate(OmegaConf.load(sys.argv[1]))
 datamodule.setup("fit")
 reads_ahead = datamodule.reading_ahead is not None
@@ -414,8 +417,8 @@ def test_an_mtime_only_change_is_hashed_once(tmp_path, compose_config, caplog, m
     train_src = Path(corpus[0].split("=", 1)[1])
     os.utime(train_src, ns=(time.time_ns(), time.time_ns() + 10**9))  # as cp without -p, git checkout
     hashed = []
-    digest = prepared_module.file_digest
-    monkeypatch.setattr(prepared_module, "file_digest", lambda path: hashed.append(path) or digest(path))
+    digest = cache_module.file_digest
+    monkeypatch.setattr(cache_module, "file_digest", lambda path: hashed.append(path) or digest(path))
     caplog.set_level(logging.INFO, logger="seq2seq.data.prepared")
     for _ in range(2):
         files_datamodule(compose_config, corpus)

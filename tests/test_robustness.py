@@ -26,8 +26,8 @@ from omegaconf import OmegaConf
 
 from seq2seq.averaging import average_checkpoints
 from seq2seq.cli import is_user_error
-from seq2seq.data import TranslationDataModule, load_synthetic
-from seq2seq.data.corpora import ParallelText
+from seq2seq.data.corpora import ParallelText, load_synthetic
+from seq2seq.data.datamodule import TranslationDataModule
 from seq2seq.errors import MissingFileError, UserError, user_path
 from seq2seq.evaluation import tune_alpha
 from seq2seq.precision import resolve_trainer_precision

