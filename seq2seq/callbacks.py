@@ -354,9 +354,16 @@ class FinalValidation(L.Callback):
     not where ``max_steps`` or ``max_epochs`` do: a short run would end with no validation at all. Setting
     ``should_stop`` on the last step (as early stopping does) makes Lightning validate there, unless
     that step validates anyway.
+
+    With ``every_epoch`` (``evaluate.validate_every_epoch``), an interval in batches longer than an epoch
+    becomes an epoch's batches: a small corpus validates at the end of every epoch (Lightning counts the
+    interval across epochs, ``check_val_every_n_epoch`` being null), so that a short run on it keeps its
+    best epoch and validates often enough for ``decoding.alpha=auto`` to be tuned. An interval in time,
+    or of at most an epoch, stays as it is.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, every_epoch: bool = False) -> None:
+        self.every_epoch = every_epoch
         self.count = 0
         self.seconds = 0.0
         self._started = 0.0
@@ -366,6 +373,19 @@ class FinalValidation(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.count = state_dict["count"]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        interval = getattr(trainer, "val_check_interval", None)  # unset for an interval in time
+        by_batches = isinstance(interval, int) and trainer.check_val_every_n_epoch is None
+        if not (self.every_epoch and by_batches):
+            return
+        epoch = len(trainer.datamodule.train_dataloader())  # this process's batches: the same every epoch
+        if epoch < interval:
+            trainer.val_check_interval = epoch  # read by Lightning's fit loop when it sets up the data
+            log.info(
+                "Validation every %d batches, at the end of each epoch: trainer.val_check_interval=%d is"
+                " longer than an epoch (evaluate.validate_every_epoch=true)", epoch, interval,
+            )  # fmt: skip
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Batch, batch_idx: int

@@ -133,7 +133,8 @@ def train(cfg: DictConfig) -> float:
     parameters = sum(p.numel() for p in module.parameters())
     log_run_start(cfg, tokenizer, parameters)
 
-    final_validation = FinalValidation()  # a best checkpoint even from a run shorter than val_check_interval
+    # A best checkpoint even from a run shorter than val_check_interval; a validation every epoch at least
+    final_validation = FinalValidation(every_epoch=cfg.evaluate.validate_every_epoch)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [final_validation]
     if ckpt_path:
         callbacks.append(CarryBestCheckpoint())

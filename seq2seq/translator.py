@@ -109,8 +109,9 @@ class Translator:
         settings = settings or DecodingSettings(**options)
         if settings.alpha == AUTO and settings.beam > 1 and self.alpha is None and not self._warned_untuned:
             log.warning(
-                "alpha=auto, but no length penalty was chosen for this model on validation data"
-                " (a checkpoint gets one at the end of a run with decoding.alpha=auto): using alpha=%s",
+                "alpha=auto, but no length penalty was chosen for this model on validation data (only a"
+                " best checkpoint gets one, after a run with decoding.alpha=auto that validated at least"
+                " evaluate.min_validations times and found one alpha better): using alpha=%s",
                 UNTUNED_ALPHA,
             )
             self._warned_untuned = True

@@ -3,14 +3,18 @@ helpful errors from the command line."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from seq2seq.callbacks import FinalValidation
 from seq2seq.training import train
+from seq2seq.translator import Translator
 from tests.test_training import QUIET, run_script
 
 HOUR = "00:01:00:00"
@@ -79,6 +83,52 @@ def test_a_short_run_validates_at_its_end_and_resumes_within_its_time_budget(
     lines = [(seconds(elapsed), seconds(left)) for elapsed, left in PROGRESS.findall(caplog.text)]
     assert lines and lines[0][0] >= int(used)
     assert all(left >= 0 and abs(elapsed + left - budget) <= 2 for elapsed, left in lines)
+
+
+def test_a_small_corpus_validates_every_epoch_tunes_alpha_and_its_last_checkpoint_translates(
+    compose_config, tmp_path, caplog
+):
+    """300 pairs make 6 batches an epoch, fewer than the default trainer.val_check_interval of 500: the
+    run validates at the end of each epoch (evaluate.validate_every_epoch), often enough to tune alpha."""
+    caplog.set_level(logging.INFO)
+    cfg = compose_config(
+        "data=toy", "data.corpus.sizes.train=300", "model=tiny", "trainer.max_time=null",
+        "trainer.max_epochs=3", "module.optimizer.lr=0.01", "module.scheduler.warmup_steps=1",
+        "trainer.precision=32-true", "decoding.beam=2", "evaluate.test=false", *QUIET,
+    )  # fmt: skip
+    assert cfg.trainer.val_check_interval == 500 and cfg.evaluate.validate_every_epoch
+    train(cfg)
+    assert "Validation every 6 batches, at the end of each epoch" in caplog.text
+    assert re.findall(r"validation at step (\d+)", caplog.text) == ["6", "12", "18"]
+    assert "(3 validations while training)" in caplog.text
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert set(result["alpha_bleu"]) == {"0.6", "1.0", "1.5", "2.0"}  # tuned: the grid was decoded
+    # A run stopped before its first validation leaves last.ckpt only: it translates too.
+    translator = Translator.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert len(translator.translate(["w1 w2 w3", "w4 w5"], beam=2)) == 2
+
+
+@pytest.mark.parametrize(
+    ("interval", "every_epoch", "check_every_n_epochs", "expected"),
+    [
+        (500, True, None, 500),  # the Bible default's 643 batches an epoch: every 500, as ever
+        (1000, True, None, 643),  # longer than an epoch: at each epoch's end
+        (1000, False, None, 1000),  # evaluate.validate_every_epoch=false: as given
+        (1000, True, 1, 1000),  # Lightning's per-epoch counting: as given
+        (None, True, None, None),  # an interval in time ('DD:HH:MM:SS'): Lightning sets no batch count
+    ],
+)
+def test_an_interval_longer_than_an_epoch_becomes_an_epoch(
+    interval, every_epoch, check_every_n_epochs, expected
+):
+    trainer = SimpleNamespace(
+        check_val_every_n_epoch=check_every_n_epochs,
+        datamodule=SimpleNamespace(train_dataloader=lambda: range(643)),
+    )
+    if interval is not None:
+        trainer.val_check_interval = interval
+    FinalValidation(every_epoch=every_epoch).on_fit_start(trainer, None)
+    assert getattr(trainer, "val_check_interval", None) == expected
 
 
 def test_translate_checks_every_path_before_loading_the_model(tmp_path):
