@@ -104,6 +104,31 @@ def reject_added_keys(cfg: DictConfig) -> None:
         raise UserError(unknown_option(added[0], [key for key in dotted_keys(cfg) if key not in added]))
 
 
+def config_groups() -> str:
+    """The config groups and their options, a line each, for ``python train.py --help`` (``${config_groups:}``
+    in conf/hydra/help/train.yaml). Hydra's own list (``$APP_CONFIG_GROUPS``) also shows the configs
+    named ``_...``, which options build on (``data/_shared``) but which are no choice of their own."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    loader = GlobalHydra.instance().config_loader()
+
+    def groups(parent: str) -> Iterator[str]:
+        for name in loader.list_groups(parent):
+            group = f"{parent}/{name}" if parent else name
+            if group == "hydra":  # Hydra's own groups: python train.py --hydra-help
+                continue
+            options = [o for o in loader.get_group_options(group, ObjectType.CONFIG) if not o.startswith("_")]
+            if options:
+                yield f"{group}: {', '.join(sorted(options))}"
+            yield from groups(group)
+
+    return "\n".join(sorted(groups("")))
+
+
+OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (Hydra's messages span several); an unknown key gets the closest
     known one."""

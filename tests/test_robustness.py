@@ -589,6 +589,8 @@ def test_help_lists_groups_options_and_main_keys_with_current_values():
     )
     assert "model.hidden_size=512" in train.stdout and "decoding.alpha=auto" in train.stdout
     assert "model.hidden_size=512" in train.stdout and "trainer.max_time=00:00:28:00" in train.stdout
+    assert "ckpt_path=None" in train.stdout and "init_from=None" in train.stdout
+    assert "\ndata: bible, " in train.stdout and "_shared" not in train.stdout  # a part, not an option
     assert "model.hidden_size=1024" in run_script("train.py", "model=base", "--help").stdout
     translate = run_script("translate.py", "--help")
     assert translate.returncode == 0
