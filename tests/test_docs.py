@@ -221,3 +221,100 @@ def test_every_relative_link_points_to_a_file_and_heading_that_exist(page):
         elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked.read_text("utf-8")):
             broken.append(f"{target} (no heading #{anchor} in {linked.relative_to(REPO)})")
     assert not broken, f"{page.relative_to(REPO)}: broken links: {', '.join(broken)}"
+
+
+# What the pages state about the default configuration, each phrase with the figures filled in from the
+# config (and the model it builds): a changed default fails here, naming the page that still says the old.
+BIBLE_VERSES = 31_102  # every version of the Bible package has all of them (docs/data.md)
+STATED = [
+    (
+        "README.md",
+        "({training:,} training verses, {valid:,} each for validation and test), the `small` model",
+    ),
+    ("README.md", "the `small` model on the CPU, for {minutes:g} minutes"),
+    ("docs/training.md", "{training:,} training verses with {valid:,} held out for validation"),
+    ("docs/training.md", "a joint {vocab:,}-piece sentencepiece vocabulary"),
+    ("docs/training.md", "stops itself after {minutes:g} minutes of training"),
+    ("docs/training.md", "`small` (CPU default: embeddings {embed}, hidden {hidden}, {layers} layer,"),
+    ("docs/training.md", "{batch_tokens:,}-token batches, {vocab:,} pieces for the Bible"),
+    (
+        "docs/training.md",
+        "(embeddings {embed}, `module.optimizer.lr={lr}`, label smoothing {smoothing}, dropout {dropout}:",
+    ),
+    ("docs/training.md", "`trainer.val_check_interval` batches, {val_interval} by default"),
+    ("docs/training.md", "make 643 batches of the default {batch_tokens:,} tokens"),
+    ("docs/training.md", "`last.ckpt` every {last_every} steps"),
+    (
+        "docs/clusters.md",
+        "| {gpu_batch_tokens} | padded tokens per batch and GPU (the CPU default is {batch_tokens})",
+    ),
+    ("docs/clusters.md", "| `trainer.val_check_interval` | {gpu_val_interval} batches |"),
+    ("docs/clusters.md", "`checkpoints/last.ckpt` is written every {last_every} steps"),
+    ("docs/clusters.md", "({parameters_m:.2f}M parameters, joint vocabulary of {vocab:,})"),
+    ("docs/clusters.md", "the CPU default stops after {minutes:g} minutes"),
+    ("docs/data.md", "`data=files` asks sentencepiece for {files_vocab:,} pieces"),
+    ("docs/data.md", "twice the Bible default's {vocab:,}"),
+]
+
+
+def default_parameters(model: dict, vocab: int) -> int:
+    from seq2seq.model import Seq2Seq  # torch: only for the tests that build the model
+
+    return sum(p.numel() for p in Seq2Seq(vocab, vocab, **model).parameters())
+
+
+@pytest.fixture(scope="module")
+def figures() -> dict[str, object]:
+    """The default configuration's figures that the pages state."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg, gpu, files = (compose("config", overrides=o) for o in ([], ["trainer=gpu"], ["data=files"]))
+    assert cfg.data.subword.joint  # "a joint ... vocabulary"
+    days, hours, minutes, seconds = (int(part) for part in cfg.trainer.max_time.split(":"))
+    vocab, corpus = cfg.data.subword.vocab_size, cfg.data.corpus
+    return {
+        "vocab": vocab,
+        "files_vocab": files.data.subword.vocab_size,
+        "valid": corpus.valid_size,
+        "training": BIBLE_VERSES - corpus.valid_size - corpus.test_size,
+        "minutes": (days * 24 + hours) * 60 + minutes + seconds / 60,
+        "embed": cfg.model.embed_size,
+        "hidden": cfg.model.hidden_size,
+        "layers": cfg.model.num_layers,
+        "lr": cfg.module.optimizer.lr,
+        "smoothing": cfg.module.label_smoothing,
+        "dropout": cfg.model.dropout,
+        "batch_tokens": cfg.data.batch_tokens,
+        "gpu_batch_tokens": gpu.data.batch_tokens,
+        "val_interval": cfg.trainer.val_check_interval,
+        "gpu_val_interval": gpu.trainer.val_check_interval,
+        "last_every": cfg.callbacks.last_checkpoint.every_n_train_steps,
+        "parameters": (parameters := default_parameters(dict(cfg.model), vocab)),
+        "parameters_m": parameters / 1e6,
+    }
+
+
+def flowing(page: str) -> str:
+    """The page's text with each run of whitespace (line breaks included) as one space."""
+    return re.sub(r"\s+", " ", (REPO / page).read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(("page", "phrase"), STATED, ids=[f"{page}:{phrase[:40]}" for page, phrase in STATED])
+def test_the_docs_state_the_default_configs_figures(figures, page, phrase):
+    expected = phrase.format(**figures)
+    stated = expected in flowing(page)
+    assert stated, f"{page} should say: {expected}"
+
+
+def test_the_checkpoint_sizes_stated_follow_from_the_default_models_parameters(figures):
+    """last.ckpt holds the fp32 weights and AdamW's two fp32 moments, a best checkpoint the weights alone;
+    both also hold the sentencepiece model and the run's config (0.5 MB for the default, measured)."""
+    sizes = re.search(
+        r"`last\.ckpt` is ([\d.]+) MB and a best checkpoint ([\d.]+) MB", flowing("docs/clusters.md")
+    )
+    assert sizes, "docs/clusters.md no longer states the checkpoint sizes"
+    last, best = (float(size) * 1e6 for size in sizes.groups())
+    weights = 4 * figures["parameters"]
+    assert 0 < best - weights < 1e6, (
+        f"a best checkpoint: {weights / 1e6:.1f} MB of weights and under 1 MB more"
+    )
+    assert 0 < last - 3 * weights < 1e6, f"last.ckpt: {3 * weights / 1e6:.1f} MB and under 1 MB more"
