@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     paths = check_paths(cfg)
     import torch
 
-    from seq2seq.search import DecodingSettings
+    from seq2seq.decoding import DecodingSettings
     from seq2seq.translator import Translator, translate_file
 
     quiet_third_party()

@@ -32,11 +32,11 @@ from flops import FlopCounter, peak_flops
 from seq2seq.data.corpora import load_bible
 from seq2seq.data.encoded import EncodedSplit
 from seq2seq.data.sampler import TokenBucketBatchSampler
+from seq2seq.decoding import DecodingSettings
 from seq2seq.evaluation import choose_alpha
 from seq2seq.flops import training_flops
 from seq2seq.metrics import corpus_scores
 from seq2seq.precision import DECODING_PRECISIONS
-from seq2seq.search import DecodingSettings
 from seq2seq.tokenization import PAD_ID
 from seq2seq.translator import Translator
 

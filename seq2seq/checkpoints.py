@@ -6,10 +6,12 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seq2seq.decoding import DecodingSettings
 from seq2seq.errors import MissingFileError, UserError, user_path
 from seq2seq.files import atomic_write
 
@@ -17,7 +19,8 @@ if TYPE_CHECKING:
     import lightning as L
     import torch
 
-    from seq2seq.module import TranslationModule
+    from seq2seq.model import Seq2Seq
+    from seq2seq.tokenization import Tokenizer
 
 # What loading a truncated, corrupt or foreign checkpoint raises.
 UNLOADABLE_CHECKPOINT = (
@@ -61,40 +64,73 @@ def read_checkpoint(
     return checkpoint
 
 
-def load_module(path: str | Path, device: str | torch.device = "cpu") -> TranslationModule:
-    """The TranslationModule of a checkpoint, with a clear error for a missing or unusable file."""
-    from seq2seq.module import TranslationModule  # the Lightning side stays out of plain use
+@dataclass
+class TrainedModel:
+    """What a training checkpoint holds for translating: the network (in eval mode), its tokenizer, the
+    run's decoding settings (``alpha`` as chosen after training), BLEU's target language and tokenizer,
+    and the run's resolved configuration."""
 
-    path = require_file(path)
+    model: Seq2Seq
+    tokenizer: Tokenizer
+    decoding: DecodingSettings
+    tgt_lang: str | None
+    bleu_tokenize: str | None
+    run_config: dict[str, Any]
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
+    """The model of a training checkpoint, built from its saved settings without Lightning (translating
+    needs the network, the tokenizer and the settings, not the training module); a clear error for a
+    missing or unusable file.
+
+    The LightningModule keeps the network as its ``model`` attribute, so its weights are the
+    ``model.``-prefixed entries of the checkpoint's ``state_dict`` (the averaged ones where
+    ``module.ema_decay`` was on: :class:`~seq2seq.ema.WeightAverage` writes them there).
+    """
+    from seq2seq.model import Seq2Seq  # torch loads here, not for translate.py's early checks
+    from seq2seq.tokenization import Tokenizer
+
+    checkpoint = read_checkpoint(path, required=("state_dict", "tokenizer", "hyper_parameters"))
+    settings = checkpoint["hyper_parameters"]
     try:
         with user_path(path):
-            return TranslationModule.load_from_checkpoint(path, map_location=device, weights_only=False)
+            model = Seq2Seq(settings["src_vocab_size"], settings["tgt_vocab_size"], **settings["model"])
+            weights = {
+                name.removeprefix("model."): value
+                for name, value in checkpoint["state_dict"].items()
+                if name.startswith("model.")
+            }
+            model.load_state_dict(weights)
     except UNLOADABLE_CHECKPOINT as err:
         raise UserError(
             f"Cannot load checkpoint {path}: not a complete checkpoint of this toolkit ({err})"
         ) from None
+    return TrainedModel(
+        model=model.to(device).eval(),
+        tokenizer=Tokenizer.from_state_dict(checkpoint["tokenizer"]),
+        decoding=DecodingSettings.from_config(settings.get("decoding") or {}, prefix="decoding."),
+        tgt_lang=settings.get("tgt_lang"),
+        bleu_tokenize=settings.get("bleu_tokenize"),
+        run_config=checkpoint.get("run_config") or {},
+    )
 
 
 def check_resume_checkpoint(path: str, max_time: str | timedelta | None = None) -> None:
     """Fail clearly, before training starts, if ``ckpt_path`` is not a training checkpoint of ours, or if
     the run it resumes has already used up ``max_time`` (``trainer.max_time`` counts the whole run:
     Lightning's Timer carries the time trained in the checkpoint)."""
-    from lightning.pytorch.callbacks import Timer
-
-    from seq2seq.callbacks import clock
+    from seq2seq.run_clock import budget_seconds, checkpoint_elapsed_seconds, clock
 
     try:
         checkpoint = read_checkpoint(path, required=("state_dict", "tokenizer", "loops"))
     except UserError as err:
         raise type(err)(f"ckpt_path: {err}") from None
-    timer_state = checkpoint.get("callbacks", {}).get(Timer.__qualname__)  # Timer's state_key
-    if max_time is None or timer_state is None:
+    elapsed = checkpoint_elapsed_seconds(checkpoint)
+    if max_time is None or elapsed is None:
         return
-    timer = Timer(duration=max_time)
-    timer.load_state_dict(timer_state)
-    if timer.time_remaining() <= 0:
+    if elapsed >= budget_seconds(max_time):
         raise UserError(
-            f"ckpt_path: the run has already trained for {clock(timer.time_elapsed())}, all of"
+            f"ckpt_path: the run has already trained for {clock(elapsed)}, all of"
             f" trainer.max_time={max_time}, which counts the whole run across resumes: give a larger"
             " trainer.max_time to train on"
         )
@@ -147,19 +183,35 @@ def check_architecture(
                 )
 
 
-def save_last_checkpoint(trainer: L.Trainer) -> None:
-    """Write ``last.ckpt`` now that training has ended (Lightning saves it at the end only if it never did).
+def save_resume_checkpoint(trainer: L.Trainer, path: Path, stopped: str) -> None:
+    """Save ``path`` for the run to resume from, its loop counts saying where training really stopped:
+    the one place that saves a checkpoint on stopping. ``stopped`` is when:
 
-    When training ended with an epoch, the epoch loop still counts that epoch's batches; saved so, a
-    resumed run would find the next epoch already at its end, skip it, and draw the following epoch's
-    batch order. So the counts are first reset as Lightning resets them when an epoch starts.
+    - ``"fit ended"``: ``fit`` returned (max_steps, max_time, early stopping, the last epoch). An epoch
+      served whole becomes the start of the next one, a stop inside one is undone as an epoch's end
+      (:func:`~seq2seq.private_apis.restart_finished_epoch`);
+    - ``"in a batch"``: Ctrl-C or an error while a batch was under way: the run's counts forget the
+      batch that never trained (:func:`~seq2seq.private_apis.forget_unfinished_batch`);
+    - ``"training goes on"``: SLURM's requeue signal, after which the run continues: its live counts
+      stay as they are.
     """
-    from seq2seq.private_apis import restart_finished_epoch
+    from seq2seq.private_apis import forget_unfinished_batch, restart_finished_epoch
 
-    restart_finished_epoch(trainer)
+    if stopped == "fit ended":
+        restart_finished_epoch(trainer)
+    elif stopped == "in a batch":
+        forget_unfinished_batch(trainer)
+    elif stopped != "training goes on":
+        raise ValueError(f"stopped must be 'fit ended', 'in a batch' or 'training goes on', got {stopped!r}")
+    trainer.save_checkpoint(path)
+
+
+def save_last_checkpoint(trainer: L.Trainer) -> None:
+    """Write ``last.ckpt`` now that training has ended (Lightning saves it at the end only if it never
+    did), into the folder of each checkpoint callback that keeps one."""
     for callback in trainer.checkpoint_callbacks:
         if getattr(callback, "save_last", False):
-            trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
+            save_resume_checkpoint(trainer, Path(callback.dirpath) / "last.ckpt", "fit ended")
 
 
 def store_alpha(path: str | Path, alpha: float, bleu_by_alpha: dict[float, float]) -> None:

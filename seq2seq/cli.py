@@ -30,6 +30,7 @@ from omegaconf.errors import (
 )
 
 from seq2seq.errors import UserError
+from seq2seq.private_apis import config_root
 
 # Exit codes: 2 for a user's mistake (like argparse), 128 + the signal for a stop by a signal (like the
 # shell), and Python's 1 for a bug, with its traceback.
@@ -138,8 +139,7 @@ def one_line(error: BaseException) -> str:
     if str(error).startswith("Could not override") and isinstance(
         getattr(cause, "parent_node", None), DictConfig
     ):
-        # key=value for a key the config does not have. OmegaConf has no public way up to the root.
-        root = cause.parent_node._get_root()
+        root = config_root(cause.parent_node)  # key=value for a key the config does not have
         return unknown_option(cause.full_key, [k for k in dotted_keys(root) if not k.startswith("hydra")])
     message = str(error).strip() or type(error).__name__
     if isinstance(error, MissingMandatoryValue):  # its later lines repeat the key and the node's type
@@ -241,7 +241,7 @@ def quiet_third_party() -> None:
     # Lightning calls a torch pytree API that torch has deprecated; nothing a user can change.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # Lightning warns when an epoch has fewer batches than trainer.log_every_n_steps; metrics are
-    # still logged at the end of the epoch, and seq2seq.callbacks.ProgressLog reports progress anyway.
+    # still logged at the end of the epoch, and seq2seq.progress.ProgressLog reports progress anyway.
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
     # torch warns that weights_only=False can run code from the file: our checkpoints hold the
     # tokenizer object and are loaded only from the user's own runs.

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from seq2seq.checkpoints import store_alpha
 from seq2seq.data.corpora import ParallelText
 from seq2seq.data.text import read_lines
+from seq2seq.decoding import AUTO, UNTUNED_ALPHA, DecodingSettings
 from seq2seq.errors import UserError
 from seq2seq.metrics import (
     MixtureSplit,
@@ -25,7 +26,7 @@ from seq2seq.metrics import (
     scores_by_corpus,
 )
 from seq2seq.precision import DECODING_PRECISIONS
-from seq2seq.search import AUTO, UNTUNED_ALPHA, DecodingSettings, best_for_alpha
+from seq2seq.search import best_for_alpha
 from seq2seq.translator import FileReport, Translator, translate_file
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.data.collate import Batch
+from seq2seq.decoding import DecodingSettings
 from seq2seq.ema import WeightAverage
 from seq2seq.errors import UserError, is_number
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores, mean_over_corpora, scores_by_corpus
@@ -20,7 +21,7 @@ from seq2seq.model import Seq2Seq
 from seq2seq.precision import clip_gradients
 from seq2seq.private_apis import should_update_logs
 from seq2seq.schedules import BUDGET_SCHEDULES, STEP_SCHEDULES, build_scheduler
-from seq2seq.search import DecodingSettings, decode
+from seq2seq.search import decode
 from seq2seq.tokenization import PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class TranslationModule(L.LightningModule):
         The values are read from the device in one wait and logged as numbers, off the progress bar:
         Lightning keeps what is logged until the epoch ends and reads a progress-bar value again after
         every later batch (a device tensor, or the one it makes of a number: a wait each step).
-        :class:`~seq2seq.callbacks.ProgressLog` puts the loss on the bar.
+        :class:`~seq2seq.progress.ProgressLog` puts the loss on the bar.
         """
         loss, ppl, skipped = torch.stack([loss, nll.exp(), self._skipped + self._found_inf]).tolist()
         self.log("train_loss", loss, batch_size=sentences)

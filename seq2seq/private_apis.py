@@ -1,5 +1,5 @@
-"""Every private name of Lightning, Hydra and OmegaConf that this package uses, in one place, each with
-why no public API serves and the version it was checked against.
+"""Every private name of Lightning, Hydra, OmegaConf and Optuna that this package uses, in one place,
+each with why no public API serves and the version it was checked against.
 
 tests/test_private_apis.py fails if a later release renames or removes any of them, or changes what
 they do. The libraries are imported inside the functions (their arguments are the libraries' objects):
@@ -9,12 +9,15 @@ importing this module loads none of them, so the command layer and the translato
 from __future__ import annotations
 
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import lightning as L
+    import optuna
+    from hydra.core.utils import JobReturn
+    from lightning.pytorch.callbacks import ThroughputMonitor
 
-CHECKED_VERSIONS = {"lightning": "2.6.6", "hydra-core": "1.3.8", "omegaconf": "2.3.1"}
+CHECKED_VERSIONS = {"lightning": "2.6.6", "hydra-core": "1.3.8", "omegaconf": "2.3.1", "optuna": "5.1.0"}
 
 
 def should_update_logs(trainer: L.Trainer) -> bool:
@@ -123,7 +126,7 @@ def batches_done_in_epoch(trainer: L.Trainer) -> int:
     return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
-def failed_job_error(result: object) -> BaseException:
+def failed_job_error(result: JobReturn) -> BaseException:
     """The exception that a failed Hydra job (``run_job``'s ``JobReturn``, status FAILED) raised.
 
     Private: ``JobReturn.return_value`` raises a failed job's exception (and writes a line to stderr)
@@ -131,3 +134,58 @@ def failed_job_error(result: object) -> BaseException:
     field ``_return_value``. Checked against hydra-core 1.3.8.
     """
     return result._return_value
+
+
+def config_root(node: Any) -> Any:
+    """The root of the OmegaConf config that ``node`` belongs to (an unknown key's error holds only its
+    parent node; the hint for it lists every key of the whole config).
+
+    Private (``Node._get_root``, checked against omegaconf 2.3.1): OmegaConf offers no public way from a
+    node up to its root; a node's ``_get_parent`` chain is private too.
+    """
+    return node._get_root()
+
+
+def count_untimed_batch(monitor: ThroughputMonitor, stage: Any, batch: Any) -> None:
+    """Count a batch into Lightning's ThroughputMonitor without reading its clock, as its ``_update``
+    counts one (target tokens, samples, batches), for :class:`seq2seq.callbacks.ThroughputMonitor`, which
+    times logging steps only.
+
+    Private (checked against Lightning 2.6.6): the monitor's per-stage counters ``_lengths``,
+    ``_samples`` and ``_batches``; its only counting path, ``_update``, also reads the clock (after a CUDA
+    synchronisation) and has no public hook that counts alone.
+    """
+    if monitor.length_fn is not None:
+        monitor._lengths[stage] += monitor.length_fn(batch)
+    monitor._samples[stage] += monitor.batch_size_fn(batch)
+    monitor._batches[stage] += 1
+
+
+def set_available_flops(monitor: ThroughputMonitor, flops: float) -> None:
+    """Give Lightning's ThroughputMonitor a peak FLOP/s for MFU where it knows none (a CPU).
+
+    Private (checked against Lightning 2.6.6): the per-stage ``Throughput`` objects in ``_throughputs``
+    copy the peak when ``setup`` builds them; the public ``available_flops`` is read only there.
+    """
+    monitor.available_flops = flops
+    for throughput in monitor._throughputs.values():
+        throughput.available_flops = flops
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """A trial's id in its study's storage (what the storage's methods take; ``number`` is per study).
+
+    Private (``_trial_id``, checked against Optuna 5.1.0): Optuna keeps it private on both trial classes,
+    and a sweeper that writes a trial's attributes without its ``Trial`` object (a dead worker's trial,
+    a heartbeat thread) or rebuilds a ``Trial`` in another process needs it.
+    """
+    return trial._trial_id
+
+
+def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage object a study was opened with (heartbeats and a dead worker's trial attributes).
+
+    Private (``Study._storage``, checked against Optuna 5.1.0): ``optuna.load_study`` takes a storage but
+    the study does not expose the one it wraps (a URL given is wrapped in a cached storage).
+    """
+    return study._storage

@@ -12,6 +12,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Timer
 
 from seq2seq.errors import UserError
+from seq2seq.private_apis import trial_id
+from seq2seq.run_clock import time_budget
 from seq2seq.trial import NO_TIME_BUDGET, PRUNED_AT, TRIAL_ENV, StudySpec
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,8 @@ class TrialPruning(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.spec.get("prune_on", "steps") == "seconds":
-            self.timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-            if self.timer is None or self.timer.time_remaining() is None:
+            self.timer = time_budget(trainer)
+            if self.timer is None:
                 raise UserError(NO_TIME_BUDGET)
         if trainer.is_global_zero and self.trial is None:
             import optuna
@@ -48,7 +50,7 @@ class TrialPruning(L.Callback):
             pruner = instantiate(self.spec["pruner"]) if self.spec["pruner"] else optuna.pruners.NopPruner()
             study = optuna.load_study(study_name=spec.name, storage=spec.open_storage(), pruner=pruner)
             trial_id = next(
-                t._trial_id for t in study.get_trials(deepcopy=False) if t.number == self.spec["trial"]
+                trial_id(t) for t in study.get_trials(deepcopy=False) if t.number == self.spec["trial"]
             )
             self.trial = optuna.Trial(study, trial_id)
 

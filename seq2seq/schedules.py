@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Timer
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from seq2seq.errors import UserError
+from seq2seq.run_clock import time_budget
 
 STEP_SCHEDULES = ("inverse_sqrt", "constant")
 BUDGET_SCHEDULES = ("linear", "cosine")
@@ -111,8 +111,8 @@ def time_budget_used(trainer: L.Trainer) -> Callable[[], float] | None:
     Lightning's Timer counts training time from the start of fit, validation included, plus the time of
     the run resumed from (its state is in checkpoints).
     """
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    if timer is None or timer.time_remaining() is None:
+    timer = time_budget(trainer)
+    if timer is None:
         return None
 
     def used() -> float:

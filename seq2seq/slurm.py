@@ -25,6 +25,8 @@ from types import FrameType
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from seq2seq.checkpoints import save_resume_checkpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -72,7 +74,9 @@ class SlurmRequeue:
             older = hpc_checkpoints(self.run_dir)
             number = int(older[-1].stem.rsplit("_", 1)[1]) + 1 if older else 1
             path = self.run_dir / f"hpc_ckpt_{number}.ckpt"
-            trainer.save_checkpoint(path)  # on every rank, as SLURM signals every task
+            save_resume_checkpoint(
+                trainer, path, "training goes on"
+            )  # on every rank, as SLURM signals each task
             if trainer.is_global_zero:
                 for old in older:
                     old.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from seq2seq.callbacks import CarryBestCheckpoint, FinalValidation, ProgressLog
+from seq2seq.callbacks import CarryBestCheckpoint, FinalValidation, best_checkpoint
 from seq2seq.checkpoints import (
     check_architecture,
     check_resume_checkpoint,
@@ -30,7 +30,9 @@ from seq2seq.metrics import MixtureSplit
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.private_apis import check_sigterm_on_logging_steps
+from seq2seq.progress import ProgressBar, ProgressLog
 from seq2seq.pruning import trial_pruning
+from seq2seq.run_clock import clock_callbacks
 from seq2seq.run_dir import discard_unused_run_dir, write_run_record
 from seq2seq.slurm import SlurmRequeue, newest_checkpoint
 from seq2seq.sweep import write_result
@@ -136,6 +138,7 @@ def train(cfg: DictConfig) -> float:
     # A best checkpoint even from a run shorter than val_check_interval; a validation every epoch at least
     final_validation = FinalValidation(every_epoch=cfg.evaluate.validate_every_epoch)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [final_validation]
+    callbacks += clock_callbacks(cfg.trainer.get("max_time"))  # the run's clock, also without max_time
     if ckpt_path:
         callbacks.append(CarryBestCheckpoint())
     if pruning := trial_pruning():  # a trial of hydra/sweeper=seq2seq: validations go to the study
@@ -143,6 +146,9 @@ def train(cfg: DictConfig) -> float:
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     # A progress bar only in a terminal: in a log file, its frames are noise (ProgressLog writes lines there).
     progress_bar = cfg.trainer.enable_progress_bar and sys.stdout.isatty()
+    progress = next((c for c in callbacks if isinstance(c, ProgressLog)), None)
+    if progress_bar and progress is not None:
+        callbacks.append(ProgressBar(progress))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -163,8 +169,7 @@ def train(cfg: DictConfig) -> float:
     log.info("Training took %.1f minutes", train_minutes)
     save_last_checkpoint(trainer)
 
-    by_bleu = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val_bleu"]
-    checkpoint = by_bleu[0] if by_bleu else None
+    checkpoint = best_checkpoint(trainer)
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
         interval = cfg.trainer.val_check_interval
         unit = {int: "batches", float: "of an epoch"}.get(type(interval), "of training (DD:HH:MM:SS)")
@@ -196,7 +201,6 @@ def train(cfg: DictConfig) -> float:
             "-" if scores.get("alpha_seconds") is None else f"{scores['alpha_seconds']:.0f} s",
             "-" if scores.get("test_seconds") is None else f"{scores['test_seconds']:.0f} s",
         )
-        progress = next((c for c in trainer.callbacks if isinstance(c, ProgressLog)), None)
         write_result(
             output_dir,
             status="pruned" if pruned else "ok",

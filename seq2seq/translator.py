@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from seq2seq.checkpoints import load_module
+from seq2seq.checkpoints import load_trained_model
 from seq2seq.data.collate import length_sorted_batches, pad
-from seq2seq.data.corpora import read_lines, read_text_lines
+from seq2seq.data.text import read_lines, read_text_lines
 from seq2seq.errors import MissingFileError, UserError, user_path
 from seq2seq.files import atomic_write
 from seq2seq.metrics import CorpusScores, corpus_scores
@@ -84,21 +84,21 @@ class Translator:
         """One checkpoint, or several of one vocabulary that decode as an ensemble: at each step, the
         next-token log-probabilities of the models are averaged. The length penalty for ``alpha=auto``
         and BLEU's language are the first checkpoint's."""
-        modules = [load_module(path, device) for path in paths]
-        first = modules[0]
-        for path, module in zip(paths[1:], modules[1:], strict=True):
-            if module.tokenizer.state_dict() != first.tokenizer.state_dict():
+        trained = [load_trained_model(path, device) for path in paths]
+        first = trained[0]
+        for path, other in zip(paths[1:], trained[1:], strict=True):
+            if other.tokenizer.state_dict() != first.tokenizer.state_dict():
                 raise UserError(
                     f"An ensemble needs one vocabulary: {path} has another sentencepiece model"
                     f" than {paths[0]}"
                 )
-        max_src_len = min((m.run_config or {}).get("data", {}).get("max_len", 256) for m in modules)
-        model = first.model if len(modules) == 1 else Ensemble([m.model for m in modules])
+        max_src_len = min(t.run_config.get("data", {}).get("max_len", 256) for t in trained)
+        model = first.model if len(trained) == 1 else Ensemble([t.model for t in trained])
         alpha = None if first.decoding.alpha == AUTO else first.decoding.alpha
         translator = cls(
             model, first.tokenizer, max_src_len, device, alpha, first.tgt_lang, first.bleu_tokenize, precision
         )
-        translator.run_config = first.run_config or {}
+        translator.run_config = first.run_config
         return translator
 
     def settings(

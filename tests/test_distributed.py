@@ -336,7 +336,7 @@ def test_killed_run_resumes_with_the_same_steps_schedule_and_batches(tmp_path):
 
 
 def wait_for_step(process: subprocess.Popen, min_step: int, timeout: float = 300) -> int:
-    """Read the run's progress lines (stdout, seq2seq.callbacks.ProgressLog) until one reports at least
+    """Read the run's progress lines (stdout, seq2seq.progress.ProgressLog) until one reports at least
     ``min_step`` steps; return that step."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -380,7 +380,7 @@ def test_ctrl_c_leaves_a_last_checkpoint_to_resume_from(tmp_path):
 
 
 def validation_steps(run: Path) -> list[int]:
-    """The steps at which a run validated, from its train.log (seq2seq.callbacks.ValidationLog)."""
+    """The steps at which a run validated, from its train.log (seq2seq.progress.ValidationLog)."""
     return [int(step) for step in re.findall(r"validation at step (\d+) \|", (run / "train.log").read_text())]
 
 
@@ -426,7 +426,7 @@ PER_STEP = {
     "Tensor.__bool__ from encoder.py:forward",
 }
 # What the first training hook after a validation may do, once: the validation's log line reads the best
-# checkpoint's score (seq2seq.callbacks.ValidationLog, rank 0).
+# checkpoint's score (seq2seq.progress.ValidationLog, rank 0).
 AFTER_VALIDATION = {"Tensor.__float__ from callbacks.py:flush"}
 # trainer=ddp (which builds on trainer=gpu) on the CPU, with one loader process per rank.
 GPU_RUN_ON_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true"]

@@ -15,9 +15,9 @@ from seq2seq.data.corpora import load_synthetic
 from seq2seq.data.datamodule import TranslationDataModule
 from seq2seq.data.mixture import load_corpora
 from seq2seq.data.sampler import CorpusMixture
+from seq2seq.decoding import DecodingSettings
 from seq2seq.evaluation import choose_alpha
 from seq2seq.metrics import mean_over_corpora, scores_by_corpus
-from seq2seq.search import DecodingSettings
 from seq2seq.tokenization import SubwordSettings, train_tokenizer
 from seq2seq.training import train
 from seq2seq.translator import Translator

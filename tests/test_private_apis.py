@@ -1,5 +1,5 @@
-"""The private Lightning names this package relies on still exist and mean what they did (see
-seq2seq/private_apis.py, and the ThroughputMonitor subclass in seq2seq/callbacks.py)."""
+"""The private names of Lightning, Hydra and OmegaConf this package relies on still exist and do what
+they did (see seq2seq/private_apis.py, and the ThroughputMonitor subclass in seq2seq/callbacks.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+from lightning.pytorch.trainer.states import RunningStage
+from omegaconf import OmegaConf
 
 from seq2seq import private_apis
 from seq2seq.callbacks import ThroughputMonitor as OurThroughputMonitor
+from seq2seq.data.collate import batch_size, target_tokens
+from tests.test_training_step import fit_tiny_module, random_split
 
 
 def test_the_logger_connector_still_decides_which_steps_log():
@@ -43,13 +47,33 @@ def test_the_epoch_loop_still_has_what_restart_finished_epoch_resets():
     assert private_apis.batches_done_in_epoch(trainer) == 1
 
 
-def test_the_throughput_monitor_still_counts_in_update_with_private_counters():
-    assert OurThroughputMonitor._update is not ThroughputMonitor._update
-    parameters = set(inspect.signature(ThroughputMonitor._update).parameters)
-    assert parameters == {"self", "trainer", "pl_module", "batch", "iter_num"}
-    monitor = ThroughputMonitor(batch_size_fn=len)
-    for counter in ("_lengths", "_samples", "_batches", "_throughputs"):
-        assert isinstance(getattr(monitor, counter), dict)
+def test_lightnings_throughput_monitor_still_counts_what_our_override_counts_between_logging_steps():
+    """Our ThroughputMonitor calls Lightning's ``_update`` on logging steps only and counts the other
+    batches into its private counters itself: after a fit, both must have counted the same batches,
+    samples and target tokens, and Lightning's must have counted them in ``_update``."""
+    counted_in_update = []
+
+    class LightningsMonitor(ThroughputMonitor):
+        def _update(self, trainer, pl_module, batch, iter_num):
+            before = self._batches[trainer.state.stage]
+            super()._update(trainer, pl_module, batch, iter_num)
+            counted_in_update.append(self._batches[trainer.state.stage] - before)
+
+    batches = [random_split(seed).collate(list(range(8))) for seed in range(7)]
+    ours = OurThroughputMonitor(batch_size_fn=batch_size, length_fn=target_tokens, window_size=2)
+    lightnings = LightningsMonitor(batch_size_fn=batch_size, length_fn=target_tokens, window_size=2)
+    fit_tiny_module(batches, max_steps=7, log_every_n_steps=3, callbacks=[ours, lightnings])
+    assert counted_in_update == [1] * 7  # Lightning's _update counts each batch it is given
+    stage = RunningStage.TRAINING
+    assert ours._batches[stage] == lightnings._batches[stage] == 7
+    assert ours._samples[stage] == lightnings._samples[stage] == 7 * 8
+    assert ours._lengths[stage] == lightnings._lengths[stage] == sum(target_tokens(b) for b in batches)
+
+
+def test_omegaconf_nodes_still_reach_their_root_through_get_root():
+    config = OmegaConf.create({"model": {"encoder": {"hidden_size": 8}}, "trainer": {"max_steps": 3}})
+    assert private_apis.config_root(config.model) is config
+    assert private_apis.config_root(config.model.encoder) is config
 
 
 def test_the_sigterm_broadcast_and_handler_are_still_what_check_sigterm_on_logging_steps_replaces():
@@ -75,3 +99,16 @@ def test_a_failed_hydra_job_still_keeps_its_exception_where_failed_job_error_rea
     assert private_apis.failed_job_error(result) is error
     with pytest.raises(ValueError):  # the public property raises it: hence the private field
         _ = result.return_value
+
+
+def test_optuna_still_keeps_a_studys_storage_and_a_trials_id_where_we_read_them():
+    import optuna
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    assert private_apis.study_storage(study) is storage
+    frozen = study.get_trials(deepcopy=False)[0]
+    assert private_apis.trial_id(trial) == private_apis.trial_id(frozen)
+    storage.set_trial_user_attr(private_apis.trial_id(frozen), "worker", "w1")  # what the sweeper writes
+    assert study.get_trials()[0].user_attrs == {"worker": "w1"}

@@ -28,10 +28,10 @@ from seq2seq.averaging import average_checkpoints
 from seq2seq.cli import is_user_error
 from seq2seq.data.corpora import ParallelText, load_synthetic
 from seq2seq.data.datamodule import TranslationDataModule
+from seq2seq.decoding import DecodingSettings
 from seq2seq.errors import MissingFileError, UserError, user_path
 from seq2seq.evaluation import tune_alpha
 from seq2seq.precision import resolve_trainer_precision
-from seq2seq.search import DecodingSettings
 from seq2seq.tokenization import SubwordSettings, train_tokenizer
 from seq2seq.training import train
 from seq2seq.translator import Translator, translate_file
@@ -226,8 +226,8 @@ def broken_target(size: int) -> str:
 @pytest.mark.parametrize(
     ("config", "mistake"),
     [
-        ({"_target_": "seq2seq.search.DecodingSettings", "beam": 0}, True),  # the target's UserError
-        ({"_target_": "seq2seq.search.DecodingSettings", "no_such_key": 1}, True),  # an unknown key
+        ({"_target_": "seq2seq.decoding.DecodingSettings", "beam": 0}, True),  # the target's UserError
+        ({"_target_": "seq2seq.decoding.DecodingSettings", "no_such_key": 1}, True),  # an unknown key
         ({"_target_": "seq2seq.no_such_module.Thing"}, True),  # no such target
         ({"_target_": "tests.test_robustness.broken_target", "size": 1}, False),  # a TypeError inside
         ({"_target_": "builtins.int", "_args_": ["x"]}, False),  # a ValueError inside

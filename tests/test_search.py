@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seq2seq.data.collate import pad
+from seq2seq.decoding import DecodingSettings
 from seq2seq.model import Ensemble
 from seq2seq.search import (
-    DecodingSettings,
     beam_candidates,
     beam_search,
     best_for_alpha,

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from seq2seq.averaging import average_checkpoints
-from seq2seq.checkpoints import load_module
+from seq2seq.checkpoints import load_trained_model
 from seq2seq.data.corpora import load_synthetic
-from seq2seq.search import DecodingSettings, output_limits
+from seq2seq.decoding import DecodingSettings
+from seq2seq.search import output_limits
 from seq2seq.tokenization import BOS_ID, EOS_ID, SubwordSettings, train_tokenizer
 from seq2seq.training import train
 from seq2seq.translator import Translator
@@ -247,12 +248,12 @@ def test_averaging_two_checkpoints_gives_the_mean_of_their_weights(
 def greedy_by_hand(checkpoints: list[Path], sentence: str, settings: DecodingSettings) -> str:
     """Greedy decoding of an ensemble written out: each model steps on its own state; the next token is
     the argmax of the mean of their log-probabilities."""
-    modules = [load_module(path) for path in checkpoints]
+    modules = [load_trained_model(path) for path in checkpoints]
     tokenizer = modules[0].tokenizer
     source = tokenizer.encode_src([sentence])[0]
     src, lengths = torch.tensor([source]), torch.tensor([len(source)])
     limit = int(output_limits(lengths, settings.max_len_a, settings.max_len_b)[0])
-    states = [module.model.eval().encode(src, lengths) for module in modules]
+    states = [module.model.encode(src, lengths) for module in modules]
     tokens, previous = [], BOS_ID
     while len(tokens) < limit:
         steps = [

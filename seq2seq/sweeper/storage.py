@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seq2seq.private_apis import study_storage, trial_id
 from seq2seq.sweep import write_result
 from seq2seq.sweeper.space import trial_overrides
 from seq2seq.trial import StudySpec, requeue
@@ -35,7 +36,7 @@ def fail_trial(
     """Record a trial whose worker stopped without telling the study: failed, in the study and in its
     result.json (which the summary reads; ``status`` failed, or interrupted when the sweep was stopped),
     and queued again if so configured."""
-    study._storage.set_trial_user_attr(trial._trial_id, ERROR, error)  # the trial object is not ours
+    study_storage(study).set_trial_user_attr(trial_id(trial), ERROR, error)  # the trial object is not ours
     study.tell(trial.number, state=optuna_state("FAIL"), skip_if_finished=True)
     log.warning("Trial %d failed: %s", trial.number, error)
     write_result(output_dir, status=status, error=error, overrides=trial_overrides([], trial.params))

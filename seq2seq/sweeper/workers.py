@@ -19,7 +19,8 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from seq2seq.private_apis import failed_job_error
+from seq2seq import private_apis
+from seq2seq.private_apis import failed_job_error, study_storage
 from seq2seq.sweeper.space import override_value, trial_overrides
 from seq2seq.sweeper.storage import ERROR, HOST_PID, WORKER, fail_orphaned_trials, optuna_state, study_lock
 from seq2seq.trial import PRUNED_AT, RETRY_OF, TRIAL_ENV, StudySpec, requeue
@@ -194,7 +195,7 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
         self.stopped = threading.Event()
-        storage, trial_id = study._storage, trial._trial_id
+        storage, trial_id = study_storage(study), private_apis.trial_id(trial)
         interval = storage.get_heartbeat_interval()
 
         def beat() -> None:
