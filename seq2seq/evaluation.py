@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.checkpoints import store_alpha
 from seq2seq.data.corpora import ParallelText
+from seq2seq.data.mixture import MixtureSplit
 from seq2seq.data.text import read_lines
 from seq2seq.decoding import AUTO, UNTUNED_ALPHA, DecodingSettings
 from seq2seq.errors import UserError
 from seq2seq.metrics import (
-    MixtureSplit,
     check_bleu_tokenize,
     corpus_scores,
     mean_over_corpora,

@@ -57,11 +57,6 @@ def corpus_scores(
     )
 
 
-# A split of a mixture of corpora (seq2seq.data.load_corpora): the corpus of each sentence, as a position
-# in the list of each corpus's (name, target language).
-MixtureSplit = tuple[Sequence[int], Sequence[tuple[str, str | None]]]
-
-
 def scores_by_corpus(
     hypotheses: Sequence[str],
     references: Sequence[str],

@@ -268,19 +268,19 @@ class TranslationModule(L.LightningModule):
         over the corpora, each also logged per corpus (``val_bleu/<name>``, ``val_chrf/<name>``)."""
         sentences = gather_dicts(self._val_sentences)
         datamodule = self.trainer.datamodule
-        references = datamodule.texts["valid"].tgt
+        references = datamodule.text("valid").tgt
         indices = sorted(sentences)
         hypotheses = [sentences[i][0] for i in indices]
         kept_references = [references[i] for i in indices]
         val_loss = sum(sentences[i][1] for i in indices) / max(sum(sentences[i][2] for i in indices), 1)
         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        corpus_ids = getattr(datamodule, "corpus_ids", {}).get("valid")
-        if corpus_ids is None:
+        mixture = datamodule.mixture_split("valid")
+        if mixture is None:
             scores = corpus_scores(hypotheses, kept_references, self.tgt_lang, self.bleu_tokenize)
             metrics.update(val_bleu=scores.bleu, val_chrf=scores.chrf)
         else:
-            corpora = [(part.name, part.tgt_lang or self.tgt_lang) for part in datamodule.corpus.parts]
-            ids = corpus_ids[indices].tolist()
+            corpus_ids, corpora = mixture
+            ids = [corpus_ids[i] for i in indices]
             by_corpus = scores_by_corpus(hypotheses, kept_references, ids, corpora, self.bleu_tokenize)
             metrics["val_bleu"], metrics["val_chrf"] = mean_over_corpora(by_corpus)
             for name, scores in by_corpus.items():

@@ -26,7 +26,6 @@ from seq2seq.cli import is_user_error, log_to_files, one_line, quiet_third_party
 from seq2seq.data.datamodule import TranslationDataModule
 from seq2seq.errors import UserError
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
-from seq2seq.metrics import MixtureSplit
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
 from seq2seq.private_apis import check_sigterm_on_logging_steps
@@ -186,11 +185,11 @@ def train(cfg: DictConfig) -> float:
             scores = evaluate_best_checkpoint(
                 checkpoint.best_model_path,
                 trainer.strategy.root_device,
-                datamodule.texts,
+                {split: text for split in ("valid", "test") if (text := datamodule.text(split))},
                 output_dir,
                 decoding,
                 cfg.evaluate,
-                mixture_splits(datamodule),
+                {split: m for split in ("valid", "test") if (m := datamodule.mixture_split(split))} or None,
                 final_validation.count,
             )
         log.info(
@@ -216,18 +215,6 @@ def train(cfg: DictConfig) -> float:
             **(pruning.record() if pruning else {}),
         )
     return best_bleu
-
-
-def mixture_splits(datamodule: TranslationDataModule) -> dict[str, MixtureSplit] | None:
-    """For a mixture of corpora: by split (valid, test), the corpus of each pair, and each corpus's name
-    and target language; None for one corpus."""
-    corpora = [(part.name, part.tgt_lang or datamodule.tgt_lang) for part in datamodule.corpus.parts]
-    splits = {
-        split: (datamodule.corpus_ids[split].tolist(), corpora)
-        for split in ("valid", "test")
-        if datamodule.corpus_ids.get(split) is not None
-    }
-    return splits or None
 
 
 def fine_tuning_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:

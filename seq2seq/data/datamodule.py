@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from seq2seq.data.corpora import ConcatenatedText, Corpus, ParallelText
 from seq2seq.data.encoded import EncodedSplit
+from seq2seq.data.mixture import MixtureSplit
 from seq2seq.data.prepared.cache import build_or_reuse, wait_for_prepared
 from seq2seq.data.prepared.format import open_prepared
 from seq2seq.data.prepared.read_ahead import memory_available, read_ahead
@@ -214,6 +215,20 @@ class TranslationDataModule(L.LightningDataModule):
         # One process a node fills the page cache that the others, and their workers, read from.
         if stage in (None, "fit") and self.ranks()[0] == 0:
             self.reading_ahead = read_ahead(self.splits["train"].cache_files(), memory_available())
+
+    def text(self, split: str) -> ParallelText | None:
+        """The raw text of ``split``'s kept pairs (row i is the pair of index i in its batches); None for
+        a split not held in memory (the training split of several corpora read from files)."""
+        return self.texts.get(split)
+
+    def mixture_split(self, split: str) -> MixtureSplit | None:
+        """For a mixture of corpora, ``split``'s corpus of each kept pair with each corpus's name and
+        target language; None for a single corpus."""
+        corpus_ids = self.corpus_ids.get(split)
+        if corpus_ids is None:
+            return None
+        corpora = [(part.name, part.tgt_lang or self.tgt_lang) for part in self.corpus.parts]
+        return corpus_ids.tolist(), corpora
 
     def _mixture(self, corpus_ids: np.ndarray) -> CorpusMixture:
         """The draw of each epoch's training pairs by the corpora's weights; says what each epoch holds."""

@@ -5,11 +5,16 @@ splits tagged and joined one after the other (:class:`~seq2seq.data.corpora.Conc
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 from seq2seq.data.corpora import ConcatenatedText, Corpus, CorpusPart, TaggedText, load_bible
 from seq2seq.errors import UserError
 from seq2seq.tokenization import TAG_PATTERN
+
+# A split of a mixture of corpora: the corpus of each sentence, as a position in the list of each corpus's
+# (name, target language).
+MixtureSplit = tuple[Sequence[int], Sequence[tuple[str, str | None]]]
 
 # sentencepiece's own special pieces look like tags but are not.
 SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
