@@ -49,10 +49,8 @@ class TrialPruning(L.Callback):
             spec = StudySpec(storage=self.spec["storage"], name=self.spec["study"], direction="maximize")
             pruner = instantiate(self.spec["pruner"]) if self.spec["pruner"] else optuna.pruners.NopPruner()
             study = optuna.load_study(study_name=spec.name, storage=spec.open_storage(), pruner=pruner)
-            trial_id = next(
-                trial_id(t) for t in study.get_trials(deepcopy=False) if t.number == self.spec["trial"]
-            )
-            self.trial = optuna.Trial(study, trial_id)
+            (this,) = [t for t in study.get_trials(deepcopy=False) if t.number == self.spec["trial"]]
+            self.trial = optuna.Trial(study, trial_id(this))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

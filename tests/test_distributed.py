@@ -427,7 +427,7 @@ PER_STEP = {
 }
 # What the first training hook after a validation may do, once: the validation's log line reads the best
 # checkpoint's score (seq2seq.progress.ValidationLog, rank 0).
-AFTER_VALIDATION = {"Tensor.__float__ from callbacks.py:flush"}
+AFTER_VALIDATION = {"Tensor.__float__ from progress.py:flush"}
 # trainer=ddp (which builds on trainer=gpu) on the CPU, with one loader process per rank.
 GPU_RUN_ON_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true"]
 GPU_RUN_ON_CPU += ["data.num_workers=1", "data.pin_memory=false", "data.batch_tokens=700"]
