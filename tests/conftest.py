@@ -16,6 +16,9 @@ from omegaconf import DictConfig
 from seq2seq.model import Seq2Seq
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# Tests train and decode in fp32 whatever trainer.precision=auto would pick on the host (bf16 where the
+# CPU has it), so that their figures are the same on every host; the tests about bf16 override these.
+FP32 = ["trainer.precision=32-true", "evaluate.precision=fp32"]
 
 
 def bench_script(name: str) -> ModuleType:
@@ -33,15 +36,17 @@ def bench_script(name: str) -> ModuleType:
 
 @pytest.fixture
 def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
-    """compose_config(*overrides) -> the training config, writing only under tmp_path."""
+    """compose_config(*overrides, fp32=True) -> the training config, in fp32 (:data:`FP32`) unless
+    ``fp32=False`` (the config's own precision), writing only under tmp_path."""
 
-    def _compose(*overrides: str) -> DictConfig:
+    def _compose(*overrides: str, fp32: bool = True) -> DictConfig:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(
                 config_name="config",
                 overrides=[
                     f"paths.output_dir={tmp_path / 'run'}",
                     f"paths.cache_dir={tmp_path / 'cache'}",
+                    *(FP32 if fp32 else []),
                     *overrides,
                 ],
             )

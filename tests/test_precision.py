@@ -127,7 +127,10 @@ def test_a_run_with_auto_precision_trains_and_scores(compose_config, tmp_path, c
 
 @pytest.mark.slow
 def test_a_run_on_a_host_without_bf16_trains_in_fp32(compose_config, tmp_path, caplog, without_bf16):
-    cfg = compose_config("experiment=smoke", "trainer.max_steps=30", "trainer.enable_progress_bar=false")
+    auto = ["trainer.precision=auto", "evaluate.precision=auto"]  # what the tests pin, back to auto
+    cfg = compose_config(
+        "experiment=smoke", *auto, "trainer.max_steps=30", "trainer.enable_progress_bar=false"
+    )
     with caplog.at_level(logging.INFO, logger="seq2seq.precision"):
         train(cfg)
     assert "trainer.precision=auto: 32-true, because a bf16 LSTM fails" in caplog.text

@@ -313,7 +313,7 @@ def test_logged_flops_per_second_are_tokens_per_second_times_flops_per_token(tmp
 
 @pytest.mark.parametrize("trainer", ["gpu", "ddp"])
 def test_gpu_trainers_compose_with_gpu_settings(compose_config, trainer):
-    cfg = compose_config(f"trainer={trainer}", "trainer.devices=4")
+    cfg = compose_config(f"trainer={trainer}", "trainer.devices=4", fp32=False)
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "16-mixed"
     assert cfg.trainer.strategy == ("ddp" if trainer == "ddp" else "auto") and cfg.trainer.devices == 4
     assert cfg.float32_matmul_precision == "high" and cfg.data.batch_tokens == 12000
