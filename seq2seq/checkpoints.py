@@ -190,17 +190,17 @@ def save_resume_checkpoint(trainer: L.Trainer, path: Path, stopped: str) -> None
     - ``"fit ended"``: ``fit`` returned (max_steps, max_time, early stopping, the last epoch). An epoch
       served whole becomes the start of the next one, a stop inside one is undone as an epoch's end
       (:func:`~seq2seq.private_apis.restart_finished_epoch`);
-    - ``"in a batch"``: Ctrl-C or an error while a batch was under way: the run's counts forget the
-      batch that never trained (:func:`~seq2seq.private_apis.forget_unfinished_batch`);
+    - ``"in a batch"``: Ctrl-C or an error while a batch was under way: the run's counts end at the
+      last trained batch (:func:`~seq2seq.private_apis.settle_unfinished_batch`);
     - ``"training goes on"``: SLURM's requeue signal, after which the run continues: its live counts
       stay as they are.
     """
-    from seq2seq.private_apis import forget_unfinished_batch, restart_finished_epoch
+    from seq2seq.private_apis import restart_finished_epoch, settle_unfinished_batch
 
     if stopped == "fit ended":
         restart_finished_epoch(trainer)
     elif stopped == "in a batch":
-        forget_unfinished_batch(trainer)
+        settle_unfinished_batch(trainer)
     elif stopped != "training goes on":
         raise ValueError(f"stopped must be 'fit ended', 'in a batch' or 'training goes on', got {stopped!r}")
     trainer.save_checkpoint(path)

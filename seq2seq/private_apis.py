@@ -98,21 +98,35 @@ def check_sigterm_on_logging_steps(trainer: L.Trainer) -> None:
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = agree_on_sigterm
 
 
-def forget_unfinished_batch(trainer: L.Trainer) -> None:
-    """Make the run's batch counts end at its last trained batch, before saving a checkpoint while the
-    next one was under way (Ctrl-C or an error before its optimizer step), so that the resumed run
-    validates at the same steps as one never stopped.
+def settle_unfinished_batch(trainer: L.Trainer) -> None:
+    """Make the run's loop counts say where training stopped, before a checkpoint is saved while a batch
+    was under way (Ctrl-C or an error), so that the resumed run trains each batch once and validates at
+    the same steps as one never stopped.
 
-    Internal loop state (as in ``batches_done_in_epoch``): on restart Lightning rewinds the epoch's
-    counts (``batch_progress.current``) to the last finished batch but not the run's (``.total``), and
-    its epoch loop schedules validations with ``val_check_interval`` from the run's count of batches
-    begun (``total_batch_idx``): a batch counted as begun but never trained moved every later validation
-    a step early (59, 89 instead of 60, 90) and added one at the end. A batch interrupted after its
-    training step (in ``on_train_batch_end``) is one Lightning resumes itself; its counts already agree
-    and stay as they are.
+    A batch whose optimizer step had not completed is forgotten: on restart Lightning rewinds the epoch's
+    counts (``batch_progress.current``) to the last processed batch but not the run's (``.total``), and
+    its epoch loop schedules validations from the run's count of batches begun (``total_batch_idx``); a
+    batch counted as begun but never trained moved every later validation a step early (59, 89 instead
+    of 60, 90) and added one at the end. A batch whose optimizer step completed is trained: what the loop
+    does after its step (counting it as processed, stepping the per-step learning-rate schedule) is
+    finished here, else the resumed run would train it again. A batch interrupted later (in
+    ``on_train_batch_end``) already has its counts; nothing changes.
+
+    Internal loop state (checked against Lightning 2.6.6): the progress trackers, ``_batches_that_stepped``
+    (stepped batches before the current one: it counts a batch in ``on_advance_end``) against the
+    optimizer's completed steps, and the loop's ``update_lr_schedulers``, as ``advance`` calls it. With one
+    optimizer and per-step schedules of frequency 1, as :class:`~seq2seq.module.TranslationModule` has.
     """
-    total = trainer.fit_loop.epoch_loop.batch_progress.total
-    total.ready = total.started = total.processed
+    loop = trainer.fit_loop.epoch_loop
+    batches = loop.batch_progress
+    stepped_before = loop._batches_that_stepped
+    if loop.automatic_optimization.optim_progress.optimizer.step.total.completed <= stepped_before:
+        batches.total.ready = batches.total.started = batches.total.processed
+        return
+    if batches.total.processed < batches.total.started:
+        batches.increment_processed()
+    if loop.scheduler_progress.total.completed <= stepped_before:
+        loop.update_lr_schedulers("step", update_plateau_schedulers=False)
 
 
 def batches_done_in_epoch(trainer: L.Trainer) -> int:

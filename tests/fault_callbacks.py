@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import Timer
 
 
 class RecordBatches(L.Callback):
-    """Appends, per process, one JSON line per training batch: rank, step, epoch and pair indices."""
+    """Appends, per process, one JSON line per training batch: rank, step, epoch, pair indices and the
+    learning rate it trains with."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -30,6 +31,7 @@ class RecordBatches(L.Callback):
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "indices": batch.indices.tolist(),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
         }
         with open(f"{self.path}.rank{trainer.global_rank}", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -123,14 +125,32 @@ class StopAtStep(L.Callback):
 
 
 class CtrlCAtStep(L.Callback):
-    """Raises KeyboardInterrupt (what Ctrl-C raises wherever Python is) as the batch after ``step``
-    optimizer steps begins: Lightning has counted the batch as ready but not trained it."""
+    """Raises KeyboardInterrupt (what Ctrl-C raises wherever Python is) in the batch after ``step``
+    optimizer steps: as it begins (``where="batch start"``: Lightning has counted the batch as ready but
+    not trained it), or right after its optimizer step (``where="after step"``: trained, not yet counted
+    as processed, its learning rate not yet stepped; no hook runs there, so the loop's optimization call
+    is wrapped)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, where: str = "batch start") -> None:
         self.step = step
+        self.where = where
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.where != "after step":
+            return
+        optimization = trainer.fit_loop.epoch_loop.automatic_optimization
+        run = optimization.run
+
+        def run_then_interrupt(*args: Any, **kwargs: Any) -> Any:
+            output = run(*args, **kwargs)
+            if trainer.global_step == self.step + 1:
+                raise KeyboardInterrupt
+            return output
+
+        optimization.run = run_then_interrupt
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.step:
+        if self.where == "batch start" and trainer.global_step == self.step:
             raise KeyboardInterrupt
 
 

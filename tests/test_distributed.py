@@ -385,27 +385,36 @@ def validation_steps(run: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_run_interrupted_as_a_batch_begins_resumes_on_the_same_steps(tmp_path):
-    """Ctrl-C can land inside a batch that Lightning has counted as begun but not trained. The resumed run
-    trains the same batches and validates at the same steps as a run never interrupted (Lightning rewinds
-    only the epoch's counters on restart, not the run's, which moved every later validation a step)."""
+@pytest.mark.parametrize(("where", "trained"), [("batch start", 7), ("after step", 8)])
+def test_a_run_interrupted_inside_a_batch_resumes_on_the_same_steps(tmp_path, where, trained):
+    """Ctrl-C can land inside a batch: as it begins (counted as begun, not trained) or right after its
+    optimizer step (trained, not yet counted). The resumed run trains the same batches, each once, at
+    the same learning rates, and validates at the same steps as a run never interrupted (Lightning
+    rewinds only the epoch's counters on restart, not the run's, which moved every later validation a
+    step; a trained batch not counted was trained again)."""
     cache, every = tmp_path / "cache", ["trainer.max_steps=20", "trainer.val_check_interval=5"]
     smoke(tmp_path / "straight", cache, *every, *record(tmp_path / "straight_batches"))
     interrupted = tmp_path / "interrupted"
-    ctrl_c = ["+callbacks.ctrl_c._target_=tests.fault_callbacks.CtrlCAtStep", "+callbacks.ctrl_c.step=7"]
+    ctrl_c = [
+        "+callbacks.ctrl_c._target_=tests.fault_callbacks.CtrlCAtStep", "+callbacks.ctrl_c.step=7",
+        f"+callbacks.ctrl_c.where={where}",
+    ]  # fmt: skip
     result = run_script(
         "train.py", "experiment=smoke", f"hydra.run.dir={interrupted}", f"paths.cache_dir={cache}", *QUIET,
         *STOP_ONLY, *every, *ctrl_c,
     )  # fmt: skip
     assert result.returncode == 130, result.stderr[-3000:]
     last = interrupted / "checkpoints" / "last.ckpt"
-    assert "Interrupted by Ctrl-C (SIGINT) at step 7" in result.stdout and checkpoint_state(last)[0] == 7
+    assert f"Interrupted by Ctrl-C (SIGINT) at step {trained}" in result.stdout
+    step, scheduler_steps, _ = checkpoint_state(last)
+    assert step == scheduler_steps == trained
     resumed = tmp_path / "resumed"
     smoke(resumed, cache, f"ckpt_path={last}", *every, *record(tmp_path / "resumed_batches"))
     assert validation_steps(interrupted) == [5] and validation_steps(resumed) == [10, 15, 20]
     assert validation_steps(tmp_path / "straight") == [5, 10, 15, 20]
-    straight = [(r["step"], r["indices"]) for r in read_records(tmp_path / "straight_batches")]
-    assert [(r["step"], r["indices"]) for r in read_records(tmp_path / "resumed_batches")] == straight[7:]
+    straight = [(r["step"], r["indices"], r["lr"]) for r in read_records(tmp_path / "straight_batches")]
+    resumed_batches = [(r["step"], r["indices"], r["lr"]) for r in read_records(tmp_path / "resumed_batches")]
+    assert resumed_batches == straight[trained:]
 
 
 @pytest.mark.slow
