@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
+
+# One thread per test process and per process a test starts (they inherit it): pytest-xdist runs a test
+# process per core, and several torch thread pools on the same cores wait on each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # after the thread count is set
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -19,6 +25,19 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # Tests train and decode in fp32 whatever trainer.precision=auto would pick on the host (bf16 where the
 # CPU has it), so that their figures are the same on every host; the tests about bf16 override these.
 FP32 = ["trainer.precision=32-true", "evaluate.precision=fp32"]
+
+
+# Module-scoped fixtures that train a model for several tests. Under pytest-xdist (``--dist loadgroup``)
+# the tests that use one run in one process, which trains it once instead of once per process.
+SHARED_RUNS = ("smoke_run", "attention_run", "reverse_checkpoint")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of a shared run grouped on one process."""
+    for item in items:
+        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.name}:{shared[0]}"))
 
 
 def bench_script(name: str) -> ModuleType:

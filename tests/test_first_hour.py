@@ -85,6 +85,7 @@ def test_a_short_run_validates_at_its_end_and_resumes_within_its_time_budget(
     assert all(left >= 0 and abs(elapsed + left - budget) <= 2 for elapsed, left in lines)
 
 
+@pytest.mark.slow
 def test_a_small_corpus_validates_every_epoch_tunes_alpha_and_its_last_checkpoint_translates(
     compose_config, tmp_path, caplog
 ):

@@ -326,6 +326,7 @@ print(f"opened {datamodule.prepared} reads ahead: {reads_ahead}")
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["node-local-caches", "shared-cache-without-locks"])
+@pytest.mark.slow
 def test_two_nodes_of_two_ranks_prepare_once_per_node(tmp_path, compose_config, shared):
     """2 nodes x 2 ranks as processes with the environment a launcher gives them: only local rank 0 of
     each node builds, the others wait; no build removes or reads another's unfinished one (in a shared

@@ -73,6 +73,7 @@ a_line = st.one_of(
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(a_line, max_size=12))
+@pytest.mark.slow
 def test_translate_keeps_every_line_in_order(random_translator, tmp_path, lines):
     source = write_lines(tmp_path / "in.txt", lines)
     output = tmp_path / "out.txt"
@@ -199,6 +200,7 @@ def test_train_mistakes_print_one_line_exit_2_and_leave_no_outputs(tmp_path):
         assert not (tmp_path / "outputs").exists()  # the run directory Hydra made is gone again
 
 
+@pytest.mark.slow
 def test_a_prepare_mistake_prints_one_line_and_exits_2(tmp_path):
     valid = write_lines(tmp_path / "valid.txt", ["w1 w2"])
     missing, not_a_folder = tmp_path / "missing.de", write_lines(tmp_path / "file", [])
@@ -416,6 +418,7 @@ def test_sigterm_and_slurm_requeue_on_sigusr1(tmp_path):
 @pytest.mark.parametrize(
     ("phase", "line"), [("data preparation", "Preparing data into"), ("evaluation", "Best checkpoint:")]
 )
+@pytest.mark.slow
 def test_slurm_requeue_signal_outside_fit_requeues_and_the_job_goes_on(tmp_path, phase, line):
     """SIGUSR1 while the data is prepared (a corpus big enough to take seconds) or after training,
     while the best checkpoint is evaluated: the job is requeued, not killed; the requeued job of a
@@ -469,6 +472,7 @@ PROGRESS_LINE = (
 )
 
 
+@pytest.mark.slow
 def test_a_run_in_a_log_file_says_what_matters_without_noise(attention_run):
     stdout = (attention_run.parent / "stdout.txt").read_text()
     console = stdout + (attention_run.parent / "stderr.txt").read_text()
@@ -522,6 +526,7 @@ def test_the_readme_python_snippet_runs_as_written(attention_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_translate_with_a_terminal_on_stdin_answers_each_line_as_entered(attention_run):
     best = next((attention_run / "checkpoints").glob("best-*.ckpt"))
     controller, terminal = pty.openpty()

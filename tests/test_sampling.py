@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import lightning as L
+import pytest
 from hydra.utils import instantiate
 
 from seq2seq.data.sampling import FileLines, ResampledSplit
@@ -107,6 +108,7 @@ class RecordSources(L.Callback):
             f.write(json.dumps(record) + "\n")
 
 
+@pytest.mark.slow
 def test_training_sees_each_sentence_segmented_anew_and_still_learns(compose_config, tmp_path):
     """3 epochs of 9 batches, segmented in a loader worker: training gets most sentences in more than one
     segmentation, many never in the cache's, each spelling the sentence; and the model learns from them."""

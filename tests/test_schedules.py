@@ -71,6 +71,7 @@ def run(compose_config, tmp_path, name: str, *overrides: str) -> list[dict]:
     return read_records(record)
 
 
+@pytest.mark.slow
 def test_a_step_budget_decays_to_zero_at_its_end_and_a_resumed_run_continues_the_curve(
     compose_config, tmp_path
 ):
@@ -96,6 +97,7 @@ def expected_linear(used: float, warmup_end: float) -> float:
     return PEAK * (1 - min(max((used - warmup_end) / (1 - warmup_end), 0.0), 1.0))
 
 
+@pytest.mark.slow
 def test_a_time_budget_decays_with_the_time_used_and_a_resumed_run_continues_the_curve(
     compose_config, tmp_path
 ):

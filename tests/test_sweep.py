@@ -36,6 +36,7 @@ def sweep(tmp_path: Path, *overrides: str):
     return result, rows
 
 
+@pytest.mark.slow
 def test_grid_sweep_writes_a_summary_best_first(tmp_path):
     result, rows = sweep(tmp_path, "model.dropout=0.0,0.2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -56,6 +57,7 @@ def test_grid_sweep_writes_a_summary_best_first(tmp_path):
     assert "Sweep summary" in result.stdout and "tokens/s" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path):
     result, rows = sweep(tmp_path, "model.hidden_size=-1,128")
     assert len(rows) == 2
@@ -79,6 +81,7 @@ def states(study) -> list[str]:
     return [t.state.name for t in study.trials]
 
 
+@pytest.mark.slow
 def test_pruning_search_two_workers_without_barrier(tmp_path):
     """conf/hparams_search/smoke_pruning.yaml as shipped: the first sweep a user runs."""
     pytest.importorskip("optuna")
@@ -224,6 +227,7 @@ def kill_a_worker_mid_trial(sweep_dir: Path, sweep: subprocess.Popen):
     return victim
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study(tmp_path):
     pytest.importorskip("optuna")
     sweep_dir = tmp_path / "sweep"
@@ -260,6 +264,7 @@ def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+@pytest.mark.slow
 def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_path, stop):
     """A long search run in pieces (docs/recipe-search.md): Ctrl-C, or SIGTERM (a job's time limit), ends a
     piece, and with retry_killed the next piece starts with the trials it interrupted, values unchanged."""
@@ -318,6 +323,7 @@ def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_pat
         assert 0 < step <= int(first_trained["step"])  # no step trained again
 
 
+@pytest.mark.slow
 def test_workers_as_submitit_jobs_and_a_killed_job(tmp_path):
     """hydra/launcher=submitit_local: each worker is one submitit job, as on SLURM (hydra/launcher=slurm);
     a job killed mid-trial fails its trial and the other job finishes the study."""
@@ -509,6 +515,7 @@ def postgres_url():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_on_a_postgresql_study(tmp_path, postgres_url):
     result, rows = sweep(
         tmp_path, "hparams_search=smoke_pruning", f"hydra.sweeper.storage={postgres_url}",

@@ -36,6 +36,7 @@ def run_script(*args: str, stdin: str | None = None) -> subprocess.CompletedProc
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_the_reverse_task(compose_config, tmp_path):
     cfg = compose_config(
         "experiment=smoke", "trainer.max_steps=500", "trainer.val_check_interval=100", *QUIET
@@ -60,6 +61,7 @@ def test_validation_every_so_much_training_time(compose_config, caplog):
     assert len(steps) >= 3 and steps == sorted(set(steps))
 
 
+@pytest.mark.slow
 def test_attention_model_trains_translates_and_aligns(compose_config, tmp_path):
     cfg = compose_config("experiment=smoke", "model.attention=bahdanau", "decoding.beam=3", *QUIET)
     train(cfg)
