@@ -24,6 +24,8 @@ from seq2seq.data.collate import Batch
 from seq2seq.flops import measured_peak_flops, training_flops
 from seq2seq.private_apis import (
     count_untimed_batch,
+    move_checkpoint_state,
+    saved_best_checkpoint,
     set_available_flops,
     should_update_logs,
 )
@@ -172,27 +174,25 @@ class CarryBestCheckpoint(L.Callback):
         states = checkpoint.get("callbacks", {})
         for callback in trainer.checkpoint_callbacks:
             state = states.get(callback.state_key)
-            if not state or state.get("dirpath") in (None, callback.dirpath):
-                continue  # not saved, or resumed in the same folder: Lightning restores it all
-            best, score = state.get("best_model_path"), state.get("best_model_score")
-            state.update(
-                dirpath=callback.dirpath, best_model_path="", kth_best_model_path="", last_model_path=""
-            )
-            state["best_k_models"] = {}
+            if not state:
+                continue
+            dirpath, best, score = saved_best_checkpoint(state)
+            if dirpath in (None, callback.dirpath):
+                continue  # resumed in the same folder: Lightning restores it all
             if not callback.monitor or not best or score is None:
+                move_checkpoint_state(state, callback.dirpath)
                 continue
             if not Path(best).is_file():
                 log.warning(
                     "The best checkpoint of the resumed run, %s, is gone: its score is forgotten", best
                 )
-                state["best_model_score"] = None
+                move_checkpoint_state(state, callback.dirpath)
                 continue
             copy = Path(callback.dirpath) / Path(best).name
             if trainer.is_global_zero:
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(best, copy)
-            state.update(best_model_path=str(copy), kth_best_model_path=str(copy), kth_value=score)
-            state["best_k_models"] = {str(copy): score}
+            move_checkpoint_state(state, callback.dirpath, str(copy), score)
             log.info("Resumed with the best checkpoint so far: %s (%s %.2f)", copy, callback.monitor, score)
 
 

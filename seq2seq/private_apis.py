@@ -203,3 +203,29 @@ def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
     the study does not expose the one it wraps (a URL given is wrapped in a cached storage).
     """
     return study._storage
+
+
+def saved_best_checkpoint(state: dict[str, Any]) -> tuple[str | None, str | None, Any]:
+    """(folder, best checkpoint's path, its score) from a ModelCheckpoint's state saved in a checkpoint.
+
+    Private (checked against Lightning 2.6.6): the keys of ``ModelCheckpoint.state_dict``. Lightning
+    restores them only into a callback whose folder did not change; a run resumed into a new folder
+    (:class:`~seq2seq.callbacks.CarryBestCheckpoint`) reads and rewrites them before it does.
+    """
+    return state.get("dirpath"), state.get("best_model_path"), state.get("best_model_score")
+
+
+def move_checkpoint_state(
+    state: dict[str, Any], dirpath: str, best: str | None = None, score: Any = None
+) -> None:
+    """Rewrite a ModelCheckpoint's saved state for a callback in ``dirpath``, so that Lightning restores
+    it: with ``best`` (a path in ``dirpath``) as its best and only kept checkpoint at ``score``, or with
+    no checkpoint and no best score. Private: as :func:`saved_best_checkpoint`.
+    """
+    state.update(
+        dirpath=dirpath, best_model_path=best or "", kth_best_model_path=best or "", last_model_path=""
+    )
+    state["best_k_models"] = {best: score} if best else {}
+    state["best_model_score"] = score if best else None
+    if best:
+        state["kth_value"] = score

@@ -7,6 +7,7 @@ import inspect
 import signal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
@@ -112,3 +113,19 @@ def test_optuna_still_keeps_a_studys_storage_and_a_trials_id_where_we_read_them(
     assert private_apis.trial_id(trial) == private_apis.trial_id(frozen)
     storage.set_trial_user_attr(private_apis.trial_id(frozen), "worker", "w1")  # what the sweeper writes
     assert study.get_trials()[0].user_attrs == {"worker": "w1"}
+
+
+def test_a_model_checkpoints_saved_state_still_has_the_keys_we_rewrite_and_lightning_restores_them(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saved = ModelCheckpoint(dirpath=tmp_path / "old", monitor="val_bleu", mode="max")
+    saved.best_model_path, saved.best_model_score = str(tmp_path / "old" / "best.ckpt"), torch.tensor(7.5)
+    state = saved.state_dict()
+    assert private_apis.saved_best_checkpoint(state) == (str(tmp_path / "old"), saved.best_model_path, 7.5)
+    assert {"kth_best_model_path", "kth_value", "best_k_models", "last_model_path"} <= state.keys()
+    copy = str(tmp_path / "new" / "best.ckpt")
+    private_apis.move_checkpoint_state(state, str(tmp_path / "new"), copy, state["best_model_score"])
+    resumed = ModelCheckpoint(dirpath=tmp_path / "new", monitor="val_bleu", mode="max")
+    resumed.load_state_dict(state)  # Lightning restores all of it: the folder is the callback's
+    assert resumed.best_model_path == copy and float(resumed.best_model_score) == 7.5
+    assert resumed.best_k_models == {copy: state["best_model_score"]} and resumed.kth_best_model_path == copy
