@@ -38,7 +38,12 @@ def discard_unused_run_dir(output_dir: str) -> bool:
     for handler in logs:
         logging.getLogger().removeHandler(handler)
         handler.close()
-    shutil.rmtree(run_dir)
+    try:
+        shutil.rmtree(run_dir)
+    except OSError:
+        # A line that another thread (the cache's read-ahead) was already logging as the handlers closed
+        # reopens the log file while the tree is removed; nothing can log there after it: remove again.
+        shutil.rmtree(run_dir)
     cwd = Path(HydraConfig.get().runtime.cwd).resolve()
     for parent in run_dir.parents:
         if cwd not in parent.parents:
