@@ -2,7 +2,7 @@
 and the cost of ``decoding.alpha=auto`` on the validation split.
 
     python bench/decode.py --ckpt outputs/.../checkpoints/best-....ckpt [--limit N] [--threads T]
-        [--precisions fp32 bf16]
+        [--precisions fp32 bf16] [--device cpu|cuda]
 
 Prints sentences/s, output tokens/s and GFLOP/s (against the CPU's peak and against plain training
 steps of the same model, measured in the same run) of each (batched: the median of ``--repeats`` runs), the
@@ -85,7 +85,11 @@ def training_flop_rate(translator: Translator, src: list[str], tgt: list[str], s
     sampler = TokenBucketBatchSampler(
         split.src_lengths(), split.tgt_lengths(), 3000, shuffle=True, equal_source_length=True
     )
-    batches = [split.collate(b) for b in sampler.batches(epoch=0)[: steps + 2]]
+    device = translator.device
+    batches = [
+        dataclasses.replace(b, src=b.src.to(device), tgt_in=b.tgt_in.to(device), tgt_out=b.tgt_out.to(device))
+        for b in map(split.collate, sampler.batches(epoch=0)[: steps + 2])
+    ]
     model = copy.deepcopy(translator.model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     started = 0.0
@@ -97,6 +101,8 @@ def training_flop_rate(translator: Translator, src: list[str], tgt: list[str], s
         torch.nn.functional.cross_entropy(model.logits(outputs[real]), batch.tgt_out[real]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
     return sum(training_flops(model, b) for b in batches[2:]) / (time.perf_counter() - started)
 
 
@@ -113,6 +119,9 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true", help="measure only the cost of alpha=auto")
     parser.add_argument("--skip-alpha", action="store_true", help="measure only the speed")
     parser.add_argument("--repeats", type=int, default=3, help="batched runs, the median is reported")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (the default), cuda or cuda:N: where the model decodes"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--precisions", nargs="+", default=["fp32"], choices=DECODING_PRECISIONS, help="e.g. fp32 bf16"
@@ -125,7 +134,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    translator = Translator.from_checkpoint(args.ckpt)
+    translator = Translator.from_checkpoint(args.ckpt, args.device)
     corpus_config = translator.run_config.get("data", {}).get("corpus", {})
     # The target as conf/data/bible.yaml names it now, or as checkpoints trained before named it.
     if corpus_config.get("_target_") not in ("seq2seq.data.corpora.load_bible", "seq2seq.data.load_bible"):
@@ -144,11 +153,12 @@ def speed(args: argparse.Namespace, test, beam: DecodingSettings) -> None:
     sources, references = test.src[: args.limit], test.tgt[: args.limit]
     print(
         f"{len(sources)} test sentences ({test.origin}); beam {beam.beam}, alpha {beam.alpha};"
-        f" torch threads: {torch.get_num_threads()}; peak: a measured matrix product in the row's precision"
+        f" device {args.device}; torch threads: {torch.get_num_threads()};"
+        " peak: a measured matrix product in the row's precision"
     )
     greedy = dataclasses.replace(beam, beam=1)
     rows = []  # (mode, precision, seconds, output tokens, FLOPs, translations)
-    translators = [Translator.from_checkpoint(args.ckpt, precision=p) for p in args.precisions]
+    translators = [Translator.from_checkpoint(args.ckpt, args.device, p) for p in args.precisions]
     for mode, settings in (("greedy, batched", greedy), (f"beam {beam.beam}, batched", beam)):
         results = side_by_side(translators, sources, settings, args)
         for translator, (texts, *figures) in zip(translators, results, strict=True):
@@ -176,12 +186,12 @@ def speed(args: argparse.Namespace, test, beam: DecodingSettings) -> None:
         print(
             f"{mode:<34}{precision:<10}{seconds:>9.1f}"
             f"{len(sources) / seconds:>13.1f}{tokens / seconds:>10.0f}"
-            f"{rate / 1e9:>9.1f}{rate / peak_flops(precision):>9.1%}{rate / train_rate:>13.1%}"
+            f"{rate / 1e9:>9.1f}{rate / peak_flops(precision, args.device):>9.1%}{rate / train_rate:>13.1%}"
             f"{corpus_scores(texts, references).bleu:>7.2f}{same:>6}"
         )
     print(
         f"{'training steps (plain loop, fp32)':<44}{'':>32}{train_rate / 1e9:>9.1f}"
-        f"{train_rate / peak_flops('fp32'):>9.1%}"
+        f"{train_rate / peak_flops('fp32', args.device):>9.1%}"
     )
     if not args.skip_one_by_one:
         print(f"batched beam {beam.beam} vs one at a time: {rows[-1][2] / rows[1][2]:.1f}x faster")

@@ -11,12 +11,13 @@ from seq2seq.flops import lstm_flops_per_step, measured_peak_flops
 from seq2seq.model import Seq2Seq
 
 
-def peak_flops(precision: str) -> float:
-    """Peak FLOP/s of this host in the dtype of ``precision`` (a trainer precision such as ``bf16-mixed``
-    or a decoding one such as ``bf16``): measured with a matrix product (see seq2seq/flops.py), not
-    computed from a clock and FLOPs per cycle, which gave 107 % "of peak" on an AVX-512 host."""
+def peak_flops(precision: str, device: str | torch.device = "cpu") -> float:
+    """Peak FLOP/s of ``device`` (this host's CPU by default) in the dtype of ``precision`` (a trainer
+    precision such as ``bf16-mixed`` or a decoding one such as ``bf16``): measured with a matrix product
+    (see seq2seq/flops.py), not computed from a clock and FLOPs per cycle, which gave 107 % "of peak" on
+    an AVX-512 host."""
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
-    return measured_peak_flops("cpu", dtype)
+    return measured_peak_flops(str(device), dtype)
 
 
 class FlopCounter:
