@@ -15,7 +15,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback
 from lightning.pytorch.callbacks import Timer
+from omegaconf import DictConfig
 
 
 class RecordBatches(L.Callback):
@@ -275,3 +277,35 @@ class CountSynchronisations(L.Callback):
             "epoch_ends": self.epoch_ends,
         }
         Path(f"{self.path}.rank{trainer.global_rank}").write_text(json.dumps(record), encoding="utf-8")
+
+
+class InterruptJobStart(Callback):
+    """A Hydra callback (``+hydra.callbacks.NAME._target_=...``): Ctrl-C in sweep job ``job`` as Hydra
+    starts it, before the training task has run (so before the run could record anything itself)."""
+
+    def __init__(self, job: int) -> None:
+        self.job = job
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.job.num == self.job:
+            raise KeyboardInterrupt
+
+
+class RecordJobEnvironment(Callback):
+    """A Hydra callback: appends a sweep job's number, process id and ``CUDA_VISIBLE_DEVICES`` (None where
+    unset) as one JSON line to ``path`` as the job starts, then waits ``seconds``, so that every worker
+    of a sweep takes a trial before any ends."""
+
+    def __init__(self, path: str, seconds: float = 0.0) -> None:
+        self.path = path
+        self.seconds = seconds
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        record = {
+            "job": config.hydra.job.num,
+            "pid": os.getpid(),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+        time.sleep(self.seconds)

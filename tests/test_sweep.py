@@ -263,6 +263,26 @@ def test_a_killed_worker_fails_its_trial_and_the_same_command_finishes_the_study
     assert all(r["lr"] for r in failed) and any(DEAD_WORKER.fullmatch(r["error"]) for r in failed)
 
 
+@pytest.mark.slow
+def test_a_trial_stopped_before_its_run_began_is_recorded_as_interrupted(tmp_path):
+    """Ctrl-C can reach a worker while Hydra is still starting a trial's job, before the run could write
+    its result.json: the worker records the trial as interrupted (in the study and in summary.csv) and
+    queues it again, as for a trial stopped mid-training."""
+    pytest.importorskip("optuna")
+    sweep_dir = tmp_path / "sweep"
+    command = smoke_search(
+        tmp_path, "hydra.sweeper.workers=1", "hydra.sweeper.n_trials=2", "hydra.sweeper.retry_killed=1",
+        "+hydra.callbacks.interrupt._target_=tests.fault_callbacks.InterruptJobStart",
+        "+hydra.callbacks.interrupt.job=0",
+    )  # fmt: skip
+    subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    trials = study_of(sweep_dir, "smoke_pruning").trials
+    assert trials[0].state.name == "FAIL"
+    assert trials[0].user_attrs["error"] == "interrupted (KeyboardInterrupt)"
+    assert summary_statuses(sweep_dir)[0] == "interrupted"
+    assert [t.user_attrs.get("retry_of") for t in trials if t.state.name == "WAITING"].count(0) == 1
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 @pytest.mark.slow
 def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_path, stop):

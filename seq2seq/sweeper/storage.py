@@ -3,6 +3,7 @@ the trials that a dead or stopped worker left running, failed (and queued again 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seq2seq.private_apis import study_storage, trial_id
-from seq2seq.sweep import write_result
+from seq2seq.sweep import RESULT_FILE, write_result
 from seq2seq.sweeper.space import trial_overrides
 from seq2seq.trial import StudySpec, requeue
 
@@ -28,19 +29,29 @@ WORKER, HOST_PID, ERROR = "worker", "host_pid", "error"
 def fail_trial(
     study: optuna.Study,
     spec: StudySpec,
-    trial: optuna.trial.FrozenTrial,
+    trial: optuna.Trial | optuna.trial.FrozenTrial,
     error: str,
     output_dir: Path,
     status: str = "failed",
 ) -> None:
-    """Record a trial whose worker stopped without telling the study: failed, in the study and in its
-    result.json (which the summary reads; ``status`` failed, or interrupted when the sweep was stopped),
-    and queued again if so configured."""
+    """Record a trial that stopped without telling the study: failed, in the study and in its result.json
+    (which the summary reads; ``status`` failed, or interrupted when the sweep was stopped; a record the
+    run left with that status, which knows its training minutes, is kept), and queued again if so
+    configured."""
     study_storage(study).set_trial_user_attr(trial_id(trial), ERROR, error)  # the trial object is not ours
     study.tell(trial.number, state=optuna_state("FAIL"), skip_if_finished=True)
     log.warning("Trial %d failed: %s", trial.number, error)
-    write_result(output_dir, status=status, error=error, overrides=trial_overrides([], trial.params))
+    if read_status(output_dir) != status:
+        write_result(output_dir, status=status, error=error, overrides=trial_overrides([], trial.params))
     requeue(study, trial, spec.retry_killed)
+
+
+def read_status(output_dir: Path) -> str | None:
+    """The status a run recorded in its result.json, or None where it recorded none (or a torn one)."""
+    try:
+        return json.loads(Path(output_dir, RESULT_FILE).read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def optuna_state(name: str) -> Any:

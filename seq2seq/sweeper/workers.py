@@ -22,8 +22,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from seq2seq import private_apis
 from seq2seq.private_apis import failed_job_error, study_storage
 from seq2seq.sweeper.space import override_value, trial_overrides
-from seq2seq.sweeper.storage import ERROR, HOST_PID, WORKER, fail_orphaned_trials, optuna_state, study_lock
-from seq2seq.trial import PRUNED_AT, RETRY_OF, TRIAL_ENV, StudySpec, requeue
+from seq2seq.sweeper.storage import (
+    ERROR,
+    HOST_PID,
+    WORKER,
+    fail_orphaned_trials,
+    fail_trial,
+    optuna_state,
+    study_lock,
+)
+from seq2seq.trial import PRUNED_AT, RETRY_OF, TRIAL_ENV, StudySpec
 
 if TYPE_CHECKING:
     import optuna
@@ -119,9 +127,11 @@ class Worker:
                 job_subdir_key="hydra.sweep.subdir",
             )
         except BaseException as error:  # Ctrl-C, SIGTERM: the study must not keep a running trial
-            trial.set_user_attr(ERROR, f"interrupted ({type(error).__name__})")
-            study.tell(trial, state=optuna_state("FAIL"))
-            requeue(study, trial, self.spec.retry_killed)  # the next command resumes it
+            # failed, recorded in the trial's folder (a stop before the run began leaves no record of its
+            # own) and queued again: the next command resumes it
+            error_text = f"interrupted ({type(error).__name__})"
+            trial_dir = Path(self.config.hydra.sweep.dir, str(trial.number))
+            fail_trial(study, self.spec, trial, error_text, trial_dir, status="interrupted")
             raise
         finally:
             os.environ.pop(TRIAL_ENV, None)
