@@ -140,6 +140,25 @@ def batches_done_in_epoch(trainer: L.Trainer) -> int:
     return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
+def resume_at_batch_of_epoch(trainer: L.Trainer, count: int) -> None:
+    """Set the epoch loop's count of this rank's batches done in the epoch to ``count``, when a run
+    resumes mid-epoch on another number of ranks: Lightning restores the count as the old ranks saved it
+    and ends the epoch when it reaches the new ranks' number of batches per epoch
+    (``_num_ready_batches_reached``), so the count must be the new ranks' count at that position.
+
+    Internal loop state (checked against Lightning 2.6.6): ``batch_progress.current``, restored from the
+    checkpoint before the training loader's state is loaded and reset on restart to its ``completed``
+    (after counting a batch saved at its end as completed); every counter moves by the same amount, so
+    their differences (which tell Lightning where the checkpoint was saved) stay as saved.
+    """
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    shift = count - current.processed
+    current.ready += shift
+    current.started += shift
+    current.processed += shift
+    current.completed += shift
+
+
 def failed_job_error(result: JobReturn) -> BaseException:
     """The exception that a failed Hydra job (``run_job``'s ``JobReturn``, status FAILED) raised.
 

@@ -88,10 +88,14 @@ def test_a_resume_with_another_number_of_ranks_trains_each_batch_once(before, af
     whole = sampler().batches(epoch=0)
     done = 7 * before
     seen = [b for rank in range(before) for b in sampler(rank, before).rank_batches(0)[:7]]
-    trained = [7]  # the trainer's count of batches per rank, restored from the checkpoint
+    counts = []  # the trainer's count of batches per rank, set by each new rank's loader on resuming
     loaders = [
         ResumableDataLoader(
-            PAIRS, batch_sampler=sampler(r, after), collate_fn=list, batches_done_fn=trained.pop
+            PAIRS,
+            batch_sampler=sampler(r, after),
+            collate_fn=list,
+            batches_done_fn=int,
+            resume_count_fn=counts.append,
         )
         for r in range(after)
     ]
@@ -104,8 +108,9 @@ def test_a_resume_with_another_number_of_ranks_trains_each_batch_once(before, af
     interleaved = [b for step in zip(*rest, strict=True) for b in step]
     assert sorted(seen + interleaved[: len(whole) - done]) == sorted(whole)
     assert interleaved[: len(whole) - done] == whole[done:]
+    assert counts == [len(loaders[0]) - len(rest[0])] * after  # the trainer ends the epoch with the sampler
     # Saved again 2 steps after the resume, the position counts the new ranks' batches.
-    loaders[0].batches_done_fn = lambda: 7 + 2
+    loaders[0].batches_done_fn = lambda: counts[0] + 2
     assert loaders[0].state_dict() == {
         "global_batches_done": done + 2 * after,
         "global_batches": len(whole),
@@ -151,7 +156,9 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks_with_the_next_global_batc
 
 
 def test_a_resume_over_another_epoch_plan_is_refused():
-    loader = ResumableDataLoader(PAIRS, batch_sampler=sampler(0, 2), collate_fn=list, batches_done_fn=int)
+    loader = ResumableDataLoader(
+        PAIRS, batch_sampler=sampler(0, 2), collate_fn=list, batches_done_fn=int, resume_count_fn=print
+    )
     other = loader.batch_sampler.num_global_batches + 1
     with pytest.raises(ValueError, match=r"^ckpt_path: saved after 6 of the \d+ batches of an epoch, but"):
         loader.load_state_dict({"global_batches_done": 6, "global_batches": other, "world_size": 3})

@@ -48,6 +48,21 @@ def test_the_epoch_loop_still_has_what_restart_finished_epoch_resets():
     assert private_apis.batches_done_in_epoch(trainer) == 1
 
 
+def test_the_epoch_loop_still_ends_an_epoch_when_the_count_resume_at_batch_of_epoch_sets_is_reached():
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.fit_loop.max_batches = 10  # the new ranks' batches per epoch: trainer.num_training_batches
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    progress.increment_by(6)  # six batches saved on batch end: processed, not yet completed
+    progress.current.completed = progress.total.completed = 5
+    private_apis.resume_at_batch_of_epoch(trainer, 8)
+    assert (progress.current.processed, progress.current.completed, progress.total.processed) == (8, 7, 6)
+    progress.increment_completed()  # what Lightning's restart does with a batch saved on its end
+    progress.reset_on_restart()
+    assert progress.current.ready == 8 and not trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+    progress.increment_by(2)
+    assert trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+
+
 def test_lightnings_throughput_monitor_still_counts_what_our_override_counts_between_logging_steps():
     """Our ThroughputMonitor calls Lightning's ``_update`` on logging steps only and counts the other
     batches into its private counters itself: after a fit, both must have counted the same batches,

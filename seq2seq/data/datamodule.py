@@ -36,7 +36,7 @@ from seq2seq.data.sampler import (
 )
 from seq2seq.data.sampling import EpochTaggedSampler, ResampledSplit, SamplingSettings
 from seq2seq.errors import UserError, is_int
-from seq2seq.private_apis import batches_done_in_epoch
+from seq2seq.private_apis import batches_done_in_epoch, resume_at_batch_of_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,9 @@ class TranslationDataModule(L.LightningDataModule):
     def _batches_done(self) -> int:
         return batches_done_in_epoch(self.trainer)
 
+    def _resume_count(self, count: int) -> None:
+        resume_at_batch_of_epoch(self.trainer, count)
+
     def _loader(self, name: str) -> DataLoader:
         split = self.splits[name]
         sampler = self._batch_sampler(split, name)
@@ -303,7 +306,9 @@ class TranslationDataModule(L.LightningDataModule):
         if name == "train":
             dataset = split if self.resampled is None else self.resampled  # resampled: segmented anew
             options["collate_fn"] = dataset.collate
-            return ResumableDataLoader(dataset, batches_done_fn=self._batches_done, **options)
+            return ResumableDataLoader(
+                dataset, batches_done_fn=self._batches_done, resume_count_fn=self._resume_count, **options
+            )
         # A loader draws its workers' base seed from its generator each time it is iterated: from the
         # global stream without one, which would shift training's dropout after each validation.
         return DataLoader(split, generator=torch.Generator().manual_seed(self.seed), **options)

@@ -106,6 +106,7 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         self.num_global_batches = len(self.plan(0))
         self._resume_at = 0  # global batches of the next iteration's epoch done before, set by resume()
         self.iteration_start = 0  # the global position the current iteration started from
+        self.served_iteration = False  # the current iteration has served all its batches
 
     def plan(self, epoch: int) -> BatchPlan:
         """The epoch's global batches, in the order they are served."""
@@ -177,9 +178,13 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     def rank_batch_numbers(self, epoch: int, start: int = 0) -> np.ndarray:
         """Positions in the epoch's plan of this rank's batches from global position ``start`` on:
         ``len(self)`` of them from the start of the epoch, fewer after a resume."""
-        per_rank = -(-max(self.num_global_batches - start, 0) // self.num_replicas)
+        per_rank = self.batches_left(start)
         padded = (start + np.arange(per_rank * self.num_replicas)) % max(len(self.plan(epoch)), 1)
         return padded[self.rank :: self.num_replicas]
+
+    def batches_left(self, start: int) -> int:
+        """This rank's batches from global position ``start`` of an epoch to its end (every rank's)."""
+        return -(-max(self.num_global_batches - start, 0) // self.num_replicas)
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's share of the epoch's batches, ``len(self)`` of them."""
@@ -198,10 +203,12 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         self.iteration_start, self._resume_at = self._resume_at, 0
+        self.served_iteration = False
         epoch = self.epoch_fn()
         plan = self.plan(epoch)
         for b in self.rank_batch_numbers(epoch, self.iteration_start):
             yield plan.batch(b)
+        self.served_iteration = True
 
     def __len__(self) -> int:
         return -(-self.num_global_batches // self.num_replicas)
@@ -264,11 +271,28 @@ class ResumableDataLoader(DataLoader):
     not the loader's (the loader runs ahead of training by its prefetching); so a run resumed with
     another number of ranks goes on exactly where the old ranks stopped. A position saved over another
     epoch plan (other data or batching settings) is refused.
+
+    The trainer ends an epoch when its own count of this rank's batches reaches ``len(self)``, and
+    restores that count as the old ranks saved it. ``resume_count_fn`` sets it to what the new ranks
+    count for the position: ``len(self)`` less the batches left to each, so that the epoch ends when the
+    sampler has served them (with more ranks, the old count ended it early; with fewer, it counted too
+    few).
+
+    Args:
+        batches_done_fn: the trainer's count of this rank's batches trained in the epoch.
+        resume_count_fn: sets that count on resuming.
     """
 
-    def __init__(self, *args: Any, batches_done_fn: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        batches_done_fn: Callable[[], int],
+        resume_count_fn: Callable[[int], None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.batches_done_fn = batches_done_fn
+        self.resume_count_fn = resume_count_fn
         self._counted_at_resume = 0  # the trainer's count when the resumed iteration starts
         self.counted_before = 0  # the part of the trainer's count that precedes the current iteration
 
@@ -278,9 +302,13 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         sampler = self.batch_sampler
-        done_here = self.batches_done_fn() - self.counted_before  # by each rank, in this iteration
+        counted = self.batches_done_fn()
+        done_here = counted - self.counted_before  # by each rank, in this iteration
+        position = sampler.iteration_start + done_here * sampler.num_replicas
+        if counted == 0 and sampler.served_iteration:  # the trainer closed the epoch: the next one's start
+            position = 0
         return {
-            "global_batches_done": sampler.iteration_start + done_here * sampler.num_replicas,
+            "global_batches_done": position,
             "global_batches": sampler.num_global_batches,
             "world_size": sampler.num_replicas,
         }
@@ -292,7 +320,8 @@ class ResumableDataLoader(DataLoader):
         done, saved = state_dict["global_batches_done"], state_dict.get("global_batches")
         world_size = state_dict.get("world_size", sampler.num_replicas)
         if done >= world_size * -(-(saved or sampler.num_global_batches) // world_size):
-            return  # saved at the end of an epoch: the next starts from its beginning
+            self.resume_count_fn(len(sampler))  # saved at the end of an epoch: the next starts afresh
+            return
         if saved is not None and saved != sampler.num_global_batches:
             raise UserError(
                 f"ckpt_path: saved after {done} of the {saved} batches of an epoch, but this run's epoch has"
@@ -300,4 +329,5 @@ class ResumableDataLoader(DataLoader):
                 " settings, or from a checkpoint saved at the end of an epoch"
             )
         sampler.resume(done)
-        self._counted_at_resume = done // world_size  # the trainer's count, restored from the checkpoint
+        self._counted_at_resume = len(sampler) - sampler.batches_left(done)
+        self.resume_count_fn(self._counted_at_resume)
