@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -399,6 +400,54 @@ def test_a_stop_before_training_leaves_no_trial_running(tmp_path):
         t.user_attrs["retry_of"] for t in trials if t.state.name == "WAITING" and "retry_of" in t.user_attrs
     ]
     assert sorted(retries) == sorted(t.number for t in stopped)
+
+
+def gpu_search(tmp_path: Path, visible: str | None, *overrides: str) -> subprocess.CompletedProcess:
+    """A smoke_pruning search of 2 trials on 2 local workers whose trials record their environment
+    (``tmp_path/jobs.jsonl``), run with ``CUDA_VISIBLE_DEVICES=visible`` (None: unset)."""
+    env = {key: value for key, value in os.environ.items() if key != "CUDA_VISIBLE_DEVICES"}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    command = smoke_search(
+        tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failed_trials=2", "trainer.max_steps=10",
+        "+hydra.callbacks.record._target_=tests.fault_callbacks.RecordJobEnvironment",
+        f"+hydra.callbacks.record.path={tmp_path / 'jobs.jsonl'}", "+hydra.callbacks.record.seconds=3",
+        *overrides,
+    )  # fmt: skip
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["trainer.accelerator=gpu", "trainer.devices=2"], ["5,7", "GPU-1a2b,3"]),
+        (["trainer=gpu"], ["5", "7"]),
+        ([], ["5,7,GPU-1a2b,3", "5,7,GPU-1a2b,3"]),  # a CPU sweep: the variable as it was
+    ],
+    ids=["two_gpus_each", "trainer_gpu", "cpu"],
+)
+def test_each_local_worker_owns_its_share_of_the_visible_gpus(tmp_path, overrides, expected):
+    """Workers whose trials train on GPUs (trainer.accelerator=gpu) each see their own trainer.devices
+    of the GPUs the sweep sees (CUDA_VISIBLE_DEVICES here; fake ids: the trials themselves fail on this
+    machine without a GPU, after recording what they saw)."""
+    pytest.importorskip("optuna")
+    result = gpu_search(tmp_path, "5,7,GPU-1a2b,3", *overrides)
+    records = [json.loads(line) for line in (tmp_path / "jobs.jsonl").read_text().splitlines()]
+    seen = {record["pid"]: record["CUDA_VISIBLE_DEVICES"] for record in records}
+    assert sorted(seen.values()) == expected, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("visible", ["5", ""])
+def test_fewer_gpus_than_workers_asking_for_them_is_a_one_line_error(tmp_path, visible):
+    pytest.importorskip("optuna")
+    result = gpu_search(tmp_path, visible, "trainer.accelerator=gpu")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: hydra.sweeper.workers=2 with trainer.devices=1 GPU each needs 2 GPUs;"
+        f" {len(visible.split(',')) if visible else 0} visible (CUDA_VISIBLE_DEVICES={visible!r})"
+        " (hydra.sweeper.split_gpus=false lets the workers share them)"
+    )
+    assert not (tmp_path / "jobs.jsonl").exists()  # no trial started
 
 
 def test_recipe_search_in_sqlite_decides_without_test_scores(tmp_path):

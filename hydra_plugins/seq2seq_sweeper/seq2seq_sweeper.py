@@ -28,6 +28,8 @@ class Seq2SeqSweeperConf:
     max_failed_trials: int | None = None  # stop asking once the study has this many failed (null: n_trials)
     workers: int = 1  # processes (or SLURM jobs, with a submitit launcher), each running trials in turn
     split_cpus: bool = True  # local workers: each its own share of the CPU cores
+    # local workers whose trials train on GPUs (trainer.accelerator=gpu): each its own trainer.devices GPUs
+    split_gpus: bool = True
     retry_killed: int = 0  # a killed or stopped trial is queued again (and resumes), this many times
     heartbeat_interval: int | None = None  # database storages: a trial silent for 2 intervals is failed
     # Trials that enter the study first, once: values for some swept keys, the others at the config's

@@ -1,5 +1,6 @@
-"""Where the workers run: forked local processes (each on its own share of the CPU cores) or submitit
-jobs, and the signals that stop the sweep; a worker that ends badly has its trial failed."""
+"""Where the workers run: forked local processes (each on its own share of the CPU cores, and of the GPUs
+where its trials train on GPUs) or submitit jobs, and the signals that stop the sweep; a worker that ends
+badly has its trial failed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from seq2seq.errors import UserError, is_int
 from seq2seq.sweeper.workers import Worker
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,48 @@ def cpu_shares(workers: int) -> list[list[int]] | None:
         log.warning("%d workers on %d CPU cores: cores are not split between workers", workers, len(cpus))
         return None
     return [cpus[i * share : (i + 1) * share] for i in range(workers)]
+
+
+def gpus_per_worker(trainer: DictConfig) -> int:
+    """How many GPUs each local worker's trials train on: ``trainer.devices`` where ``trainer.accelerator``
+    is gpu or cuda (trainer=gpu), else 0 (a CPU sweep, whatever GPUs the machine has)."""
+    if trainer.get("accelerator") not in ("gpu", "cuda"):
+        return 0
+    devices = trainer.get("devices")
+    if not is_int(devices) or devices < 1:
+        raise UserError(
+            f"trainer.devices={devices}: local sweep workers on GPUs need a number of GPUs each"
+            " (or hydra.sweeper.split_gpus=false: every worker sees all the GPUs)"
+        )
+    return devices
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices, or UUIDs); where it is
+    unset, the indices of the GPUs the driver lists (counted through NVML: CUDA stays uninitialised, so
+    the forked workers can still use it)."""
+    names = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names is not None:
+        return [name.strip() for name in names.split(",") if name.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def gpu_shares(workers: int, per_worker: int) -> list[list[str]] | None:
+    """The visible GPUs in ``workers`` shares of ``per_worker`` each (None: none asked for), in order;
+    an error when there are fewer than the workers ask for."""
+    if per_worker == 0:
+        return None
+    gpus = visible_gpus()
+    if len(gpus) < workers * per_worker:
+        raise UserError(
+            f"hydra.sweeper.workers={workers} with trainer.devices={per_worker} GPU each needs"
+            f" {workers * per_worker} GPUs; {len(gpus)} visible"
+            f" (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            " (hydra.sweeper.split_gpus=false lets the workers share them)"
+        )
+    return [gpus[i * per_worker : (i + 1) * per_worker] for i in range(workers)]
 
 
 @contextmanager

@@ -13,7 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.errors import UserError
 from seq2seq.sweep import swept_keys, write_summary
-from seq2seq.sweeper.backends import cpu_shares, run_jobs, run_local, submitit_executor
+from seq2seq.sweeper.backends import (
+    cpu_shares,
+    gpu_shares,
+    gpus_per_worker,
+    run_jobs,
+    run_local,
+    submitit_executor,
+)
 from seq2seq.sweeper.plots import report
 from seq2seq.sweeper.space import enqueue_fixed_points, search_space
 from seq2seq.sweeper.storage import fail_orphaned_trials, study_lock
@@ -41,6 +48,12 @@ def run_sweep(
         raise UserError(NO_TIME_BUDGET)
     if sweeper.workers < 1 or sweeper.n_trials < 0:
         raise UserError("hydra.sweeper.workers must be at least 1 and hydra.sweeper.n_trials not negative")
+    executor = submitit_executor(config)
+    local = executor is None
+    # Local workers on GPUs: each its own (a submitit job gets its GPUs from the scheduler)
+    gpus = (
+        gpu_shares(sweeper.workers, gpus_per_worker(config.trainer)) if local and sweeper.split_gpus else None
+    )
     spec = StudySpec.of(sweeper, sweep_dir)
     study = spec.load()
     resumed = bool(study.trials)
@@ -57,8 +70,7 @@ def run_sweep(
         sweeper.workers,
         sweeper.n_trials,
     )
-    executor = submitit_executor(config)
-    shares = cpu_shares(sweeper.workers) if executor is None and sweeper.split_cpus else None
+    shares = cpu_shares(sweeper.workers) if local and sweeper.split_cpus else None
     run_id = uuid.uuid4().hex[:8]
     workers = [
         Worker(
@@ -72,6 +84,7 @@ def run_sweep(
             task_function=task_function,
             config=config,
             cpus=shares[i] if shares else None,
+            gpus=gpus[i] if gpus else None,
             resumed=resumed,
             singletons=Singleton.get_state() if executor is not None else None,
         )
@@ -83,7 +96,7 @@ def run_sweep(
             fail_orphaned_trials(study, spec, sweep_dir, tokens, stopped)
 
     try:
-        if executor is None:
+        if local:
             run_local(workers, on_dead)
         else:
             run_jobs(executor, workers, on_dead)

@@ -57,6 +57,7 @@ class Worker:
     task_function: TaskFunction
     config: DictConfig
     cpus: list[int] | None = None  # local workers: the CPU cores this worker may use
+    gpus: list[str] | None = None  # local workers on GPUs: this worker's CUDA_VISIBLE_DEVICES
     singletons: Any = None  # Hydra's global state, for a worker in a fresh process (submitit)
     resumed: bool = False  # the study had trials before this command
 
@@ -65,6 +66,8 @@ class Worker:
             Singleton.set_state(self.singletons)
             setup_globals()
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        if self.gpus:  # before anything initialises CUDA in this process
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
         if self.cpus:
             os.sched_setaffinity(0, self.cpus)
             os.environ["OMP_NUM_THREADS"] = str(len(self.cpus))
