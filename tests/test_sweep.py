@@ -284,11 +284,16 @@ def test_a_trial_stopped_before_its_run_began_is_recorded_as_interrupted(tmp_pat
     assert [t.user_attrs.get("retry_of") for t in trials if t.state.name == "WAITING"].count(0) == 1
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+@pytest.mark.parametrize(
+    ("stop", "group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGTERM, False)],
+    ids=["ctrl_c", "sigterm", "sigterm_to_the_sweep_process"],
+)
 @pytest.mark.slow
-def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_path, stop):
+def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_path, stop, group):
     """A long search run in pieces (docs/recipe-search.md): Ctrl-C, or SIGTERM (a job's time limit), ends a
-    piece, and with retry_killed the next piece starts with the trials it interrupted, values unchanged."""
+    piece, and with retry_killed the next piece starts with the trials it interrupted, values unchanged.
+    SIGTERM to the sweep's own process alone (``kill PID``) stops its workers too."""
     pytest.importorskip("optuna")
     sweep_dir = tmp_path / "sweep"
     command = smoke_search(tmp_path, "hydra.sweeper.retry_killed=1", "trainer.max_steps=600")
@@ -301,7 +306,10 @@ def test_a_stopped_search_fails_its_running_trials_and_queues_them_again(tmp_pat
         )  # fmt: skip
     try:
         a_trial_mid_training(sweep_dir, sweep)
-        os.killpg(sweep.pid, stop)  # the whole process group, as a terminal's Ctrl-C or SLURM does
+        if group:
+            os.killpg(sweep.pid, stop)  # the whole process group, as a terminal's Ctrl-C or SLURM does
+        else:
+            os.kill(sweep.pid, stop)
         sweep.wait(timeout=120)
     finally:
         if sweep.poll() is None:

@@ -108,7 +108,13 @@ def run_local(workers: list[Worker], on_dead: Callable[[set[str], bool], None]) 
                     if process.exitcode != 0:
                         log.warning("Worker %d ended with exit code %s", worker.index, process.exitcode)
                         on_dead({worker.token}, False)
-    except BaseException:  # Ctrl-C or SIGTERM reached the workers too: let them record their trials
+    except BaseException as stop:  # Ctrl-C or SIGTERM: let the workers record their trials
+        if isinstance(stop, SystemExit) and stop.code == 128 + signal.SIGTERM:
+            # SIGTERM to this process alone (``kill PID``) reaches no worker: pass it on, or they would run
+            # the study on (multiprocessing waits for them as this process exits). One that had it too
+            # sees it twice: in training that is one stop; elsewhere SIGTERM ends it at once anyway.
+            for process in running:
+                process.terminate()
         for process in running:
             process.join(timeout=60)
         # A worker the signal reached outside training (starting a trial, between two) ended at once,
