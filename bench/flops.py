@@ -15,8 +15,14 @@ def peak_flops(precision: str, device: str | torch.device = "cpu") -> float:
     """Peak FLOP/s of ``device`` (this host's CPU by default) in the dtype of ``precision`` (a trainer
     precision such as ``bf16-mixed`` or a decoding one such as ``bf16``): measured with a matrix product
     (see seq2seq/flops.py), not computed from a clock and FLOPs per cycle, which gave 107 % "of peak" on
-    an AVX-512 host."""
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    an AVX-512 host. ``16-mixed``/``fp16``: float16; anything else not bf16: float32 (TF32 on a GPU where
+    ``torch.set_float32_matmul_precision`` allows it)."""
+    if precision.startswith("bf16"):
+        dtype = torch.bfloat16
+    elif precision.startswith(("16", "fp16")):
+        dtype = torch.float16
+    else:
+        dtype = torch.float32
     return measured_peak_flops(str(device), dtype)
 
 

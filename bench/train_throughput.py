@@ -1,6 +1,7 @@
 """Training speed: the Lightning Trainer against a plain PyTorch loop, same model, batches and optimizer.
 
     python bench/train_throughput.py [--models small base] [--steps 20] [--precisions 32-true bf16-mixed]
+        [--device cpu|cuda|cuda:N]
 
 For each model and precision, the first ``--warmup + --steps`` training batches of the Bible split's
 first epoch are run through (1) this project's TranslationModule driven by ``lightning.Trainer`` and
@@ -8,7 +9,9 @@ first epoch are run through (1) this project's TranslationModule driven by ``lig
 learning-rate schedule, in ``--rounds`` alternating rounds; each step's fastest time over the rounds
 is kept (load from other processes only slows steps down, so this is the closest to an idle machine).
 Prints target tokens/s of the timed steps of each and their ratio, the padding efficiency of a whole
-epoch's batches, and the achieved GFLOP/s against the CPU's peak (see flops.py).
+epoch's batches, and the achieved GFLOP/s against the device's peak, a matrix product measured there in
+the precision's dtype (see flops.py). ``--device`` (default: cuda where there is one, else cpu) is where
+both train; on a GPU each step's time ends when the GPU has finished it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ from seq2seq.module import TranslationModule
 REPO = Path(__file__).resolve().parents[1]
 
 
+def now(device: torch.device) -> float:
+    """The time once ``device`` has done the work queued so far (a GPU runs behind the host)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+    return time.perf_counter()
+
+
 class StepTimer(L.Callback):
     """Wall time of each batch from ``warmup`` on: from its start to the next one's (the last: to its end)."""
 
@@ -43,12 +53,12 @@ class StepTimer(L.Callback):
         self.warmup = warmup
         self.marks: list[float] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if trainer.global_step >= self.warmup:
-            self.marks.append(time.perf_counter())
+            self.marks.append(now(pl_module.device))
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        self.end = time.perf_counter()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        self.end = now(pl_module.device)
 
     def step_seconds(self) -> list[float]:
         marks = [*self.marks, self.end]
@@ -88,43 +98,61 @@ def new_module(cfg, datamodule: TranslationDataModule) -> TranslationModule:
     return module
 
 
+def accelerator(device: torch.device) -> tuple[str, list[int] | int]:
+    """Lightning's accelerator and devices for ``device`` (cuda:N: that GPU alone)."""
+    if device.type == "cpu":
+        return "cpu", 1
+    return device.type, [device.index or 0]
+
+
 def run_lightning(
-    cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float
+    cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float, device: torch.device
 ) -> list[float]:
     timer = StepTimer(warmup)
+    kind, devices = accelerator(device)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision=precision, max_steps=len(batches), gradient_clip_val=clip,
-        callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator=kind, devices=devices, precision=precision, max_steps=len(batches),
+        gradient_clip_val=clip, callbacks=[timer], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         use_distributed_sampler=False,
     )  # fmt: skip
     trainer.fit(new_module(cfg, datamodule), train_dataloaders=DataLoader(batches, batch_size=None))
     return timer.step_seconds()
 
 
-def run_plain(cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float) -> list[float]:
-    module = new_module(cfg, datamodule)
-    if precision == "bf16-true":  # as Lightning's bf16-true: weights and activations in bf16
-        module.to(torch.bfloat16)
+def run_plain(
+    cfg, datamodule, batches: list[Batch], warmup: int, precision: str, clip: float, device: torch.device
+) -> list[float]:
+    module = new_module(cfg, datamodule).to(device)
+    if precision in ("bf16-true", "16-true"):  # as Lightning's: weights and activations in that dtype
+        module.to(torch.bfloat16 if precision == "bf16-true" else torch.float16)
     module.train()
     optimizers = module.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
-    )
+    mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=mixed) if mixed else contextlib.nullcontext()
+    # 16-mixed scales the loss, as Lightning's MixedPrecision does (fp16 gradients underflow otherwise)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     marks = []
     for step, batch in enumerate(batches):
         if step >= warmup:
-            marks.append(time.perf_counter())
+            marks.append(now(device))
+        batch = module.transfer_batch_to_device(batch, device, 0)
         with autocast:
             losses, _ = module.smoothed_losses(batch)
-        losses.mean().backward()
+        scaler.scale(losses.mean()).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    marks.append(time.perf_counter())
+    marks.append(now(device))
     return [b - a for a, b in itertools.pairwise(marks)]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main() -> None:
@@ -146,12 +174,16 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternating rounds; per step, the fastest is kept"
     )
+    parser.add_argument(
+        "--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda where there is one)"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_tokens=6000")
     args = parser.parse_args()
-    peaks = {precision: peak_flops(precision) for precision in args.precisions}
+    device = torch.device(args.device)
+    peaks = {precision: peak_flops(precision, device) for precision in args.precisions}
     measured = ", ".join(f"{precision} {peak / 1e9:.0f}" for precision, peak in peaks.items())
     print(
-        f"peak GFLOP/s (measured matrix product): {measured}; torch {torch.__version__},"
+        f"peak GFLOP/s on {args.device} (measured matrix product): {measured}; torch {torch.__version__},"
         f" {torch.get_num_threads()} threads"
     )
 
@@ -184,7 +216,7 @@ def main() -> None:
                     if name in failed:
                         continue
                     try:
-                        elapsed = run(cfg, datamodule, batches, args.warmup, precision, clip)
+                        elapsed = run(cfg, datamodule, batches, args.warmup, precision, clip, device)
                     except RuntimeError as err:
                         print(f"{precision:<12}{name:<11}failed: {str(err).splitlines()[0][:100]}")
                         failed.add(name)
