@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from seq2seq.data.collate import Batch
@@ -108,27 +109,39 @@ class TranslationModule(L.LightningModule):
         # Per validation sentence index: (greedy translation, summed target NLL, target tokens).
         self._val_sentences: dict[int, tuple[str, float, int]] = {}
 
-    def token_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Per-token negative log-likelihood and mean negative log-prob over the vocabulary.
+    def target_logits(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The scores of the real (non-pad) target positions, (N, V), and their target ids, (N,).
 
         Only the non-pad positions are projected to the vocabulary, which skips the padding's share of
         the largest matrix product. Their number is known from the collate step, so finding them does
-        not wait for the device (a boolean-mask index would). Returns two (num_target_tokens,) tensors.
+        not wait for the device (a boolean-mask index would).
         """
         outputs = self.model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, H)
         real = (batch.tgt_out != PAD_ID).flatten()  # (B * T,)
         positions = torch.nonzero_static(real, size=batch.num_target_tokens).squeeze(1)  # (N,)
         hidden = outputs.flatten(0, 1).index_select(0, positions)  # (N, H)
-        log_probs = self.model.logits(hidden).float().log_softmax(dim=-1)  # (N, V)
-        targets = batch.tgt_out.flatten().index_select(0, positions)
-        nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        return nll, -log_probs.mean(dim=-1)
+        return self.model.logits(hidden), batch.tgt_out.flatten().index_select(0, positions)
 
-    def smoothed_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """The label-smoothed training loss and the NLL of each target token: two (N,) tensors."""
-        nll, uniform = self.token_losses(batch)
+    def token_nll(self, batch: Batch) -> Tensor:
+        """The negative log-likelihood of each real target token, (N,) in fp32."""
+        logits, targets = self.target_logits(batch)
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+
+    def smoothed_losses(self, batch: Batch, with_nll: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The label-smoothed training loss of each real target token, (N,), and with ``with_nll`` (the
+        logging steps: perplexity) each one's NLL, (N,), from the same scores and outside the graph.
+
+        One fused cross-entropy (in fp32 under autocast), where a log-softmax, a gather and a mean over
+        the vocabulary each kept an (N, V) tensor for the backward. The smoothing spreads its mass over
+        the whole vocabulary: (1 - eps) * NLL + eps * the mean negative log-probability.
+        """
+        logits, targets = self.target_logits(batch)
         eps = self.hparams.label_smoothing
-        return (1.0 - eps) * nll + eps * uniform, nll
+        losses = F.cross_entropy(logits, targets, label_smoothing=eps, reduction="none")
+        if not with_nll:
+            return losses, None
+        with torch.no_grad():
+            return losses, F.cross_entropy(logits.float(), targets, reduction="none")
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Copy the padded ids to ``device`` without waiting (the loader pins them on a GPU); the lengths
@@ -149,11 +162,12 @@ class TranslationModule(L.LightningModule):
         optimizer step skips it there; the policy is applied when it is next read, see
         :meth:`_apply_nonfinite_policy`).
         """
-        losses, nll = self.smoothed_losses(batch)
-        # [loss sum, NLL sum, target tokens] over all processes: their batches hold different token counts.
-        totals = torch.stack(
-            [losses.detach().sum(), nll.detach().sum(), losses.new_full((), batch.num_target_tokens)]
-        )
+        logging = should_update_logs(self.trainer)
+        losses, nll = self.smoothed_losses(batch, with_nll=logging)
+        # [loss sum, NLL sum (logging steps), target tokens] over all processes: their batches hold
+        # different token counts.
+        nll_sum = nll.sum() if logging else losses.new_zeros(())
+        totals = torch.stack([losses.detach().sum(), nll_sum, losses.new_full((), batch.num_target_tokens)])
         if self.trainer.world_size > 1:
             torch.distributed.all_reduce(totals)  # Lightning's reduce adds a barrier, which waits on the GPU
         loss_sum, nll_sum, tokens = totals.unbind()
@@ -163,7 +177,7 @@ class TranslationModule(L.LightningModule):
         else:
             self._window[1] = self._window[1] + tokens
             self._window[2] += 1
-        if should_update_logs(self.trainer):
+        if logging:
             self._log_training_step(loss_sum / tokens, nll_sum / tokens, batch.src.size(0))
         # Lightning divides by accumulate_grad_batches and DDP averages over processes: undone here, so
         # the gradient is the token sum over the first micro-batch's tokens (rescaled before the step).
@@ -251,7 +265,7 @@ class TranslationModule(L.LightningModule):
         self._val_sentences = {}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        nll, _ = self.token_losses(batch)
+        nll = self.token_nll(batch)
         real = batch.tgt_out != PAD_ID  # (B, T)
         rows = torch.arange(real.size(0), device=real.device).unsqueeze(1).expand_as(real)[real]
         sentence_nll = torch.zeros(real.size(0), device=nll.device).index_add_(0, rows, nll.float())

@@ -109,12 +109,12 @@ def test_batches_of_mixed_source_lengths_score_each_sentence_as_alone(compose_co
     batch = next(b for b in datamodule.train_dataloader() if len(set(b.src_lengths.tolist())) > 1)
     vocab = datamodule.tokenizer.tgt_vocab_size
     model = module({"name": "constant"}, vocab=vocab, bidirectional=True, bridge=True).eval()
-    nll, _ = model.token_losses(batch)
+    nll = model.token_nll(batch)
     real = batch.tgt_out != PAD_ID
     per_sentence = torch.zeros(real.size(0)).index_add_(0, real.nonzero()[:, 0], nll)
     split = datamodule.splits["train"]
     for row, index in enumerate(batch.indices.tolist()[:8]):
-        alone, _ = model.token_losses(split.collate([index]))
+        alone = model.token_nll(split.collate([index]))
         torch.testing.assert_close(per_sentence[row], alone.sum(), rtol=1e-5, atol=1e-5)
 
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from seq2seq.errors import UserError
 from seq2seq.model.attention import Attention
 from seq2seq.model.encoder import EncoderOutput
+from seq2seq.model.recurrence import LoopWeight
 from seq2seq.tokenization import PAD_ID
 
 
@@ -109,15 +110,53 @@ class Decoder(nn.Module):
                 return self.dropout(outputs), state, None
             attentional, weights = self._attend(outputs, state)
             return self.dropout(attentional), state, weights
-        steps, weights = [], []
-        for t in range(tgt_in.size(1)):
-            rnn_input = torch.cat([embedded[:, t : t + 1], state.feed.unsqueeze(1)], dim=-1)
-            output, (hidden, cell) = self.rnn(rnn_input, (state.hidden, state.cell))
-            attentional, step_weights = self._attend(output, state)  # (B, 1, H), (B, 1, S)
-            state = replace(state, hidden=hidden, cell=cell, feed=attentional.squeeze(1))
-            steps.append(attentional)
-            weights.append(step_weights)
-        return self.dropout(torch.cat(steps, dim=1)), state, torch.cat(weights, dim=1)
+        return self._input_feeding(embedded, state)
+
+    def _input_feeding(self, embedded: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState, Tensor]:
+        """Teacher forcing with input feeding: the LSTM runs one position at a time, its cells written out
+        so that the work that does not depend on the previous step is done once for the whole target:
+        the embeddings' share of the first layer's gates, one (T*B)-row product per weight for the weight
+        gradients (see :mod:`recurrence`), the weights cast to the compute dtype once. The parameters are
+        ``self.rnn``'s (PyTorch's gate order i, f, g, o), so checkpoints and search see the same model.
+
+        embedded: (B, T, E). Returns the outputs (B, T, H), the final state and the weights (B, T, S).
+        """
+        rnn, embed_size = self.rnn, self.embedding.embedding_dim
+        # layer 0's input is [embedding; feed]: the embedding's product for all positions at once
+        first = rnn.weight_ih_l0
+        gates_in = torch.nn.functional.linear(
+            embedded, first[:, :embed_size], rnn.bias_ih_l0 + rnn.bias_hh_l0
+        )
+        # per layer, the weight of [its input this step; its own previous output] and the summed biases
+        recurrent = [LoopWeight(torch.cat([first[:, embed_size:], rnn.weight_hh_l0], dim=1))]
+        biases: list[Tensor | None] = [None]
+        for layer in range(1, rnn.num_layers):
+            weights = [getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")]
+            recurrent.append(LoopWeight(torch.cat(weights, dim=1)))
+            biases.append(getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}"))
+        combine = LoopWeight(self.combine.weight)
+        hidden, cell = list(state.hidden.unbind(0)), list(state.cell.unbind(0))  # per layer (B, H)
+        feed = state.feed
+        steps, attention = [], []
+        for step_gates in gates_in.unbind(1):  # (B, 4H): unbind, whose backward stacks once (not T slices)
+            layer_input = feed
+            for layer, (weight, bias) in enumerate(zip(recurrent, biases, strict=True)):
+                gates = weight.product(torch.cat([layer_input, hidden[layer]], dim=1))
+                gates = gates + (step_gates if bias is None else bias)
+                in_gate, forget_gate, cell_input, out_gate = gates.chunk(4, dim=1)
+                cell[layer] = forget_gate.sigmoid() * cell[layer] + in_gate.sigmoid() * cell_input.tanh()
+                hidden[layer] = out_gate.sigmoid() * cell[layer].tanh()
+                layer_input = hidden[layer]
+                if layer < rnn.num_layers - 1 and rnn.dropout and self.training:  # as nn.LSTM, between layers
+                    layer_input = torch.nn.functional.dropout(layer_input, rnn.dropout, training=True)
+            contexts, step_weights = self.attention(
+                layer_input.unsqueeze(1), state.keys, state.memory, state.mask
+            )
+            feed = combine.product(torch.cat([layer_input, contexts.squeeze(1)], dim=1)).tanh()  # (B, H)
+            steps.append(feed)
+            attention.append(step_weights)
+        state = replace(state, hidden=torch.stack(hidden), cell=torch.stack(cell), feed=feed)
+        return self.dropout(torch.stack(steps, dim=1)), state, torch.cat(attention, dim=1)
 
     def _attend(self, outputs: Tensor, state: DecoderState) -> tuple[Tensor, Tensor]:
         """LSTM outputs (B, T, H) -> attentional vectors (B, T, H) and attention weights (B, T, S)."""

@@ -1,0 +1,77 @@
+"""The input-feeding decoder's loop (seq2seq.model.recurrence): the same outputs and gradients as
+``nn.LSTM`` run one position at a time, which it replaced for speed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from seq2seq.model.decoder import Decoder
+from seq2seq.model.encoder import EncoderOutput
+from seq2seq.model.recurrence import LoopWeight
+
+
+def test_a_loop_weight_gets_the_gradient_autograd_would_give():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, requires_grad=True)
+    x0 = torch.randn(3, 4, requires_grad=True)
+
+    def run(product) -> torch.Tensor:
+        x, outputs = x0, []
+        for _ in range(5):
+            x = product(x).tanh()[:, :4]
+            outputs.append(x)
+        return torch.stack(outputs).pow(2).sum()
+
+    run(lambda x: x @ weight.t()).backward()
+    expected = weight.grad.clone(), x0.grad.clone()
+    weight.grad = x0.grad = None
+    loop = LoopWeight(weight)
+    run(loop.product).backward()
+    torch.testing.assert_close((weight.grad, x0.grad), expected)
+    assert not loop.inputs and not loop.output_grads  # nothing kept after the backward
+    with torch.no_grad():
+        searching = LoopWeight(weight)
+        searching.product(x0)
+    assert not searching.inputs  # search keeps nothing
+
+
+def reference_input_feeding(decoder: Decoder, tgt_in: torch.Tensor, state):
+    """The loop it replaced: ``nn.LSTM`` over one position at a time, attention and the feed after it."""
+    embedded = decoder.embedding(tgt_in)
+    steps, weights = [], []
+    for t in range(tgt_in.size(1)):
+        rnn_input = torch.cat([embedded[:, t : t + 1], state.feed.unsqueeze(1)], dim=-1)
+        output, (hidden, cell) = decoder.rnn(rnn_input, (state.hidden, state.cell))
+        attentional, step_weights = decoder._attend(output, state)
+        state = replace(state, hidden=hidden, cell=cell, feed=attentional.squeeze(1))
+        steps.append(attentional)
+        weights.append(step_weights)
+    return torch.cat(steps, dim=1), state, torch.cat(weights, dim=1)
+
+
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_general"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_input_feeding_matches_the_lstm_step_by_step_in_outputs_and_gradients(attention, num_layers):
+    torch.manual_seed(0)
+    decoder = Decoder(30, 8, 16, num_layers, attention=attention, memory_size=12)
+    memory, mask = (
+        torch.randn(3, 5, 12),
+        torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]]),
+    )
+    hidden, cell = torch.randn(num_layers, 3, 16), torch.randn(num_layers, 3, 16)
+    tgt_in = torch.randint(4, 30, (3, 7))
+
+    def run(forward):
+        decoder.zero_grad()
+        state = decoder.init_state(hidden, cell, EncoderOutput(memory, hidden, cell, mask))
+        outputs, final, weights = forward(tgt_in, state)
+        (outputs.pow(2).sum() + final.hidden.sum() + final.cell.sum()).backward()
+        grads = {name: p.grad.clone() for name, p in decoder.named_parameters() if p.grad is not None}
+        return outputs, final.hidden, final.cell, weights, grads
+
+    expected = run(lambda tgt, state: reference_input_feeding(decoder, tgt, state))
+    got = run(decoder)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
