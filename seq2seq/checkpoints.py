@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import zipfile
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
     from seq2seq.model import Seq2Seq
     from seq2seq.tokenization import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # What loading a truncated, corrupt or foreign checkpoint raises.
 UNLOADABLE_CHECKPOINT = (
@@ -115,10 +118,17 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     )
 
 
-def check_resume_checkpoint(path: str, max_time: str | timedelta | None = None) -> None:
+def check_resume_checkpoint(
+    path: str, max_time: str | timedelta | None = None, training_may_be_done: bool = False
+) -> None:
     """Fail clearly, before training starts, if ``ckpt_path`` is not a training checkpoint of ours, or if
     the run it resumes has already used up ``max_time`` (``trainer.max_time`` counts the whole run:
-    Lightning's Timer carries the time trained in the checkpoint)."""
+    Lightning's Timer carries the time trained in the checkpoint).
+
+    A run that resumes itself (``training_may_be_done``: a requeued SLURM job, a sweep's retry of a
+    trial) may have been stopped after its training ended, in the evaluation: with its time used up it
+    goes on, says so, and trains no step (Lightning's Timer stops ``fit`` at its start), then evaluates.
+    """
     from seq2seq.run_clock import budget_seconds, checkpoint_elapsed_seconds, clock
 
     try:
@@ -129,6 +139,14 @@ def check_resume_checkpoint(path: str, max_time: str | timedelta | None = None) 
     if max_time is None or elapsed is None:
         return
     if elapsed >= budget_seconds(max_time):
+        if training_may_be_done:
+            log.info(
+                "ckpt_path: the run has already trained for %s, all of trainer.max_time=%s: its training is"
+                " done: going on to the evaluation",
+                clock(elapsed),
+                max_time,
+            )
+            return
         raise UserError(
             f"ckpt_path: the run has already trained for {clock(elapsed)}, all of"
             f" trainer.max_time={max_time}, which counts the whole run across resumes: give a larger"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from seq2seq.run_dir import discard_unused_run_dir, write_run_record
 from seq2seq.slurm import SlurmRequeue, newest_checkpoint
 from seq2seq.sweep import write_result
 from seq2seq.tokenization import Tokenizer
+from seq2seq.trial import TRIAL_ENV
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +91,20 @@ def train(cfg: DictConfig) -> float:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = cfg.get("ckpt_path")
     slurm = SlurmRequeue(output_dir) if SlurmRequeue.wanted() else None
+    # A requeued SLURM job and a sweep's retry of a trial resume themselves: one whose time budget is spent
+    # had finished training and goes on to the evaluation (a user's own resume is told to give more time).
+    resumes_itself = bool(ckpt_path) and TRIAL_ENV in os.environ
     if slurm is not None:
         slurm.install()
         if ckpt_path is None and (ckpt_path := newest_checkpoint(output_dir)) is not None:
             log.info("Requeued SLURM job: resuming from %s", ckpt_path)
+            resumes_itself = True
     if ckpt_path:
         max_time = cfg.trainer.get("max_time")  # "DD:HH:MM:SS", or a datetime.timedelta _target_
         check_resume_checkpoint(
-            str(ckpt_path), instantiate(max_time) if isinstance(max_time, DictConfig) else max_time
+            str(ckpt_path),
+            instantiate(max_time) if isinstance(max_time, DictConfig) else max_time,
+            training_may_be_done=resumes_itself,
         )
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):  # "high": TF32 matrix products on GPUs that have them

@@ -4,14 +4,22 @@ another budget, the time-budget rate on ranks whose clocks differ."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from seq2seq.data.sampler import ResumableDataLoader
+from seq2seq.trial import TRIAL_ENV, StudySpec
 from tests.fault_callbacks import read_records
-from tests.test_distributed import PAIRS, record, sampler, smoke
+from tests.test_distributed import PAIRS, checkpoint_state, record, record_weights, sampler, smoke
+from tests.test_robustness import fake_slurm
+from tests.test_training import QUIET, REPO
 
 # No test decoding and greedy validation: these runs are about training.
 SHORT = ["evaluate.test=false", "decoding.beam=1", "trainer.val_check_interval=1000"]
@@ -75,3 +83,95 @@ def test_an_epoch_finished_after_a_resume_on_more_ranks_saves_the_next_epochs_st
     assert loader.state_dict()["global_batches_done"] >= total  # the epoch's end
     counts.append(0)  # fit ended: seq2seq.private_apis.restart_finished_epoch resets the count
     assert loader.state_dict()["global_batches_done"] == 0
+
+
+@pytest.mark.slow
+def test_ranks_whose_clocks_differ_apply_the_same_time_budget_rate_and_stay_equal(tmp_path):
+    """2 gloo processes under a time budget with a linear decay; the second's clock starts 3 s late (so it
+    reads 5 % less of the minute used): both train every step at the same rate, their weights stay equal.
+    Each used to read its own clock, apply its own rate, and drift apart (DDP averages gradients, never
+    weights)."""
+    budget = [
+        "module.scheduler.name=linear", "module.scheduler.warmup_steps=1", "trainer.max_steps=-1",
+        "trainer.max_time='00:00:01:00'", "trainer.log_every_n_steps=4",
+        "+callbacks.stop._target_=tests.fault_callbacks.StopAtStep", "+callbacks.stop.step=14",
+        "+callbacks.late._target_=tests.cluster_callbacks.SleepAtTrainStart", "+callbacks.late.rank=1",
+        "+callbacks.late.seconds=3", "+callbacks.lr._target_=tests.fault_callbacks.RecordLearningRates",
+        f"+callbacks.lr.path={tmp_path / 'lr'}",
+    ]  # fmt: skip
+    smoke(
+        tmp_path / "run", tmp_path / "cache", *SHORT, *on_ranks(2), *budget, *record_weights(tmp_path / "w")
+    )
+    rates = [[(r["step"], r["lr"]) for r in read_records(tmp_path / "lr", rank)] for rank in (0, 1)]
+    assert [step for step, _ in rates[0]] == list(range(15))
+    assert rates[0][-1][1] < rates[0][1][1]  # the rate decays with the time used
+    assert rates[0] == rates[1]
+    weights = [read_records(tmp_path / "w", rank) for rank in (0, 1)]
+    assert len(weights[0]) == 14 and weights[0] == weights[1]
+
+
+# A time budget that ends training: 6 seconds of the smoke run, then validation and the evaluation.
+TIME_BUDGET = ["trainer.max_steps=-1", "trainer.max_time='00:00:00:06'", "trainer.val_check_interval=1000"]
+
+
+@pytest.mark.slow
+def test_a_requeued_job_whose_time_budget_ended_training_goes_on_to_the_evaluation(tmp_path):
+    """SIGUSR1 during the evaluation after a training stopped by trainer.max_time requeues the job; the
+    requeued job resumes from the final last.ckpt, whose training time is all of max_time: it trains no
+    step and evaluates (it was refused: 'the run has already trained for ..., all of trainer.max_time')."""
+    env, requeues = fake_slurm(tmp_path)
+    run, cache = tmp_path / "slurm-4242", tmp_path / "cache"
+    job = [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={run}", f"paths.cache_dir={cache}"]
+    job += [*QUIET, *TIME_BUDGET, "decoding.beam=1"]
+    process = subprocess.Popen(
+        job, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    seen = ""
+    while "Best checkpoint:" not in seen:
+        seen = process.stdout.readline()
+        assert seen or process.poll() is None, process.stderr.read()[-3000:]
+    process.send_signal(signal.SIGUSR1)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]  # the fake scontrol does not stop the job
+    assert "SLURM requeue signal" in stdout and requeues.read_text() == "requeue 4242\n"
+    steps = checkpoint_state(run / "checkpoints" / "last.ckpt")[0]
+    (run / "result.json").unlink()  # as if SLURM had stopped the job in its evaluation
+
+    requeued = subprocess.run(
+        [*job, *record(tmp_path / "batches")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "Requeued SLURM job: resuming from" in requeued.stdout and "Test split" in requeued.stdout
+    assert "training is done: going on to the evaluation" in requeued.stdout
+    assert not Path(f"{tmp_path / 'batches'}.rank0").exists()  # no training step
+    assert checkpoint_state(run / "checkpoints" / "last.ckpt")[0] == steps
+    assert json.loads((run / "result.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_sweep_retry_of_a_trial_whose_time_budget_ended_training_goes_on_to_the_evaluation(tmp_path):
+    """A retried trial (hydra/sweeper=seq2seq, retry_killed) runs as its training job with the trial in
+    its environment and ckpt_path naming the killed attempt's newest checkpoint. An attempt killed in its
+    evaluation after max_time ended its training left a last.ckpt with no time left: the retry evaluates
+    it instead of failing (and losing the trained trial)."""
+    cache, killed = tmp_path / "cache", tmp_path / "0"
+    smoke(killed, cache, *TIME_BUDGET, "decoding.beam=1", "evaluate.test=false")
+    last = killed / "checkpoints" / "last.ckpt"
+    spec = StudySpec(storage=str(tmp_path / "optuna.journal"), name="budget", direction="maximize")
+    trial = spec.load().ask()  # the retry, running
+    trial_env = {"storage": spec.storage, "study": spec.name, "trial": trial.number, "pruner": None}
+    env = {
+        **os.environ,
+        TRIAL_ENV: json.dumps({**trial_env, "prune_on": "steps", "heartbeat_interval": None}),
+    }
+    retry = tmp_path / "1"
+    result = subprocess.run(
+        [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={retry}", f"paths.cache_dir={cache}",
+         *QUIET, *TIME_BUDGET, "decoding.beam=1", f"ckpt_path={last}", *record(tmp_path / "batches")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training is done: going on to the evaluation" in result.stdout and "Test split" in result.stdout
+    assert not Path(f"{tmp_path / 'batches'}.rank0").exists()
+    record_ = json.loads((retry / "result.json").read_text())
+    assert record_["status"] == "ok" and record_["test_bleu"] is not None

@@ -31,7 +31,8 @@ def rates(scheduler: BudgetDecay, steps: int) -> list[float]:
 
 def decay(shape: str, warmup: int, max_steps: int | None, time_used=None, floor: float = 0.0) -> BudgetDecay:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=PEAK)
-    return BudgetDecay(optimizer, shape, warmup, max_steps, time_used, floor)
+    seconds = None if time_used is None else 1.0  # time_used: the share used, as seconds of one
+    return BudgetDecay(optimizer, shape, warmup, max_steps, seconds, time_used, floor)
 
 
 def test_linear_and_cosine_decay_from_the_end_of_warmup_to_the_end_of_the_step_budget():
@@ -111,7 +112,7 @@ def test_a_time_budget_decays_with_the_time_used_and_a_resumed_run_continues_the
     first = run(compose_config, tmp_path, "first", *budget, *stop)
     assert first[-1]["step"] == 8 and first[-1]["used"] < 1  # stopped by StopAtStep, inside the budget
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    warmup_end = torch.load(last, weights_only=False)["lr_schedulers"][0]["warmup_end"]
+    warmup_end = torch.load(last, weights_only=False)["lr_schedulers"][0]["decay_start"]
     assert 0 < warmup_end < first[-1]["used"]
     assert [r["lr"] for r in first[:5]] == pytest.approx([PEAK * s / 5 for s in range(1, 6)])
     assert first[4]["lr"] == PEAK  # the decay starts from the peak
@@ -124,3 +125,62 @@ def test_a_time_budget_decays_with_the_time_used_and_a_resumed_run_continues_the
     for r in resumed[1:]:
         assert r["lr"] == pytest.approx(expected_linear(r["used"], warmup_end), abs=PEAK * 1e-3)
     assert resumed[-1]["used"] >= 1.0 and resumed[-1]["lr"] == 0.0
+
+
+def resumed(saved: BudgetDecay, max_steps: int | None, seconds: float | None, elapsed=None) -> BudgetDecay:
+    """A new scheduler of another budget, as a resumed run builds it, loaded with ``saved``'s state."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=PEAK)
+    scheduler = BudgetDecay(optimizer, saved.shape, saved.warmup_steps, max_steps, seconds, elapsed)
+    optimizer.param_groups[0]["lr"] = saved.optimizer.param_groups[0]["lr"]  # restored with the optimizer
+    scheduler.load_state_dict(saved.state_dict())
+    return scheduler
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_a_schedule_resumed_with_a_larger_step_budget_goes_on_from_its_rate_to_the_new_end(shape):
+    first = decay(shape, 1, 20)
+    before = rates(first, 10)
+    extended = resumed(first, 40, None)
+    after = rates(extended, 31)
+    assert after[0] == first.optimizer.param_groups[0]["lr"]  # the rate reached, no jump
+    assert after[0] == pytest.approx(PEAK / 2)  # half the budget used: linear and cosine alike
+    assert all(a >= b for a, b in zip(before + after, (before + after)[1:], strict=False))  # falls
+    assert after[10] > 0.3 * after[0] and after[-1] == pytest.approx(0.0, abs=1e-12)  # to the new end
+    # The same budget again: the saved curve, unchanged.
+    assert rates(resumed(first, 20, None), 11) == pytest.approx(rates(decay(shape, 1, 20), 21)[10:])
+
+
+def test_a_schedule_resumed_with_a_larger_time_budget_goes_on_from_its_rate_without_a_jump():
+    clock = [0.0]
+    first = decay("linear", 1, None, time_used=lambda: clock[0])
+    first.max_seconds = 100.0  # the first part's budget: 100 s
+    for clock[0] in (10.0, 30.0, 60.0):
+        rates(first, 1)
+    assert first.optimizer.param_groups[0]["lr"] == pytest.approx(PEAK * 0.4)  # 60 % used
+    longer = resumed(first, None, 200.0, lambda: clock[0])  # 200 s now: 30 % used
+    lr = []
+    for clock[0] in (60.0, 130.0, 200.0):
+        lr += rates(longer, 1)
+    lr.append(longer.optimizer.param_groups[0]["lr"])
+    # From 40 % of the peak at 60 s down to 0 at 200 s (it jumped to 70 % before, the share of 200 s left).
+    assert lr == pytest.approx([PEAK * 0.4, PEAK * 0.4, PEAK * 0.2, 0.0])
+
+
+@pytest.mark.slow
+def test_a_run_resumed_with_a_larger_max_steps_decays_over_the_new_budget(compose_config, tmp_path):
+    """Stopped at step 10 of 20, resumed with trainer.max_steps=40: the rate goes on from half the peak
+    down to zero at step 40 (the restored budget of 20 held it at zero from step 20 on)."""
+    budget = [
+        "module.scheduler.name=linear",
+        "module.scheduler.warmup_steps=0",
+        "trainer.val_check_interval=10",
+    ]
+    stop = ["+callbacks.stop._target_=tests.fault_callbacks.StopAtStep", "+callbacks.stop.step=10"]
+    first = run(compose_config, tmp_path, "first", *budget, "trainer.max_steps=20", *stop)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    longer = run(compose_config, tmp_path, "longer", *budget, "trainer.max_steps=40", f"ckpt_path={last}")
+    lr = {r["step"]: r["lr"] for r in longer}
+    assert lr[10] == first[-1]["lr"] == pytest.approx(PEAK / 2)
+    assert [lr[n] for n in range(11, 41)] == pytest.approx(
+        [PEAK / 2 * (1 - (n - 11) / 29) for n in range(11, 41)]
+    )
