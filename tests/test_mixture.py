@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from seq2seq.data.corpora import load_synthetic
 from seq2seq.data.datamodule import TranslationDataModule
 from seq2seq.data.mixture import load_corpora
-from seq2seq.data.sampler import CorpusMixture
+from seq2seq.data.sampler import CorpusMixture, TokenBucketBatchSampler
 from seq2seq.decoding import DecodingSettings
 from seq2seq.evaluation import choose_alpha
 from seq2seq.metrics import mean_over_corpora, scores_by_corpus
@@ -50,6 +50,31 @@ def test_each_epoch_holds_the_corpora_in_proportion_to_their_weights(mixture_dat
     # The reverse corpus is oversampled 3x: every pair 3 times, none more (the draw, before batching).
     drawn = np.bincount(mixture_data.mixture.draw(1), minlength=4000)
     assert set(drawn[3000:].tolist()) == {3} and set(drawn[:3000].tolist()) == {0, 1}
+
+
+def test_oversampled_copies_of_a_pair_go_to_different_batches_spread_over_the_epoch(mixture_data):
+    """The reverse corpus's pairs come 3 times an epoch. The copies of a pair have one length, so sorted by
+    length they went into one batch (3 times its weight in one step); each goes to another batch now,
+    the epoch still serves the whole draw, and every epoch and rank has the same number of batches."""
+    split = mixture_data.splits["train"]
+    lengths = split.src_lengths(), split.tgt_lengths()
+    draw = mixture_data.mixture.draw
+    ranks = [
+        TokenBucketBatchSampler(*lengths, 640, shuffle=True, seed=1, num_replicas=2, rank=r, epoch_pairs=draw)
+        for r in (0, 1)
+    ]
+    for epoch in range(3):
+        batches = ranks[0].batches(epoch)
+        assert [b for b in batches if len(set(b)) < len(b)] == [], epoch
+        assert sorted(i for b in batches for i in b) == sorted(draw(epoch).tolist())
+        # The 3 copies of a pair are served in 3 batches, which lie far apart in the epoch's order.
+        where = {}
+        for position, batch in enumerate(batches):
+            for i in batch:
+                where.setdefault(i, []).append(position)
+        gaps = [max(p) - min(p) for i, p in where.items() if len(p) == 3]
+        assert len(gaps) == 1000 and np.median(gaps) > len(batches) / 3
+        assert len(ranks[0].rank_batches(epoch)) == len(ranks[1].rank_batches(epoch)) == len(ranks[0])
 
 
 def test_a_draw_oversamples_whole_passes_then_samples_the_rest():

@@ -66,9 +66,12 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
     current epoch, with the same number of ranks or another.
 
     ``epoch_pairs`` (a :class:`CorpusMixture`'s ``draw``), if given, says which pairs (indices, repeats
-    allowed) make each epoch; they are bucketed as above. The number of batches is that of epoch 0's
-    plan: an epoch whose draw cuts into more batches drops its last served ones, one with fewer
-    repeats its first ones, so that every epoch and every rank has the same count.
+    allowed) make each epoch; they are bucketed as above, each copy layer on its own (every pair's first
+    copy, then the second copies of the pairs drawn twice or more, ...), so that the copies of an
+    oversampled pair, which share its length, go to different batches spread over the epoch instead of
+    one. The number of batches is that of epoch 0's plan: an epoch whose draw cuts into more batches
+    drops its last served ones, one with fewer repeats its first ones, so that every epoch and every
+    rank has the same count.
     """
 
     def __init__(
@@ -118,15 +121,30 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, epoch])
         count = len(self.src_lengths)
         pairs = None if self.epoch_pairs is None else self.epoch_pairs(epoch)
-        widest = int(self.tgt_lengths.max(initial=0)) + 1
-        keys = int(self.src_lengths.max(initial=0) + 1) * widest  # distinct (source, target) lengths
-        key_type = np.uint16 if keys <= 2**16 else np.int64  # 16-bit keys sort by radix, in linear time
         # Sorting a random permutation stably breaks ties at random.
         if pairs is None:
             order = rng.permutation(count) if self.shuffle else np.arange(count)
         else:
             order = rng.permutation(pairs) if self.shuffle else pairs
         order = order.astype(np.int32 if count < 2**31 else np.int64)
+        # Oversampled copies of a pair have its one length: sorted together they would fill one batch (k
+        # times its weight in one step). Each copy layer is bucketed on its own, so that a batch holds a
+        # pair once, and the batches of all layers are served in one shuffled order.
+        layers = [self._bucket(layer) for layer in (copy_layers(order) if pairs is not None else [order])]
+        order, sizes = layers[0]
+        if len(layers) > 1:
+            order, sizes = (np.concatenate(parts) for parts in zip(*layers, strict=True))
+        starts = np.cumsum(sizes) - sizes
+        if self.shuffle:
+            served = rng.permutation(len(starts))
+            starts, sizes = starts[served], sizes[served]
+        return BatchPlan(order, starts, sizes)
+
+    def _bucket(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``order`` sorted by (source, target) length, stably, and the sizes of the batches cut from it."""
+        widest = int(self.tgt_lengths.max(initial=0)) + 1
+        keys = int(self.src_lengths.max(initial=0) + 1) * widest  # distinct (source, target) lengths
+        key_type = np.uint16 if keys <= 2**16 else np.int64  # 16-bit keys sort by radix, in linear time
         key = (self.src_lengths[order].astype(np.int64) * widest + self.tgt_lengths[order]).astype(key_type)
         order = order[np.argsort(key, kind="stable")]
         # The cut depends only on how many pairs share each (source, target) length.
@@ -140,12 +158,7 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         else:
             lengths = np.flatnonzero(pairs_per_key)
             runs = pairs_per_key[lengths]
-        sizes = self._cut(lengths // widest, lengths % widest, runs)
-        starts = np.cumsum(sizes) - sizes
-        if self.shuffle:
-            served = rng.permutation(len(starts))
-            starts, sizes = starts[served], sizes[served]
-        return BatchPlan(order, starts, sizes)
+        return order, self._cut(lengths // widest, lengths % widest, runs)
 
     def _cut(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         """Batch sizes of the greedy cut of the length-sorted pairs, given as runs of ``pairs`` pairs
@@ -212,6 +225,23 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return -(-self.num_global_batches // self.num_replicas)
+
+
+def copy_layers(order: np.ndarray) -> list[np.ndarray]:
+    """``order`` (pair indices, repeats allowed) as its copy layers, each in ``order``'s order: every
+    index's first occurrence, then every repeated index's second, and so on; ``[order]`` without repeats."""
+    count = len(order)
+    by_index = np.argsort(order, kind="stable")
+    ranked = order[by_index]
+    run_starts = np.ones(count, dtype=bool)
+    run_starts[1:] = ranked[1:] != ranked[:-1]
+    if run_starts.all():
+        return [order]
+    # The position of each occurrence among its index's: its distance from the start of its run.
+    positions = np.arange(count)
+    copy = np.empty(count, dtype=np.int64)
+    copy[by_index] = positions - np.maximum.accumulate(np.where(run_starts, positions, 0))
+    return [order[copy == c] for c in range(int(copy.max()) + 1)]
 
 
 class CorpusMixture:
