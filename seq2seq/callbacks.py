@@ -61,8 +61,14 @@ class InterruptionCheckpoint(L.Callback):
     """When training stops on Ctrl-C, SIGTERM or an error: saves ``dirpath/last.ckpt`` (with the optimizer,
     to resume from) and says so in one log line, with the step and how to resume.
 
-    SLURM's requeue signal (SIGUSR1 with ``#SBATCH --signal``) is Lightning's: it writes
-    ``hpc_ckpt_N.ckpt`` into the run directory, from which the requeued job resumes by itself.
+    Under DDP only a SIGTERM is agreed on: every process stops at the same batch's start
+    (:func:`~seq2seq.private_apis.check_sigterm_on_logging_steps`) and they save together. An error or a
+    Ctrl-C is one process's own, raised wherever it was while the others sit in collectives of their own
+    (the step's all-reduce): the barrier of a save together would meet one of those and hang, or pair
+    with it and mix unrelated data into the weights. So then no process calls a collective; the first
+    one saves alone, from its own state, which is that of the last step every process finished (an
+    optimizer step waits for every process's gradients, and an unfinished batch is left out). The
+    others' failure reaches it as an error from its next collective, once they exit.
     """
 
     def __init__(self, dirpath: str) -> None:
@@ -82,9 +88,12 @@ class InterruptionCheckpoint(L.Callback):
             if trainer.is_global_zero:
                 log.warning("%s %s: nothing trained, no checkpoint saved", reason, where)
             return
+        together = trainer.world_size == 1 or isinstance(exception, SIGTERMException)
+        if not (together or trainer.is_global_zero):
+            return
         path = self.dirpath / "last.ckpt"
         try:
-            save_resume_checkpoint(trainer, path, "in a batch")
+            save_resume_checkpoint(trainer, path, "in a batch", alone=not together)
         except Exception as error:  # the original exception must still reach the user
             log.error("%s %s; saving %s failed: %s", reason, where, path, error)
             return

@@ -201,19 +201,21 @@ def check_architecture(
                 )
 
 
-def save_resume_checkpoint(trainer: L.Trainer, path: Path, stopped: str) -> None:
+def save_resume_checkpoint(trainer: L.Trainer, path: Path, stopped: str, alone: bool = False) -> None:
     """Save ``path`` for the run to resume from, its loop counts saying where training really stopped:
-    the one place that saves a checkpoint on stopping. ``stopped`` is when:
+    the one place that saves a checkpoint on stopping. Every process calls it, unless ``alone``: then
+    only the first process does, and no collective runs (:func:`~seq2seq.private_apis.save_checkpoint_alone`).
+    ``stopped`` is when:
 
     - ``"fit ended"``: ``fit`` returned (max_steps, max_time, early stopping, the last epoch). An epoch
       served whole becomes the start of the next one, a stop inside one is undone as an epoch's end
       (:func:`~seq2seq.private_apis.restart_finished_epoch`);
     - ``"in a batch"``: Ctrl-C or an error while a batch was under way: the run's counts end at the
       last trained batch (:func:`~seq2seq.private_apis.settle_unfinished_batch`);
-    - ``"training goes on"``: SLURM's requeue signal, after which the run continues: its live counts
-      stay as they are.
+    - ``"training goes on"``: SLURM's requeue signal, acted on at a batch's start (no batch under way),
+      after which the run continues: its live counts stay as they are.
     """
-    from seq2seq.private_apis import restart_finished_epoch, settle_unfinished_batch
+    from seq2seq.private_apis import restart_finished_epoch, save_checkpoint_alone, settle_unfinished_batch
 
     if stopped == "fit ended":
         restart_finished_epoch(trainer)
@@ -221,7 +223,10 @@ def save_resume_checkpoint(trainer: L.Trainer, path: Path, stopped: str) -> None
         settle_unfinished_batch(trainer)
     elif stopped != "training goes on":
         raise ValueError(f"stopped must be 'fit ended', 'in a batch' or 'training goes on', got {stopped!r}")
-    trainer.save_checkpoint(path)
+    if alone:
+        save_checkpoint_alone(trainer, path)
+    else:
+        trainer.save_checkpoint(path)
 
 
 def save_last_checkpoint(trainer: L.Trainer) -> None:

@@ -8,8 +8,9 @@ importing this module loads none of them, so the command layer and the translato
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import lightning as L
@@ -55,27 +56,43 @@ def restart_finished_epoch(trainer: L.Trainer) -> None:
             tracker.completed -= 1
 
 
-def check_sigterm_on_logging_steps(trainer: L.Trainer) -> None:
-    """Under DDP, agree on a SIGTERM on logging steps only, not before every training batch.
+class RequeueRequest(Protocol):
+    """SLURM's requeue signal as :func:`check_sigterm_on_logging_steps` agrees on it
+    (:class:`seq2seq.slurm.SlurmRequeue`): ``requested`` is set by the signal's handler, and
+    ``save_and_requeue`` runs in every process together at the batch where they agree."""
+
+    requested: bool
+
+    def save_and_requeue(self) -> None: ...
+
+
+def check_sigterm_on_logging_steps(trainer: L.Trainer, requeue: RequeueRequest | None = None) -> None:
+    """Under DDP, agree on a SIGTERM (and on SLURM's requeue signal) on logging steps only, not before
+    every training batch, and act on them there, at a batch's start, in every process together.
 
     Lightning 2.6 broadcasts a SIGTERM flag from the first process and reads it on the host before every
     batch (``_TrainingEpochLoop._broadcast_sigterm_tensor``; Lightning-AI/pytorch-lightning#21487): a
     collective and a wait for the device each step. Its handler (``_SignalConnector._sigterm_notifier_fn``)
     also broadcasts from inside the signal handler, and a process that got the signal stops after its
     batch whatever the others do, so a SIGTERM to one process leaves the others waiting in their next
-    collective. Here the handler only notes the signal (and passes it to the processes Lightning
-    started, as Lightning's does); on logging steps (``trainer.log_every_n_steps``) the processes
-    all-reduce their notes and, if any got one, all stop together with Lightning's SIGTERMException
-    (which ``InterruptionCheckpoint`` answers with ``last.ckpt``). A single process stops after the batch
-    it got the signal in, as Lightning does. Call before ``fit``: the handler is installed there.
+    collective. Here the handlers only note the signals (the SIGTERM one also passes it to the processes
+    Lightning started, as Lightning's does); before the batch of each logging step
+    (``trainer.log_every_n_steps``) the processes all-reduce their notes, once for both signals. If any
+    noted SLURM's requeue signal (``requeue.requested``), all call ``requeue.save_and_requeue()`` there;
+    if any got a SIGTERM, all then stop together with Lightning's SIGTERMException (which
+    ``InterruptionCheckpoint`` answers with ``last.ckpt``). A single process acts before its next batch,
+    without a collective. Call before ``fit``: the handler is installed there.
 
-    Private: both are methods of the trainer's loop and signal connector, replaced on these instances;
-    no public hook runs before Lightning's broadcast or replaces its handler.
+    Private: the epoch loop's broadcast is replaced by a no-op and its ``advance`` by one that agrees
+    first (Lightning calls the broadcast only under DDP, and no public hook runs at a batch's start
+    before the batch is fetched and counted), and the signal connector's notifier is replaced on the
+    instance; no public hook replaces Lightning's handler.
     """
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     connector = trainer._signal_connector
+    loop = trainer.fit_loop.epoch_loop
     noted = [False]  # a SIGTERM reached this process
 
     def note_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -85,17 +102,31 @@ def check_sigterm_on_logging_steps(trainer: L.Trainer) -> None:
         if trainer.world_size == 1:
             connector.received_sigterm = True  # the training loop stops after this batch
 
-    def agree_on_sigterm() -> None:
-        if not should_update_logs(trainer):
+    def agree_on_signals() -> None:
+        requeue_noted = requeue is not None and requeue.requested
+        if trainer.world_size == 1:
+            stop, requeue_now = False, requeue_noted  # Lightning stops a single process on its SIGTERM
+        elif should_update_logs(trainer):
+            flags = torch.tensor([float(noted[0]), float(requeue_noted)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            stop, requeue_now = (bool(flag) for flag in flags.tolist())
+        else:
             return
-        flag = torch.tensor([float(noted[0])], device=trainer.strategy.root_device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item():
+        if requeue_now:
+            requeue.save_and_requeue()
+        if stop:
             connector.received_sigterm = True
             raise SIGTERMException
 
+    advance = loop.advance
+
+    def agree_then_advance(*args: Any, **kwargs: Any) -> None:
+        agree_on_signals()
+        advance(*args, **kwargs)
+
     connector._sigterm_notifier_fn = note_sigterm
-    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = agree_on_sigterm
+    loop._broadcast_sigterm_tensor = lambda: None  # agreed on in agree_then_advance instead
+    loop.advance = agree_then_advance
 
 
 def settle_unfinished_batch(trainer: L.Trainer) -> None:
@@ -127,6 +158,20 @@ def settle_unfinished_batch(trainer: L.Trainer) -> None:
         batches.increment_processed()
     if loop.scheduler_progress.total.completed <= stepped_before:
         loop.update_lr_schedulers("step", update_plateau_schedulers=False)
+
+
+def save_checkpoint_alone(trainer: L.Trainer, path: Path) -> None:
+    """Save a checkpoint of this process's state to ``path`` (written by the first process only, as
+    Lightning writes one), with no collective: for a process that stops on its own under DDP, while the
+    others sit in collectives of their own.
+
+    Private: ``Trainer.save_checkpoint`` ends in a barrier (``strategy.barrier``), which would meet
+    another process's all-reduce, and hang or mix unrelated data; the checkpoint's contents come only
+    from the checkpoint connector's ``dump_checkpoint`` (checked against Lightning 2.6.6), which calls
+    no collective under DDP (the optimizer's state is each process's own).
+    """
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+    trainer.strategy.save_checkpoint(checkpoint, path)
 
 
 def batches_done_in_epoch(trainer: L.Trainer) -> int:

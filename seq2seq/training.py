@@ -163,18 +163,18 @@ def train(cfg: DictConfig) -> float:
         precision=precision,
         enable_progress_bar=progress_bar,
     )
-    check_sigterm_on_logging_steps(trainer)  # not a collective before every batch under DDP
+    check_sigterm_on_logging_steps(trainer, slurm)  # not a collective before every batch under DDP
     # The test split is decoded where training ran: checked there, before training.
     resolve_decoding_precision(cfg.evaluate.precision, trainer.strategy.root_device, "evaluate.precision")
     started = time.perf_counter()
     if slurm is not None:
         slurm.phase, slurm.trainer = "fit", trainer
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if slurm is not None:
-        slurm.phase, slurm.trainer = "evaluation", None
     train_minutes = (time.perf_counter() - started) / 60
     log.info("Training took %.1f minutes", train_minutes)
     save_last_checkpoint(trainer)
+    if slurm is not None:  # a requeue asked for during fit and not yet acted on: now, last.ckpt saved
+        slurm.fit_ended()
 
     checkpoint = best_checkpoint(trainer)
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:

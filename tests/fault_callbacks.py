@@ -309,3 +309,28 @@ class RecordJobEnvironment(Callback):
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
         time.sleep(self.seconds)
+
+
+class RaiseInTrainingStep(L.Callback):
+    """Raises inside ``training_step`` of process ``rank`` at optimizer step ``step``, before the step's
+    collectives: what a rank-local failure does, an out-of-memory error on one GPU by default, or
+    ``KeyboardInterrupt`` (Ctrl-C reaching that process while the others train on)."""
+
+    def __init__(self, step: int, rank: int, error: str = "OutOfMemoryError") -> None:
+        self.step = step
+        self.rank = rank
+        self.error = error
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        training_step = pl_module.training_step
+
+        def failing_step(*args: Any, **kwargs: Any) -> Any:
+            if trainer.global_step == self.step:
+                if self.error == "KeyboardInterrupt":
+                    raise KeyboardInterrupt
+                raise torch.OutOfMemoryError(f"CUDA out of memory (raised by the test on rank {self.rank})")
+            return training_step(*args, **kwargs)
+
+        pl_module.training_step = failing_step

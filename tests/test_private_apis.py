@@ -9,6 +9,7 @@ import signal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
@@ -93,16 +94,49 @@ def test_omegaconf_nodes_still_reach_their_root_through_get_root():
 
 
 def test_the_sigterm_broadcast_and_handler_are_still_what_check_sigterm_on_logging_steps_replaces():
-    # The epoch loop calls the broadcast through its instance, and the handler list is built from the
-    # connector instance's notifier when fit registers the handlers.
+    # The epoch loop calls the broadcast and each batch's advance through its instance, and the handler
+    # list is built from the connector instance's notifier when fit registers the handlers.
     assert "self._broadcast_sigterm_tensor()" in inspect.getsource(_TrainingEpochLoop.advance)
+    assert "self.advance(data_fetcher)" in inspect.getsource(_TrainingEpochLoop.run)
     assert "self._sigterm_notifier_fn" in inspect.getsource(_SignalConnector.register_signal_handlers)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    private_apis.check_sigterm_on_logging_steps(trainer)
+
+    class Requeue:  # what seq2seq.slurm.SlurmRequeue gives it: the handler's note, the save it asks for
+        def __init__(self) -> None:
+            self.requested = False
+            self.saved_at: list[int] = []
+
+        def save_and_requeue(self) -> None:
+            self.requested = False
+            self.saved_at.append(trainer.global_step)
+
+    class NoteAtStep(L.Callback):  # the requeue signal, as if it came during the batch of step 2
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            requeue.requested = requeue.requested or trainer.global_step == 2
+
+    requeue = Requeue()
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, max_steps=5, callbacks=[NoteAtStep()],
+    )  # fmt: skip
+    private_apis.check_sigterm_on_logging_steps(trainer, requeue)
     assert trainer._signal_connector.received_sigterm is False
-    assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor.__name__ == "agree_on_sigterm"
+    assert trainer.fit_loop.epoch_loop.advance.__name__ == "agree_then_advance"
+    trainer.fit(BoringModel())
+    assert requeue.saved_at == [2]  # one process: at the start of the next batch, none under way
     trainer._signal_connector._sigterm_notifier_fn(signal.SIGTERM, None)  # one process: stops at once
     assert trainer.received_sigterm
+
+
+def test_trainer_save_checkpoint_still_ends_in_a_barrier_that_save_checkpoint_alone_leaves_out(tmp_path):
+    assert "barrier" in inspect.getsource(L.Trainer.save_checkpoint)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, max_steps=3,
+    )  # fmt: skip
+    trainer.fit(BoringModel())
+    private_apis.save_checkpoint_alone(trainer, tmp_path / "alone.ckpt")
+    checkpoint = torch.load(tmp_path / "alone.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3 and checkpoint["optimizer_states"] and checkpoint["loops"]
 
 
 def test_a_failed_hydra_job_still_keeps_its_exception_where_failed_job_error_reads_it():
