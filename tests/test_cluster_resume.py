@@ -1,6 +1,6 @@
 """Cluster runs resumed and requeued: whole ``fit`` runs on 1-3 gloo processes resumed on another number
-of processes, a requeued or retried run whose time budget is spent, a budget schedule resumed with
-another budget, the time-budget rate on ranks whose clocks differ."""
+of processes, the time-budget rate on ranks whose clocks differ, a requeued or retried run whose time
+budget is spent (a budget schedule resumed with another budget: tests/test_schedules.py)."""
 
 from __future__ import annotations
 
