@@ -10,7 +10,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from seq2seq.data.collate import Batch
@@ -19,6 +18,7 @@ from seq2seq.ema import WeightAverage
 from seq2seq.errors import UserError, is_number
 from seq2seq.metrics import check_bleu_tokenize, corpus_scores, mean_over_corpora, scores_by_corpus
 from seq2seq.model import Seq2Seq
+from seq2seq.model.loss import smoothed_cross_entropy
 from seq2seq.precision import clip_gradients
 from seq2seq.private_apis import should_update_logs
 from seq2seq.schedules import BUDGET_SCHEDULES, STEP_SCHEDULES, build_scheduler
@@ -124,24 +124,14 @@ class TranslationModule(L.LightningModule):
 
     def token_nll(self, batch: Batch) -> Tensor:
         """The negative log-likelihood of each real target token, (N,) in fp32."""
-        logits, targets = self.target_logits(batch)
-        return F.cross_entropy(logits.float(), targets, reduction="none")
+        scores, targets = self.target_logits(batch)
+        return smoothed_cross_entropy(scores, targets, 0.0)[1]
 
-    def smoothed_losses(self, batch: Batch, with_nll: bool = True) -> tuple[Tensor, Tensor | None]:
-        """The label-smoothed training loss of each real target token, (N,), and with ``with_nll`` (the
-        logging steps: perplexity) each one's NLL, (N,), from the same scores and outside the graph.
-
-        One fused cross-entropy (in fp32 under autocast), where a log-softmax, a gather and a mean over
-        the vocabulary each kept an (N, V) tensor for the backward. The smoothing spreads its mass over
-        the whole vocabulary: (1 - eps) * NLL + eps * the mean negative log-probability.
-        """
-        logits, targets = self.target_logits(batch)
-        eps = self.hparams.label_smoothing
-        losses = F.cross_entropy(logits, targets, label_smoothing=eps, reduction="none")
-        if not with_nll:
-            return losses, None
-        with torch.no_grad():
-            return losses, F.cross_entropy(logits.float(), targets, reduction="none")
+    def smoothed_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The label-smoothed training loss of each real target token and its NLL (for perplexity, no
+        gradient): two (N,) fp32 tensors, from one fused cross-entropy (see :mod:`seq2seq.model.loss`)."""
+        scores, targets = self.target_logits(batch)
+        return smoothed_cross_entropy(scores, targets, self.hparams.label_smoothing)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Copy the padded ids to ``device`` without waiting (the loader pins them on a GPU); the lengths
@@ -162,12 +152,9 @@ class TranslationModule(L.LightningModule):
         optimizer step skips it there; the policy is applied when it is next read, see
         :meth:`_apply_nonfinite_policy`).
         """
-        logging = should_update_logs(self.trainer)
-        losses, nll = self.smoothed_losses(batch, with_nll=logging)
-        # [loss sum, NLL sum (logging steps), target tokens] over all processes: their batches hold
-        # different token counts.
-        nll_sum = nll.sum() if logging else losses.new_zeros(())
-        totals = torch.stack([losses.detach().sum(), nll_sum, losses.new_full((), batch.num_target_tokens)])
+        losses, nll = self.smoothed_losses(batch)
+        # [loss sum, NLL sum, target tokens] over all processes: their batches hold different token counts.
+        totals = torch.stack([losses.detach().sum(), nll.sum(), losses.new_full((), batch.num_target_tokens)])
         if self.trainer.world_size > 1:
             torch.distributed.all_reduce(totals)  # Lightning's reduce adds a barrier, which waits on the GPU
         loss_sum, nll_sum, tokens = totals.unbind()
@@ -177,7 +164,7 @@ class TranslationModule(L.LightningModule):
         else:
             self._window[1] = self._window[1] + tokens
             self._window[2] += 1
-        if logging:
+        if should_update_logs(self.trainer):
             self._log_training_step(loss_sum / tokens, nll_sum / tokens, batch.src.size(0))
         # Lightning divides by accumulate_grad_batches and DDP averages over processes: undone here, so
         # the gradient is the token sum over the first micro-batch's tokens (rescaled before the step).

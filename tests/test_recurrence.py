@@ -10,7 +10,7 @@ import torch
 
 from seq2seq.model.decoder import Decoder
 from seq2seq.model.encoder import EncoderOutput
-from seq2seq.model.recurrence import LoopWeight
+from seq2seq.model.recurrence import LoopOperand
 
 
 def test_a_loop_weight_gets_the_gradient_autograd_would_give():
@@ -28,12 +28,12 @@ def test_a_loop_weight_gets_the_gradient_autograd_would_give():
     run(lambda x: x @ weight.t()).backward()
     expected = weight.grad.clone(), x0.grad.clone()
     weight.grad = x0.grad = None
-    loop = LoopWeight(weight)
+    loop = LoopOperand(weight.t())
     run(loop.product).backward()
     torch.testing.assert_close((weight.grad, x0.grad), expected)
     assert not loop.inputs and not loop.output_grads  # nothing kept after the backward
     with torch.no_grad():
-        searching = LoopWeight(weight)
+        searching = LoopOperand(weight.t())
         searching.product(x0)
     assert not searching.inputs  # search keeps nothing
 
@@ -52,26 +52,28 @@ def reference_input_feeding(decoder: Decoder, tgt_in: torch.Tensor, state):
     return torch.cat(steps, dim=1), state, torch.cat(weights, dim=1)
 
 
-@pytest.mark.parametrize("attention", ["bahdanau", "luong_general"])
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_general", "luong_dot"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_input_feeding_matches_the_lstm_step_by_step_in_outputs_and_gradients(attention, num_layers):
     torch.manual_seed(0)
-    decoder = Decoder(30, 8, 16, num_layers, attention=attention, memory_size=12)
-    memory, mask = (
-        torch.randn(3, 5, 12),
-        torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]]),
-    )
-    hidden, cell = torch.randn(num_layers, 3, 16), torch.randn(num_layers, 3, 16)
+    decoder = Decoder(30, 8, 16, num_layers, attention=attention, memory_size=16)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]])
+    # the encoder's outputs, hidden and cell states as the decoder gets them: with gradients
+    memory = torch.randn(3, 5, 16).masked_fill(~mask.unsqueeze(2), 0.0).requires_grad_()
+    hidden = torch.randn(num_layers, 3, 16, requires_grad=True)
+    cell = torch.randn(num_layers, 3, 16, requires_grad=True)
     tgt_in = torch.randint(4, 30, (3, 7))
 
     def run(forward):
         decoder.zero_grad()
+        memory.grad = hidden.grad = cell.grad = None
         state = decoder.init_state(hidden, cell, EncoderOutput(memory, hidden, cell, mask))
         outputs, final, weights = forward(tgt_in, state)
         (outputs.pow(2).sum() + final.hidden.sum() + final.cell.sum()).backward()
         grads = {name: p.grad.clone() for name, p in decoder.named_parameters() if p.grad is not None}
-        return outputs, final.hidden, final.cell, weights, grads
+        return outputs, final.hidden, final.cell, weights, grads, memory.grad, hidden.grad, cell.grad
 
     expected = run(lambda tgt, state: reference_input_feeding(decoder, tgt, state))
     got = run(decoder)
+    assert len(got[4]) == len(list(decoder.parameters())) - 2  # all but the output projection (weight, bias)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

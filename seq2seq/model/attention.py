@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from seq2seq.errors import UserError
+from seq2seq.model.recurrence import LoopOperand
 
 ATTENTION_KINDS = ("bahdanau", "luong_general", "luong_dot")
 
@@ -52,3 +53,33 @@ class Attention(nn.Module):
             scores = queries @ keys.transpose(1, 2)  # (B, T, S)
         weights = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(dim=-1)
         return weights @ memory, weights
+
+    def loop(self, keys: Tensor, memory: Tensor, mask: Tensor) -> AttentionLoop:
+        """This attention for a decoder that queries one position at a time (input feeding); arguments
+        as :meth:`forward`'s."""
+        return AttentionLoop(self, keys, memory, mask)
+
+
+class AttentionLoop:
+    """:class:`Attention` over one sequence, one query per step: the same scores and weights, with the
+    operands every step reads (the memory; the keys or the query projection) as :class:`LoopOperand`,
+    so that their gradients are one product over all steps rather than a sum of T."""
+
+    def __init__(self, attention: Attention, keys: Tensor, memory: Tensor, mask: Tensor) -> None:
+        self.memory = LoopOperand(memory)  # (B, S, M)
+        self.mask = mask  # (B, S)
+        if attention.kind == "bahdanau":
+            self.query = LoopOperand(attention.query_layer.weight.t())  # (Q, A)
+            self.keys, self.energy = keys, attention.energy
+        else:
+            self.query, self.keys = None, LoopOperand(keys.transpose(1, 2))  # (B, Q, S)
+
+    def step(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """query: (B, Q) -> the context (B, M) and the weights (B, S)."""
+        if self.query is not None:
+            hidden = torch.tanh(self.query.product(query).unsqueeze(1) + self.keys)  # (B, S, A)
+            scores = self.energy(hidden).squeeze(-1)
+        else:
+            scores = self.keys.product(query.unsqueeze(1)).squeeze(1)  # (B, 1, Q) @ (B, Q, S)
+        weights = scores.masked_fill(~self.mask, float("-inf")).softmax(dim=-1)  # (B, S)
+        return self.memory.product(weights.unsqueeze(1)).squeeze(1), weights

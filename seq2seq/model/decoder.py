@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from seq2seq.errors import UserError
 from seq2seq.model.attention import Attention
 from seq2seq.model.encoder import EncoderOutput
-from seq2seq.model.recurrence import LoopWeight
+from seq2seq.model.recurrence import LoopOperand
 from seq2seq.tokenization import PAD_ID
 
 
@@ -128,13 +128,14 @@ class Decoder(nn.Module):
             embedded, first[:, :embed_size], rnn.bias_ih_l0 + rnn.bias_hh_l0
         )
         # per layer, the weight of [its input this step; its own previous output] and the summed biases
-        recurrent = [LoopWeight(torch.cat([first[:, embed_size:], rnn.weight_hh_l0], dim=1))]
+        recurrent = [LoopOperand(torch.cat([first[:, embed_size:], rnn.weight_hh_l0], dim=1).t())]
         biases: list[Tensor | None] = [None]
         for layer in range(1, rnn.num_layers):
             weights = [getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")]
-            recurrent.append(LoopWeight(torch.cat(weights, dim=1)))
+            recurrent.append(LoopOperand(torch.cat(weights, dim=1).t()))
             biases.append(getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}"))
-        combine = LoopWeight(self.combine.weight)
+        combine = LoopOperand(self.combine.weight.t())
+        attend = self.attention.loop(state.keys, state.memory, state.mask)
         hidden, cell = list(state.hidden.unbind(0)), list(state.cell.unbind(0))  # per layer (B, H)
         feed = state.feed
         steps, attention = [], []
@@ -149,14 +150,12 @@ class Decoder(nn.Module):
                 layer_input = hidden[layer]
                 if layer < rnn.num_layers - 1 and rnn.dropout and self.training:  # as nn.LSTM, between layers
                     layer_input = torch.nn.functional.dropout(layer_input, rnn.dropout, training=True)
-            contexts, step_weights = self.attention(
-                layer_input.unsqueeze(1), state.keys, state.memory, state.mask
-            )
-            feed = combine.product(torch.cat([layer_input, contexts.squeeze(1)], dim=1)).tanh()  # (B, H)
+            context, step_weights = attend.step(layer_input)  # (B, M), (B, S)
+            feed = combine.product(torch.cat([layer_input, context], dim=1)).tanh()  # (B, H)
             steps.append(feed)
             attention.append(step_weights)
         state = replace(state, hidden=torch.stack(hidden), cell=torch.stack(cell), feed=feed)
-        return self.dropout(torch.stack(steps, dim=1)), state, torch.cat(attention, dim=1)
+        return self.dropout(torch.stack(steps, dim=1)), state, torch.stack(attention, dim=1)
 
     def _attend(self, outputs: Tensor, state: DecoderState) -> tuple[Tensor, Tensor]:
         """LSTM outputs (B, T, H) -> attentional vectors (B, T, H) and attention weights (B, T, S)."""

@@ -1,11 +1,12 @@
-"""Matrix products inside a Python loop over time steps, with the weight gradient taken once per sequence.
+"""Matrix products inside a Python loop over time steps, with the shared operand's gradient taken once.
 
-Autograd differentiates a loop of ``x_t @ W.T`` step by step: each step's backward computes its own
-(out x in) weight gradient and adds it to the running sum, T small products and T full-size additions
-per weight. Here the steps keep their inputs and, in the backward, their output gradients; the weight
-gradient is then one product over all steps, (out, T*B) @ (T*B, in), as cuDNN's LSTM does it. The
-input gradients stay per step, since the recurrence needs them in order. A weight also enters the loop
-in the compute dtype once (under bf16 autocast a per-step cast would copy it at every step).
+Autograd differentiates a loop of ``x_t @ R`` step by step: each step's backward computes its own
+gradient for the shared operand R (a weight, or the encoder's outputs that attention reads at every
+step) and adds it to the running sum: T small products and T full-size additions. Here the steps keep
+their inputs and, in the backward, their output gradients; R's gradient is then one product over all
+steps, as cuDNN's LSTM does it for its weights. The input gradients stay per step, since the recurrence
+needs them in order. R also enters the loop in the compute dtype once (under bf16 autocast a per-step
+cast would copy it at every step).
 """
 
 from __future__ import annotations
@@ -16,66 +17,65 @@ import torch
 from torch import Tensor
 
 
-class LoopWeight:
-    """One weight (out_features, in_features) as the steps of one loop use it: :meth:`product` per step.
+class LoopOperand:
+    """The right operand R of a product that every step of one loop takes: :meth:`product` per step.
 
-    Under ``torch.no_grad`` (search) the products are plain matrix products and nothing is kept.
+    R is (in, out), shared by all rows (a weight, transposed), or (batch, in, out), one per sentence
+    (attention's memory). Under ``torch.no_grad`` (search) the products are plain and nothing is kept.
     """
 
-    def __init__(self, weight: Tensor) -> None:
-        autocast = torch.is_autocast_enabled(weight.device.type)
-        dtype = torch.get_autocast_dtype(weight.device.type) if autocast else weight.dtype
-        self.record = torch.is_grad_enabled() and weight.requires_grad
+    def __init__(self, operand: Tensor) -> None:
+        device = operand.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else operand.dtype
+        self.record = torch.is_grad_enabled() and operand.requires_grad
         self.inputs: list[Tensor] = []
         self.output_grads: dict[int, Tensor] = {}
-        cast = weight.to(dtype)
-        self.weight = _GatherWeightGrad.apply(cast, self) if self.record else cast
+        # both layouts contiguous, once: a batched product copies a transposed operand at every call
+        cast = operand.to(dtype).contiguous()
+        self.operand = _GatherOperandGrad.apply(cast, self) if self.record else cast
+        self.transposed = cast.detach().transpose(-2, -1).contiguous() if self.record else None
 
     def product(self, x: Tensor) -> Tensor:
-        """x: (batch, in_features) -> x @ weight.T (batch, out_features), in the loop's compute dtype."""
-        x = x.to(self.weight.dtype)
+        """x: (batch, in) or, for a per-sentence R, (batch, rows, in) -> x @ R, in the compute dtype."""
+        x = x.to(self.operand.dtype)
         if not self.record:
-            return x.mm(self.weight.t())
-        return _StepProduct.apply(x, self.weight, self)
+            return x @ self.operand
+        return _StepProduct.apply(x, self.operand, self)
 
 
-class _GatherWeightGrad(torch.autograd.Function):
-    """Identity on the weight; its backward, which autograd runs after every step's (the steps consume
-    its output), is the weight gradient over all steps at once."""
+class _GatherOperandGrad(torch.autograd.Function):
+    """Identity on R; its backward, which autograd runs after every step's (the steps consume its
+    output), is R's gradient over all steps at once: (all steps' x)^T @ (all steps' output gradients)."""
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, loop: LoopWeight) -> Tensor:
+    def forward(ctx: Any, operand: Tensor, loop: LoopOperand) -> Tensor:
         ctx.loop = loop
-        return weight.view_as(weight)
+        return operand.view_as(operand)
 
     @staticmethod
     def backward(ctx: Any, unused: Tensor) -> tuple[Tensor, None]:
         loop = ctx.loop
-        inputs = torch.cat(loop.inputs)  # (T*B, in)
-        # a step whose product reaches no loss term has no output gradient: zeros for its rows
-        out_features = unused.size(0)
-        grads = torch.cat(
-            [
-                loop.output_grads.pop(t) if t in loop.output_grads else x.new_zeros(x.size(0), out_features)
-                for t, x in enumerate(loop.inputs)
-            ]
-        )  # (T*B, out)
+        out_features = unused.size(-1)
+        grads = []
+        for step, x in enumerate(loop.inputs):
+            # a step whose product reaches no loss term has no output gradient: zeros for its rows
+            missing = step not in loop.output_grads
+            grads.append(x.new_zeros(*x.shape[:-1], out_features) if missing else loop.output_grads.pop(step))
+        inputs = torch.cat(loop.inputs, dim=-2)  # (T*B, in) or (batch, T*rows, in)
         loop.inputs.clear()
-        return grads.t().mm(inputs), None
+        return inputs.transpose(-2, -1) @ torch.cat(grads, dim=-2), None
 
 
 class _StepProduct(torch.autograd.Function):
-    """x @ W.T for one step: the input gradient now, the weight's left to :class:`_GatherWeightGrad`."""
+    """x @ R for one step: the input gradient now, R's left to :class:`_GatherOperandGrad`."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, loop: LoopWeight) -> Tensor:
-        ctx.save_for_backward(weight)
+    def forward(ctx: Any, x: Tensor, operand: Tensor, loop: LoopOperand) -> Tensor:
         ctx.loop, ctx.step = loop, len(loop.inputs)
         loop.inputs.append(x.detach())
-        return x.mm(weight.t())
+        return x @ operand
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (weight,) = ctx.saved_tensors
         ctx.loop.output_grads[ctx.step] = grad
-        return grad.mm(weight), None, None
+        return grad @ ctx.loop.transposed, None, None
