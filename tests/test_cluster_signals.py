@@ -10,14 +10,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 
+from seq2seq.data.prepared import cache as cache_module
+from seq2seq.data.prepared.build import write_manifest
+from seq2seq.data.prepared.cache import cache_key
+from seq2seq.errors import UserError
 from tests.fault_callbacks import read_records
 from tests.test_distributed import STOP_ONLY, checkpoint_state, record
+from tests.test_prepared import FILES, toy_files
 from tests.test_training import QUIET, REPO
 
 # Long enough for 2 gloo processes to start and train a few smoke steps on a loaded 2-core machine.
@@ -203,3 +211,123 @@ def test_slurm_requeue_signal_on_two_ranks_saves_at_a_batch_start_and_resumes_ex
         expected = [(r["step"], r["indices"], r["lr"]) for r in read_records(tmp_path / "s", rank)][step:]
         assert [s for s, _, _ in resumed] == list(range(step, step + 4)), rank
         assert resumed == expected, rank
+
+
+@pytest.mark.slow
+def test_a_rank_waiting_for_the_data_gives_up_when_the_preparer_fails(tmp_path):
+    """2 tasks of a SLURM job on a corpus with a bad line in the training file (found only by the task
+    that prepares, which streams it): the preparer fails with the line's error, and the other task,
+    which waits for the prepared data, gives up in seconds with one line naming the preparer's host
+    and pid and its error (before, it checked the cache once a second until the job's time limit)."""
+    job, _ = slurm_job(tmp_path)
+    corpus = toy_files(tmp_path)
+    train_src = Path(corpus[0].split("=", 1)[1])
+    lines = train_src.read_bytes().split(b"\n")
+    lines[200] = b"broken \xff here"
+    train_src.write_bytes(b"\n".join(lines))
+    out = tmp_path / "job"
+    args = ["trainer=ddp_cpu", *FILES, *corpus, f"hydra.run.dir={tmp_path / 'run'}", *QUIET]
+    tasks = start_tasks(job, out, *args, f"paths.cache_dir={tmp_path / 'cache'}")
+    assert finish_tasks(tasks, timeout=90) == [2, 2], output(out, 1)[-3000:]
+    assert "line 201: invalid UTF-8" in output(out, 0)
+    waiter = [line for line in output(out, 1).splitlines() if line.startswith("error: ")]
+    preparer_pid = tasks[0].pid
+    assert len(waiter) == 1 and f"pid {preparer_pid})" in waiter[0], output(out, 1)[-3000:]
+    assert f"local rank 0 of node 0 (host {socket.gethostname()}, pid {preparer_pid})" in waiter[0]
+    assert "line 201: invalid UTF-8" in waiter[0]
+
+
+def waiting_datamodule(compose_config, tmp_path, monkeypatch, *overrides: str):
+    """The data module of a process that waits for local rank 0 to prepare data=files, and the path of
+    a claim of that preparation by a process ``host-pid``."""
+    corpus = toy_files(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    datamodule = instantiate(compose_config(*FILES, *corpus, *overrides).data)
+    assert not datamodule.prepares_here()
+    root = Path(datamodule.cache_dir) / "prepared"
+    root.mkdir(parents=True)
+    corpus, settings, max_len, _, tokenizer = datamodule._what_names_the_cache()
+    key = cache_key(corpus, settings, max_len, tokenizer)
+    return datamodule, lambda owner: root / f"{key}.preparer-{owner}.json"
+
+
+def test_a_preparer_on_another_host_whose_heartbeat_stops_is_given_up_on(
+    compose_config, tmp_path, monkeypatch
+):
+    """A preparer on another host cannot be checked by its pid: its claim's heartbeat (mtime) is. Seen
+    alive, then silent for CLAIM_STALE_SECONDS: the waiting process gives up, naming it."""
+    monkeypatch.setattr(cache_module, "CLAIM_STALE_SECONDS", 3)
+    datamodule, claim = waiting_datamodule(compose_config, tmp_path, monkeypatch)
+    write_manifest(claim("node-7.cluster-4242"), {"host": "node-7.cluster", "pid": 4242})
+    started = time.monotonic()
+    message = r"^local rank 0 of node 0 \(host node-7.cluster, pid 4242\) stopped preparing "
+    message += r".* without finishing it \(no heartbeat for \d s\)"
+    with pytest.raises(UserError, match=message):
+        datamodule.setup("fit")
+    assert 3 <= time.monotonic() - started < 10
+
+
+def test_a_preparer_on_this_host_whose_process_ends_is_given_up_on(compose_config, tmp_path, monkeypatch):
+    """On the preparer's own host its pid tells: killed (no chance to mark its claim failed) while the
+    other process waits, it is given up on within a second or two."""
+    datamodule, claim = waiting_datamodule(compose_config, tmp_path, monkeypatch)
+    preparer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    write_manifest(
+        claim(f"{socket.gethostname()}-{preparer.pid}"), {"host": socket.gethostname(), "pid": preparer.pid}
+    )
+    threading.Timer(2, lambda: (preparer.kill(), preparer.wait())).start()
+    started = time.monotonic()
+    with pytest.raises(
+        UserError, match=rf"pid {preparer.pid}\) stopped preparing .* \(its process is gone\)"
+    ):
+        datamodule.setup("fit")
+    assert 2 <= time.monotonic() - started < 8
+
+
+def test_waiting_for_a_live_preparer_ends_at_data_prepare_wait_seconds(compose_config, tmp_path, monkeypatch):
+    """A preparer alive (on another host, its heartbeat going on) but not done: the wait ends after
+    data.prepare_wait_seconds, with a line naming the option."""
+    datamodule, claim = waiting_datamodule(
+        compose_config, tmp_path, monkeypatch, "data.prepare_wait_seconds=3"
+    )
+    path = claim("node-7.cluster-4242")
+    write_manifest(path, {"host": "node-7.cluster", "pid": 4242})
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(0.5):
+            os.utime(path)
+
+    threading.Thread(target=beat, daemon=True).start()
+    started = time.monotonic()
+    message = r"^Gave up waiting for local rank 0 of node 0 \(host node-7.cluster, pid 4242\) to prepare "
+    message += r".* after 3 s \(data.prepare_wait_seconds\)"
+    try:
+        with pytest.raises(UserError, match=message):
+            datamodule.setup("fit")
+    finally:
+        beating.set()
+    assert 3 <= time.monotonic() - started < 10
+
+
+def test_no_preparer_at_all_is_given_up_on(compose_config, tmp_path, monkeypatch):
+    """Nobody claims the preparation (the preparer failed before reaching the cache, or prepares into
+    another node's cache folder): the waiting process gives up after NO_PREPARER_SECONDS; a claim left
+    by a preparer that stopped before this process started (an earlier job's) is no one's."""
+    monkeypatch.setattr(cache_module, "NO_PREPARER_SECONDS", 3)
+    datamodule, claim = waiting_datamodule(compose_config, tmp_path, monkeypatch)
+    old = claim(f"{socket.gethostname()}-{2**22 + 1}")  # above pid_max: no such process
+    write_manifest(old, {"host": socket.gethostname(), "pid": 2**22 + 1, "failed": "an earlier job's"})
+    os.utime(old, (cache_module.PROCESS_STARTED - 60, cache_module.PROCESS_STARTED - 60))
+    with pytest.raises(
+        UserError, match=r"^No process has been preparing .* for \d s: local rank 0 of node 0 failed"
+    ):
+        datamodule.setup("fit")
+
+
+def test_data_prepare_wait_seconds_must_be_positive(compose_config):
+    with pytest.raises(InstantiationException) as caught:
+        instantiate(compose_config("data.prepare_wait_seconds=0").data)
+    cause = caught.value.__cause__
+    assert isinstance(cause, UserError)
+    assert str(cause) == "data.prepare_wait_seconds must be a number of seconds > 0 or null, got 0"

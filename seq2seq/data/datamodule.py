@@ -35,7 +35,7 @@ from seq2seq.data.sampler import (
     padding_efficiency,
 )
 from seq2seq.data.sampling import EpochTaggedSampler, ResampledSplit, SamplingSettings
-from seq2seq.errors import UserError, is_int
+from seq2seq.errors import UserError, is_int, is_number
 from seq2seq.private_apis import batches_done_in_epoch, resume_at_batch_of_epoch
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
@@ -68,6 +68,8 @@ class TranslationDataModule(L.LightningDataModule):
         pin_memory: batches in page-locked memory, so that copying them to a GPU does not wait.
         prepare_per_node: Lightning's ``prepare_data_per_node``: true when each node has its own
             ``cache_dir`` (each node's first process prepares), false for one shared by all nodes.
+        prepare_wait_seconds: how long the other processes wait for the one that prepares, at most
+            (None: no limit); they give up sooner if it stops without finishing.
         tgt_lang: the target language (ISO 639-1), for BLEU's tokenizer; None: the corpus reader's
             (the Bible knows each version's), else unknown. Known after ``setup`` as ``self.tgt_lang``.
         subword_sampling: None, or :class:`SamplingSettings` fields: each training batch is segmented
@@ -89,6 +91,7 @@ class TranslationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         prepare_per_node: bool = True,
+        prepare_wait_seconds: float | None = 6 * 3600,
         tgt_lang: str | None = None,
         subword_sampling: dict[str, Any] | None = None,
         given_tokenizer: Tokenizer | None = None,
@@ -112,6 +115,14 @@ class TranslationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prepare_data_per_node = prepare_per_node
+        if prepare_wait_seconds is not None and not (
+            is_number(prepare_wait_seconds) and prepare_wait_seconds > 0
+        ):
+            raise UserError(
+                "data.prepare_wait_seconds must be a number of seconds > 0 or null,"
+                f" got {prepare_wait_seconds!r}"
+            )
+        self.prepare_wait_seconds = prepare_wait_seconds
         self.tgt_lang = tgt_lang
         self.sampling = SamplingSettings(**subword_sampling) if subword_sampling else None
         self.resampled: ResampledSplit | None = None
@@ -175,7 +186,9 @@ class TranslationDataModule(L.LightningDataModule):
         elif self.prepared is None:
             node_rank = self.ranks()[1]
             preparer = f"local rank 0 of node {node_rank}" if self.prepare_data_per_node else "global rank 0"
-            self.prepared = wait_for_prepared(*self._what_names_the_cache(), preparer=preparer)
+            self.prepared = wait_for_prepared(
+                *self._what_names_the_cache(), preparer=preparer, limit_seconds=self.prepare_wait_seconds
+            )
         prepared = open_prepared(self.prepared)
         self.tokenizer = prepared.tokenizer
         self.splits = {name: EncodedSplit(src, tgt) for name, (src, tgt) in prepared.ids.items()}

@@ -6,6 +6,10 @@ files; the content of in-memory text). A folder is built under a temporary name 
 place, under a lock, so an interrupted build never leaves a folder that looks complete, and processes
 started together build it once. It is rebuilt when a watched file changed: a changed size, or a
 changed mtime with changed content (a file only touched is hashed again and reused).
+
+The processes that do not prepare wait for the folder (:func:`wait_for_prepared`). A preparing process
+claims the preparation in ``<key>.preparer-<host>-<pid>.json`` (renewed while it prepares, marked failed
+if it fails), so that they give up, naming it, if it stops without finishing instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from seq2seq.data.corpora import SPLITS, Corpus
 from seq2seq.data.prepared.build import build, subword_identity, this_build, write_manifest
 from seq2seq.data.prepared.format import FORMAT
-from seq2seq.errors import user_path
+from seq2seq.errors import UserError, user_path
 from seq2seq.tokenization import SubwordSettings, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,13 @@ HEARTBEAT_SECONDS = 30
 LEFTOVER_AGE_SECONDS = 30 * 60
 # What flock raises on file systems mounted without lock support (some NFS and Lustre mounts).
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+# A claim of a preparer on another host is taken for a dead one when its heartbeat (every
+# HEARTBEAT_SECONDS) is this old; waiting processes give up when no process has claimed the
+# preparation for NO_PREPARER_SECONDS (the preparer failed before it reached the cache).
+CLAIM_STALE_SECONDS = 5 * 60
+NO_PREPARER_SECONDS = 5 * 60
+# A claim that stopped after this process started is the one this process was waiting for.
+PROCESS_STARTED = time.time()
 
 
 def build_or_reuse(
@@ -74,7 +86,15 @@ def build_or_reuse(
     with user_path(cache_dir, "paths.cache_dir"):  # a file there, or no permission to write
         root.mkdir(parents=True, exist_ok=True)
     key = cache_key(corpus, settings, max_len, tokenizer)
-    folder = root / key
+    with preparing(root, key):
+        return build_under_lock(corpus, settings, max_len, root / key, tokenizer)
+
+
+def build_under_lock(
+    corpus: Corpus, settings: SubwordSettings, max_len: int, folder: Path, tokenizer: Tokenizer | None
+) -> Path:
+    """:func:`build_or_reuse`'s work: ``folder`` checked under the lock, built if stale."""
+    root, key = folder.parent, folder.name
     started = time.perf_counter()
     with open(root / f"{key}.lock", "w") as lock:
         try:
@@ -131,8 +151,8 @@ def build_is_dead(tmp: Path) -> bool:
 
 @contextmanager
 def heartbeat(tmp: Path) -> Iterator[None]:
-    """Renew ``tmp``'s mtime every HEARTBEAT_SECONDS while the body runs, so that processes on other
-    hosts can tell this build is alive."""
+    """Renew the mtime of ``tmp`` (a build's folder, a claim) every HEARTBEAT_SECONDS while the body
+    runs, so that processes on other hosts can tell this build is alive."""
     done = threading.Event()
 
     def beat() -> None:
@@ -168,6 +188,79 @@ def move_into_place(tmp: Path, folder: Path) -> bool:
     return True
 
 
+@dataclass
+class Claim:
+    """A process's claim of a preparation (``<key>.preparer-<host>-<pid>.json``): who, whether it failed
+    (the error's first line), and when its file last changed (its heartbeat, by the file system's clock)."""
+
+    path: Path
+    host: str
+    pid: int
+    failed: str | None
+    beat: float
+
+    @classmethod
+    def read(cls, path: Path) -> Claim | None:
+        """The claim in ``path``; None if it is gone (its preparer finished) or half-written."""
+        try:
+            beat = path.stat().st_mtime
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return cls(path, record["host"], int(record["pid"]), record.get("failed"), beat)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def alive(self) -> bool:
+        """Preparing still: on this host, while its process runs; on another, while its heartbeat beats."""
+        if self.failed is not None:
+            return False
+        if self.host == socket.gethostname():
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # alive, another user's
+                return True
+            return True
+        return time.time() - self.beat < CLAIM_STALE_SECONDS
+
+    def __str__(self) -> str:
+        return f"host {self.host}, pid {self.pid}"
+
+    def how_it_stopped(self) -> str:
+        if self.failed is not None:
+            return f"failed: {self.failed}"
+        if self.host == socket.gethostname():
+            return "its process is gone"
+        return f"no heartbeat for {time.time() - self.beat:.0f} s"
+
+
+def claims(root: Path, key: str) -> list[Claim]:
+    return [claim for path in root.glob(f"{key}.preparer-*.json") if (claim := Claim.read(path)) is not None]
+
+
+@contextmanager
+def preparing(root: Path, key: str) -> Iterator[None]:
+    """Claim the preparation of ``key`` for this process while the body runs (its claim's mtime renewed
+    every HEARTBEAT_SECONDS); the claim is removed when the body returns and marked failed, with the
+    error's first line, when it raises. Claims left by preparers that stopped are removed first."""
+    for old in claims(root, key):
+        if not old.alive():
+            old.path.unlink(missing_ok=True)
+    path = root / f"{key}.preparer-{this_build()}.json"
+    record = {"host": socket.gethostname(), "pid": os.getpid()}
+    write_manifest(path, record)
+    try:
+        with heartbeat(path):
+            yield
+    except BaseException as err:
+        text = str(err).strip().splitlines()
+        first = text[0] if text else ""
+        error = first if isinstance(err, UserError) else f"{type(err).__name__}: {first}".rstrip(": ")
+        write_manifest(path, {**record, "failed": error})
+        raise
+    path.unlink(missing_ok=True)
+
+
 def wait_for_prepared(
     corpus: Corpus,
     settings: SubwordSettings,
@@ -176,17 +269,56 @@ def wait_for_prepared(
     tokenizer: Tokenizer | None = None,
     *,
     preparer: str,
+    limit_seconds: float | None = None,
 ) -> Path:
     """The folder of the prepared data that :func:`build_or_reuse` makes of the same arguments, once the
     process that prepares it (``preparer``, for the log) has: checked every second without taking the
-    lock or hashing anything."""
+    lock or hashing anything.
+
+    A UserError naming the preparer (host, pid) if it stops without finishing: a claim seen preparing,
+    or one that stopped after this process started, that failed or whose process is gone (on another
+    host: whose heartbeat stopped); if no process has claimed the preparation for NO_PREPARER_SECONDS;
+    or after ``limit_seconds`` (``data.prepare_wait_seconds``; None: no limit).
+    """
     folder = Path(cache_dir) / "prepared" / cache_key(corpus, settings, max_len, tokenizer)
-    started = last_said = time.monotonic()
+    started = last_said = unclaimed_since = time.monotonic()
+    seen: set[Path] = set()  # claims seen preparing
     while (reason := stale_reason(folder, hash_modified=False)) is not None:
-        if time.monotonic() - last_said > 60:
-            waited = time.monotonic() - started
-            log.info("Waiting %.0f s for %s to prepare %s: %s", waited, preparer, folder, reason)
-            last_said = time.monotonic()
+        now = time.monotonic()
+        found = claims(folder.parent, folder.name)
+        alive = [claim for claim in found if claim.alive()]
+        seen.update(claim.path for claim in alive)
+        if alive:
+            unclaimed_since = now
+        elif stopped := [c for c in found if c.path in seen or c.beat >= PROCESS_STARTED]:
+            claim = stopped[0]
+            raise UserError(
+                f"{preparer} ({claim}) stopped preparing {folder} without finishing it"
+                f" ({claim.how_it_stopped()}): no data to train on (its log says more)"
+            )
+        elif now - unclaimed_since > NO_PREPARER_SECONDS:
+            raise UserError(
+                f"No process has been preparing {folder} for {now - unclaimed_since:.0f} s: {preparer}"
+                " failed before it started (its log says why), or prepares into another paths.cache_dir"
+                " (data.prepare_per_node=false needs one cache folder shared by all nodes)"
+            )
+        if limit_seconds is not None and now - started > limit_seconds:
+            owners = "; ".join(str(claim) for claim in alive)
+            raise UserError(
+                f"Gave up waiting for {preparer} ({owners}) to prepare {folder} after {limit_seconds:g} s"
+                " (data.prepare_wait_seconds): raise it, or prepare ahead with python -m seq2seq.prepare"
+            )
+        if now - last_said > 60:
+            owners = "; ".join(str(claim) for claim in alive) or "not started yet"
+            log.info(
+                "Waiting %.0f s for %s (%s) to prepare %s: %s",
+                now - started,
+                preparer,
+                owners,
+                folder,
+                reason,
+            )
+            last_said = now
         time.sleep(1)
     log.info("Reusing prepared data in %s, prepared by %s", folder, preparer)
     return folder
