@@ -77,3 +77,25 @@ def test_input_feeding_matches_the_lstm_step_by_step_in_outputs_and_gradients(at
     got = run(decoder)
     assert len(got[4]) == len(list(decoder.parameters())) - 2  # all but the output projection (weight, bias)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_dot"])
+def test_one_position_at_a_time_as_search_runs_matches_teacher_forcing(attention):
+    """Search feeds one position per call (nn.LSTM's own kernel); teacher forcing runs the written-out
+    loop over all positions: the same outputs, attention and final state."""
+    torch.manual_seed(0)
+    decoder = Decoder(30, 8, 16, 2, attention=attention, memory_size=16).eval()
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    memory, hidden, cell = torch.randn(2, 5, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    tgt_in = torch.randint(4, 30, (2, 6))
+    state = decoder.init_state(hidden, cell, EncoderOutput(memory, hidden, cell, mask))
+    with torch.no_grad():
+        outputs, final, weights = decoder(tgt_in, state)
+        steps, step_weights = [], []
+        for position in tgt_in.unbind(1):
+            output, state, weight = decoder(position.unsqueeze(1), state)
+            steps.append(output)
+            step_weights.append(weight)
+    expected = (outputs, weights, final.hidden, final.cell, final.feed)
+    got = (torch.cat(steps, dim=1), torch.cat(step_weights, dim=1), state.hidden, state.cell, state.feed)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -103,14 +103,18 @@ class Decoder(nn.Module):
         the weights (batch, tgt_len, src_len) over the source (else None).
         """
         embedded = self.dropout(self.embedding(tgt_in))  # (B, T, E)
-        if not self.input_feeding:
-            outputs, (hidden, cell) = self.rnn(embedded, (state.hidden, state.cell))
-            state = replace(state, hidden=hidden, cell=cell)
-            if self.attention is None:
-                return self.dropout(outputs), state, None
-            attentional, weights = self._attend(outputs, state)
-            return self.dropout(attentional), state, weights
-        return self._input_feeding(embedded, state)
+        if self.input_feeding and tgt_in.size(1) > 1:
+            return self._input_feeding(embedded, state)
+        if self.input_feeding:  # one position (a search step): the LSTM's own kernel, nothing to share
+            embedded = torch.cat([embedded, state.feed.unsqueeze(1)], dim=-1)
+        outputs, (hidden, cell) = self.rnn(embedded, (state.hidden, state.cell))
+        state = replace(state, hidden=hidden, cell=cell)
+        if self.attention is None:
+            return self.dropout(outputs), state, None
+        attentional, weights = self._attend(outputs, state)
+        if self.input_feeding:
+            state = replace(state, feed=attentional.squeeze(1))
+        return self.dropout(attentional), state, weights
 
     def _input_feeding(self, embedded: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState, Tensor]:
         """Teacher forcing with input feeding: the LSTM runs one position at a time, its cells written out
