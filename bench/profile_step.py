@@ -4,7 +4,8 @@
         [--precisions 32-true bf16-mixed] [--steps 5] [Hydra overrides...]
 
 For each experiment and precision, the first ``--warmup + --steps`` batches of the Bible split's first
-epoch go through the module's loss, ``backward`` and AdamW, as bench/train_throughput.py's plain loop
+epoch (from seed 0, as bench/step_side_by_side.py trains them; PYTHONPATH=another checkout profiles its
+code) go through the module's loss, ``backward`` and AdamW, as bench/train_throughput.py's plain loop
 does (no Lightning: its own share is measured there). Prints, per run, the share of the profiled CPU
 time of each group of operators (the LSTM kernels, the other matrix products, the loss's softmax, the
 attention's elementwise work, copies and concatenations, the optimizer) and the top operators by their
@@ -17,10 +18,11 @@ import argparse
 import contextlib
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from step_side_by_side import PRECISIONS, first_batches, load, new_module
 from torch.profiler import ProfilerActivity, profile
-from train_throughput import PRECISIONS, build, new_module
 
 # Operator groups, first match wins (names as the profiler reports them, forward and backward).
 GROUPS = (
@@ -44,11 +46,8 @@ def group_of(name: str) -> str:
 
 def profile_steps(cfg, datamodule, precision: str, warmup: int, steps: int):
     """The profiler's key averages over ``steps`` training steps after ``warmup`` untimed ones."""
-    split = datamodule.splits["train"]
-    epoch = datamodule._batch_sampler(split, "train").batches(epoch=0)
-    batches = [split.collate(indices) for indices in epoch[: warmup + steps]]
+    batches = first_batches(datamodule, warmup + steps)
     module = new_module(cfg, datamodule)
-    module.train()
     optimizer = module.configure_optimizers()["optimizer"]
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
@@ -80,10 +79,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="operators listed per run")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_tokens=6000")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    import seq2seq
+
+    code = Path(seq2seq.__file__).resolve().parents[1]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; the code of {code}")
     for experiment in args.experiments:
-        extra = [] if experiment == "default" else [f"experiment={experiment}"]
-        datamodule, cfg, _ = build("small", [*extra, *args.overrides])
+        cfg, datamodule = load(experiment, args.overrides)
         for precision in args.precisions:
             averages, tokens = profile_steps(cfg, datamodule, precision, args.warmup, args.steps)
             # self time: each operator's own, so that nested calls are not counted twice

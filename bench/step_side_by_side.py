@@ -23,14 +23,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve()
 PRECISIONS = ("32-true", "bf16-mixed")
 
 
-def train_steps(experiment: str, precision: str, warmup: int, steps: int, overrides: list[str]) -> dict:
-    """In a worker process: time ``steps`` training steps after ``warmup`` with the code on sys.path."""
-    import torch
+def load(experiment: str, overrides: list[str]) -> tuple[Any, Any]:
+    """The config and prepared Bible data of ``experiment`` (``default``: none), as the seq2seq package
+    on sys.path composes them from its own conf/ (so another commit's code reads its own configs)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -46,9 +47,21 @@ def train_steps(experiment: str, precision: str, warmup: int, steps: int, overri
         )
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
+    return cfg, datamodule
+
+
+def first_batches(datamodule: Any, count: int) -> list:
+    """The first ``count`` batches of the training split's first epoch."""
     split = datamodule.splits["train"]
     epoch = datamodule._batch_sampler(split, "train").batches(epoch=0)
-    batches = [split.collate(indices) for indices in epoch[: warmup + steps]]
+    return [split.collate(indices) for indices in epoch[:count]]
+
+
+def new_module(cfg: Any, datamodule: Any) -> Any:
+    """The model to train, from seed 0, in training mode."""
+    import torch
+    from hydra.utils import instantiate
+
     torch.manual_seed(0)
     tokenizer = datamodule.tokenizer
     module = instantiate(
@@ -57,7 +70,18 @@ def train_steps(experiment: str, precision: str, warmup: int, steps: int, overri
         tgt_vocab_size=tokenizer.tgt_vocab_size,
         _convert_="all",
     )
-    module.train()
+    return module.train()
+
+
+def train_steps(experiment: str, precision: str, warmup: int, steps: int, overrides: list[str]) -> dict:
+    """In a worker process: time ``steps`` training steps after ``warmup`` with the code on sys.path."""
+    import torch
+
+    import seq2seq
+
+    cfg, datamodule = load(experiment, overrides)
+    batches = first_batches(datamodule, warmup + steps)
+    module = new_module(cfg, datamodule)
     optimizer = module.configure_optimizers()["optimizer"]
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
@@ -76,7 +100,7 @@ def train_steps(experiment: str, precision: str, warmup: int, steps: int, overri
         losses.append(loss.item())
     timed = batches[warmup:]
     return {
-        "code": str(tree),
+        "code": str(Path(seq2seq.__file__).resolve().parents[1]),
         "seconds": seconds[warmup:],
         "tokens": sum(b.num_target_tokens for b in timed),
         "losses": losses,
