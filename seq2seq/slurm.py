@@ -74,7 +74,9 @@ class SlurmRequeue:
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.trainer is not None:  # no collective here: noted, saved at a batch's start
-            log.info("SLURM requeue signal %d during fit: saving at the next logging step", signum)
+            log.info(
+                "SLURM requeue signal %d during fit: saving before a batch soon (a logging step's)", signum
+            )
             self.requested = True
             return
         log.info("SLURM requeue signal %d during %s", signum, self.phase)

@@ -87,6 +87,30 @@ def test_an_error_on_one_rank_ends_the_job_and_leaves_no_corrupt_checkpoint(tmp_
         assert torch.load(last, map_location="cpu", weights_only=False)["loops"]
 
 
+@pytest.mark.slow
+def test_ctrl_c_to_every_rank_ends_the_job_and_leaves_a_whole_checkpoint(tmp_path):
+    """Ctrl-C in a terminal reaches both processes of a 2-process job, each wherever it is in its step
+    (one in the all-reduce, one between steps): the job exits 130 in bounded time, and last.ckpt holds
+    a step every process finished (before, the processes' saves with a barrier could meet the other's
+    all-reduce: 2 of 3 tries hung here)."""
+    run, out = tmp_path / "run", tmp_path / "out.txt"
+    command = [sys.executable, "train.py", "experiment=smoke", "trainer=ddp_cpu", f"hydra.run.dir={run}"]
+    command += [f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, *STOP_ONLY, "trainer.max_steps=100000"]
+    with open(out, "w") as output:
+        job = subprocess.Popen(
+            command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+    wait_for(lambda: re.search(r"\] - step [3-9] \| epoch", out.read_text()), "progress to step 3", [job])
+    os.killpg(job.pid, signal.SIGINT)  # the terminal's process group
+    assert finish_tasks([job], timeout=90) == [130], out.read_text()[-3000:]
+    said = re.search(
+        r"Interrupted by Ctrl-C \(SIGINT\) at step (\d+), epoch \d+: saved (\S+);", out.read_text()
+    )
+    assert said and Path(said[2]) == run / "checkpoints" / "last.ckpt"
+    assert checkpoint_state(Path(said[2]))[:2] == (int(said[1]), int(said[1]))
+
+
 def slurm_job(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """The environment of a one-node SLURM job (job 4242) whose ``scontrol`` only writes its arguments to
     the returned file."""
