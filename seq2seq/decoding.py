@@ -14,6 +14,9 @@ from typing import Any
 from seq2seq.errors import UserError, is_int, is_number
 
 AUTO = "auto"
+# Target pieces a lexical shortlist keeps per source piece (seq2seq/shortlist.py): the largest shortlist_k.
+SHORTLIST_DEPTH = 100
+QUANTIZE = ("auto", "int8", "none")
 # What ``alpha=auto`` means for a model whose length penalty was never chosen on a validation split.
 UNTUNED_ALPHA = 1.0
 
@@ -30,6 +33,13 @@ class DecodingSettings:
     At most ``max_len_a * source_length + max_len_b`` output subwords, at least ``min_len`` (where the
     limit allows). ``nbest`` hypotheses per sentence; ``batch_tokens`` padded source tokens x beam per
     batch.
+
+    Faster decoding (docs/translating.md#faster-decoding): with ``shortlist`` each sentence scores only
+    its lexical shortlist, EOS, the ``shortlist_frequent`` most frequent target pieces and the
+    ``shortlist_k`` most likely translations of each of its source pieces (from the training data; a
+    checkpoint's is built on first use and kept beside it); validation during training decodes without.
+    ``quantize=int8``: the LSTMs and linear layers run as int8 (PyTorch's dynamic quantization);
+    ``auto``: int8 where decoding would run in fp32 on a CPU, none in bf16 (as fast there) or on a GPU.
     """
 
     beam: int = 5
@@ -39,6 +49,10 @@ class DecodingSettings:
     min_len: int = 0
     nbest: int = 1
     batch_tokens: int = 24_000
+    shortlist: bool = True
+    shortlist_k: int = 20
+    shortlist_frequent: int = 100
+    quantize: str = AUTO
 
     def __post_init__(self) -> None:
         def check(ok: bool, option: str, rule: str) -> None:
@@ -59,6 +73,15 @@ class DecodingSettings:
             " sentence's length limit would leave it no way to end)",
         )
         check(is_int(self.batch_tokens) and self.batch_tokens >= 1, "batch_tokens", "a positive integer")
+        check(isinstance(self.shortlist, bool), "shortlist", "true or false")
+        depth = f"an integer between 1 and {SHORTLIST_DEPTH}"
+        check(is_int(self.shortlist_k) and 1 <= self.shortlist_k <= SHORTLIST_DEPTH, "shortlist_k", depth)
+        check(
+            is_int(self.shortlist_frequent) and self.shortlist_frequent >= 0,
+            "shortlist_frequent",
+            "an integer >= 0",
+        )
+        check(self.quantize in QUANTIZE, "quantize", f"one of {', '.join(QUANTIZE)}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], prefix: str = "") -> DecodingSettings:

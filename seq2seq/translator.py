@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import sys
@@ -30,6 +31,7 @@ from seq2seq.search import (
     beam_candidates,
     decode,
 )
+from seq2seq.shortlist import LexicalTable, load_or_build
 from seq2seq.tokenization import BOS_ID, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,11 @@ class Translator:
 
     ``precision`` is ``fp32``, ``bf16`` (the model runs under bf16 autocast; the weights stay fp32) or
     ``auto`` (bf16 on a CPU that runs it natively, see :mod:`seq2seq.precision`; fp32 elsewhere).
+
+    The decoding settings' ``shortlist`` needs a lexical table: a translator loaded from a checkpoint
+    reads or builds it on first use (:func:`~seq2seq.shortlist.load_or_build`); ``lexical_table`` gives
+    one, and without either the whole vocabulary is scored. ``quantize=int8`` (or ``auto`` in fp32 on
+    a CPU) decodes with an int8 copy of the model, made on first use (on the CPU, without autocast).
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class Translator:
         tgt_lang: str | None = None,
         bleu_tokenize: str | None = None,
         precision: str = "fp32",
+        lexical_table: LexicalTable | Callable[[], LexicalTable | None] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.precision = resolve_decoding_precision(precision, self.device)
@@ -69,6 +77,9 @@ class Translator:
         self.tgt_lang = tgt_lang
         self.bleu_tokenize = bleu_tokenize
         self.run_config: dict = {}  # the training run's resolved configuration, when loaded from a checkpoint
+        # The table, or what reads or builds it when a search first asks for a shortlist.
+        self._lexical_table = lexical_table
+        self._int8_model: torch.nn.Module | None = None
 
     @classmethod
     def from_checkpoint(
@@ -95,9 +106,12 @@ class Translator:
         max_src_len = min(t.run_config.get("data", {}).get("max_len", 256) for t in trained)
         model = first.model if len(trained) == 1 else Ensemble([t.model for t in trained])
         alpha = None if first.decoding.alpha == AUTO else first.decoding.alpha
+        # The first checkpoint's training data gives the shortlist (an ensemble shares its vocabulary).
+        table = functools.partial(load_or_build, paths[0], first.tokenizer, first.run_config)
         translator = cls(
-            model, first.tokenizer, max_src_len, device, alpha, first.tgt_lang, first.bleu_tokenize, precision
-        )
+            model, first.tokenizer, max_src_len, device, alpha, first.tgt_lang, first.bleu_tokenize,
+            precision, table,
+        )  # fmt: skip
         translator.run_config = first.run_config
         return translator
 
@@ -135,8 +149,33 @@ class Translator:
         ``first_line`` is the line number of ``sentences[0]`` in its file, for warnings.
         """
         settings = self.settings(settings)
-        search = functools.partial(decode, self.model, settings=settings)
+        search = functools.partial(decode, self.decoding_model(settings), settings=settings)
         return self._with_texts(self._hypotheses(sentences, search, settings, first_line))
+
+    def int8(self, settings: DecodingSettings) -> bool:
+        """Whether ``settings`` decode with the int8 model: ``quantize=int8``, or ``auto`` where this
+        translator decodes in fp32 on the CPU."""
+        if settings.quantize == AUTO:
+            return self.precision == "fp32" and self.device.type == "cpu"
+        return settings.quantize == "int8"
+
+    def decoding_model(self, settings: DecodingSettings) -> Seq2Seq | Ensemble:
+        """The model that decodes with ``settings``: this one, or its int8 copy (see :meth:`int8`)."""
+        if not self.int8(settings):
+            return self.model
+        if self.device.type != "cpu":
+            raise UserError(
+                f"quantize=int8 runs on the CPU only (device is {self.device}); use quantize=none"
+            )
+        if self._int8_model is None:
+            self._int8_model = quantize_int8(self.model)
+        return self._int8_model
+
+    def lexical_table(self) -> LexicalTable | None:
+        """The lexical table for shortlists (read or built on first use), or None where there is none."""
+        if callable(self._lexical_table):
+            self._lexical_table = self._lexical_table()
+        return self._lexical_table
 
     def _with_texts(self, results: list[list[Hypothesis]]) -> list[list[tuple[str, Hypothesis]]]:
         """Each hypothesis with its detokenized text (decoded in one call)."""
@@ -148,7 +187,7 @@ class Translator:
     ) -> list[list[tuple[str, Hypothesis]]]:
         """Per sentence, the (text, hypothesis) pairs that beam search finished, from which the best for
         any length penalty can be picked (see :func:`~seq2seq.search.beam_candidates`)."""
-        search = functools.partial(beam_candidates, self.model, settings=settings)
+        search = functools.partial(beam_candidates, self.decoding_model(settings), settings=settings)
         return self._with_texts(self._hypotheses(sentences, search, settings, first_line=1))
 
     @torch.no_grad()
@@ -177,12 +216,12 @@ class Translator:
     def _hypotheses(
         self,
         sentences: Sequence[str],
-        search: Callable[[torch.Tensor, torch.Tensor], list[list[Hypothesis]]],
+        search: Callable[..., list[list[Hypothesis]]],
         settings: DecodingSettings,
         first_line: int,
     ) -> list[list[Hypothesis]]:
-        """``search(src, src_lengths)`` over batches of ``sentences``; a blank one gets ``nbest`` empty
-        hypotheses."""
+        """``search(src, src_lengths, shortlist=...)`` over batches of ``sentences``; a blank one gets
+        ``nbest`` empty hypotheses."""
         ids = self.tokenizer.encode_src([s.strip() for s in sentences])
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] * settings.nbest for _ in sentences]
         todo = [i for i, seq in enumerate(ids) if seq]
@@ -195,15 +234,39 @@ class Translator:
                 ids[i] = ids[i][: self.max_src_len]
         # Beams multiply the rows of a batch, so the budget of source tokens shrinks with the beam.
         budget = max(settings.batch_tokens // settings.beam, self.max_src_len)
+        table = self.lexical_table() if settings.shortlist else None
+        # The int8 model computes in fp32 around its int8 layers: no autocast.
+        precision = "fp32" if self.int8(settings) else self.precision
         for batch in length_sorted_batches([len(ids[i]) for i in todo], budget):
             rows = [todo[b] for b in batch]
             src = pad([ids[i] for i in rows]).to(self.device)
             lengths = torch.tensor([len(ids[i]) for i in rows])
-            with decoding_autocast(self.device, self.precision):
-                hypotheses = search(src, lengths)
+            shortlist = None
+            if table is not None:
+                shortlist = table.shortlist(
+                    [ids[i] for i in rows], settings.shortlist_k, settings.shortlist_frequent
+                )
+            with decoding_autocast(self.device, precision):
+                hypotheses = search(src, lengths, shortlist=shortlist)
             for row, hyps in zip(rows, hypotheses, strict=True):
                 results[row] = hyps
         return results
+
+
+def quantize_int8(model: Seq2Seq | Ensemble) -> torch.nn.Module:
+    """A copy of ``model`` whose LSTMs and linear layers (the output projection among them) compute in
+    int8: PyTorch's dynamic quantization (weights int8 per tensor, activations quantized per call)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch 2.13 notes that eager-mode quantization and quantized tensors move to torchao (whose int8
+        # covers no LSTM): a notice for this project, not for its users.
+        warnings.filterwarnings("ignore", message=".*(quantiz|torchao)", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*(quantiz|torchao)", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8
+        )
 
 
 @dataclass

@@ -39,6 +39,7 @@ LAYERS = {
     "seq2seq.pruning": 4,
     "seq2seq.slurm": 4,
     "seq2seq.search": 5,
+    "seq2seq.shortlist": 5,  # lexical shortlists: built from the training data, read by search's callers
     "seq2seq.metrics": 5,
     "seq2seq.precision": 5,
     "seq2seq.flops": 5,

@@ -43,6 +43,35 @@ class DecoderState:
         )  # fmt: skip
 
 
+@dataclass
+class ShortlistOutput:
+    """The output projection cut down to a batch's lexical shortlist: the union of its sentences' target
+    ids, each sentence masked to its own, so that a sentence's scores do not depend on its batch.
+
+    ids: (U,) the union, EOS first; weight: (U, hidden_size) and bias: (U,) their projection rows;
+    mask: (batch, 1, U) 0 where the sentence may write the id, -inf elsewhere. The rows a step decodes
+    are grouped by sentence: rows / batch consecutive ones each (the hypotheses of a beam).
+    """
+
+    ids: Tensor
+    weight: Tensor
+    bias: Tensor
+    mask: Tensor
+
+    def select(self, sentences: Tensor) -> ShortlistOutput:
+        """Keep the shortlists of ``sentences`` (indices into the batch), in that order."""
+        return ShortlistOutput(self.ids, self.weight, self.bias, self.mask.index_select(0, sentences))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden: (rows, H) decoder outputs, rows / batch consecutive ones per sentence -> (rows, U)."""
+        logits = torch.addmm(self.bias, hidden, self.weight.t())  # (rows, U)
+        return (logits.view(self.mask.size(0), -1, logits.size(-1)) + self.mask).view(logits.shape)
+
+    def token_ids(self, columns: Tensor) -> Tensor:
+        """Target ids of the columns (any shape) of :meth:`logits`."""
+        return self.ids[columns]
+
+
 class Decoder(nn.Module):
     """Embedding, LSTM, optional attention, and output projection.
 
@@ -170,8 +199,27 @@ class Decoder(nn.Module):
         """(..., hidden_size) -> (..., vocab_size) unnormalized scores."""
         return self.output(outputs)
 
-    def step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        """One step for search. tokens: (batch,) previous ids -> (batch, vocab_size) log-probs, new state."""
+    def shortlist(self, ids: Tensor, allowed: Tensor) -> ShortlistOutput:
+        """The projection cut to ``ids`` (U,), of which sentence i may write those ``allowed[i]`` (batch,
+        U) says. Under autocast the rows are cast once here, not at every step."""
+        weight, bias = self.output.weight, self.output.bias
+        if callable(weight):  # an int8 projection (dynamic quantization): its rows are read as floats
+            weight, bias = weight().dequantize(), bias()
+        weight, bias = weight[ids], bias[ids]  # (U, H), (U,)
+        device = ids.device.type
+        if torch.is_autocast_enabled(device):
+            weight, bias = (t.to(torch.get_autocast_dtype(device)) for t in (weight, bias))
+        mask = torch.zeros(allowed.shape, device=ids.device).masked_fill(~allowed, float("-inf"))
+        return ShortlistOutput(ids, weight, bias, mask.unsqueeze(1))
+
+    def step(
+        self, tokens: Tensor, state: DecoderState, output: ShortlistOutput | None = None
+    ) -> tuple[Tensor, DecoderState]:
+        """One step for search. tokens: (batch,) previous ids -> log-probs and the new state: (batch,
+        vocab_size) over the vocabulary, or with a shortlist ``output`` (batch, U) over its ids, each
+        sentence's normalized over its own (as Marian does)."""
         outputs, state, _ = self(tokens.unsqueeze(1), state)
+        hidden = outputs.squeeze(1)  # (rows, H)
+        logits = self.logits(hidden) if output is None else output.logits(hidden)
         # fp32 log-probs under bf16 autocast too: search sums them over many steps.
-        return self.logits(outputs.squeeze(1)).float().log_softmax(dim=-1), state
+        return logits.float().log_softmax(dim=-1), state

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from seq2seq.errors import UserError, is_int, is_number
-from seq2seq.model.decoder import Decoder, DecoderState
+from seq2seq.model.decoder import Decoder, DecoderState, ShortlistOutput
 from seq2seq.model.encoder import Bridge, Encoder
 
 
@@ -88,6 +88,13 @@ class Seq2Seq(nn.Module):
         """(..., hidden_size) decoder outputs -> (..., tgt_vocab_size) scores."""
         return self.decoder.logits(outputs)
 
-    def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        """tokens: (batch,) -> (batch, tgt_vocab_size) log-probabilities of the next token, new state."""
-        return self.decoder.step(tokens, state)
+    def shortlist(self, ids: Tensor, allowed: Tensor) -> ShortlistOutput:
+        """The output layer cut to ``ids`` (U,), sentence i's to those ``allowed[i]`` (batch, U) says."""
+        return self.decoder.shortlist(ids, allowed)
+
+    def decode_step(
+        self, tokens: Tensor, state: DecoderState, output: ShortlistOutput | None = None
+    ) -> tuple[Tensor, DecoderState]:
+        """tokens: (batch,) -> (batch, tgt_vocab_size) log-probabilities of the next token (with a
+        shortlist ``output``: (batch, U) over its ids), new state."""
+        return self.decoder.step(tokens, state, output)
