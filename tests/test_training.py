@@ -277,20 +277,22 @@ def test_ensemble_of_different_checkpoints_decodes_with_the_mean_of_log_probabil
     sources = ["w1 w2 w3", "", "w4 w5 w6 w7", "w8", "w9 w3 w3 w1 w5"]
     greedy = DecodingSettings(beam=1)
     pair = Translator.from_checkpoints([lone_checkpoint, other_checkpoint])
-    outputs = pair.translate(sources, beam=1)
+    exact = {"beam": 1, "quantize": "none", "shortlist": False}  # the models' own fp32 log-probabilities
+    outputs = pair.translate(sources, **exact)
     assert outputs == [
         greedy_by_hand([lone_checkpoint, other_checkpoint], s, greedy) if s else "" for s in sources
     ]
     singles = [
-        Translator.from_checkpoint(p).translate(sources, beam=1) for p in (lone_checkpoint, other_checkpoint)
+        Translator.from_checkpoint(p).translate(sources, **exact) for p in (lone_checkpoint, other_checkpoint)
     ]
     assert singles[0] == [greedy_by_hand([lone_checkpoint], s, greedy) if s else "" for s in sources]
     assert outputs != singles[0] or outputs != singles[1]  # the models differ enough to tell a mean apart
     source = tmp_path / "in.txt"
     source.write_text("\n".join(sources) + "\n")
     result = run_script(
-        "translate.py", f"ckpt=[{lone_checkpoint},{other_checkpoint}]", f"input={source}", "beam=1"
-    )
+        "translate.py", f"ckpt=[{lone_checkpoint},{other_checkpoint}]", f"input={source}", "beam=1",
+        "quantize=none", "shortlist=false",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "".join(line + "\n" for line in outputs)
 
