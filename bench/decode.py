@@ -21,10 +21,14 @@ choice's translations are those of a beam search with the chosen alpha. ``--skip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import statistics
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from flops import FlopCounter, peak_flops
@@ -40,7 +44,19 @@ from seq2seq.precision import DECODING_PRECISIONS
 from seq2seq.tokenization import PAD_ID
 from seq2seq.translator import Translator
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/legacy_search.py
+import seq2seq.translator as translator_module
+from tests import legacy_search
+
 DEFAULTS = DecodingSettings()
+# The rows of --levers: (name, the search before issue 45?, decoding options)
+LEVERS = (
+    ("today (search before issue 45)", True, {"shortlist": False, "quantize": "none"}),
+    ("search: no prefix copies", False, {"shortlist": False, "quantize": "none"}),
+    ("shortlist", False, {"shortlist": True, "quantize": "none"}),
+    ("int8", False, {"shortlist": False, "quantize": "int8"}),
+    ("all (the defaults)", False, {}),
+)
 
 
 def timed(
@@ -127,6 +143,7 @@ def main() -> None:
         "--precisions", nargs="+", default=["fp32"], choices=DECODING_PRECISIONS, help="e.g. fp32 bf16"
     )
     parser.add_argument("--skip-one-by-one", action="store_true", help="only the batched modes")
+    parser.add_argument("--levers", action="store_true", help="the faster-decoding levers side by side")
     parser.add_argument(
         "--chunk", type=int, default=0, help="batched modes: sentences per turn of each precision (0: all)"
     )
@@ -142,6 +159,9 @@ def main() -> None:
     corpus = load_bible(**{k: v for k, v in corpus_config.items() if not k.startswith("_")})
     alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
     beam = translator.settings(beam=args.beam, alpha=alpha, batch_tokens=args.batch_tokens)
+    if args.levers:
+        levers(args, corpus.test, beam)
+        return
     if not args.skip_speed:
         speed(args, corpus.test, beam)
     if not args.skip_alpha:
@@ -195,6 +215,82 @@ def speed(args: argparse.Namespace, test, beam: DecodingSettings) -> None:
     )
     if not args.skip_one_by_one:
         print(f"batched beam {beam.beam} vs one at a time: {rows[-1][2] / rows[1][2]:.1f}x faster")
+
+
+@contextlib.contextmanager
+def search_before_issue_45() -> Iterator[None]:
+    """The translator decodes with the search as it was before issue 45 (no shortlist, no int8)."""
+
+    def decode(
+        model: torch.nn.Module,
+        src: torch.Tensor,
+        src_lengths: torch.Tensor,
+        settings: DecodingSettings,
+        shortlist: None = None,
+    ) -> list[list[legacy_search.Hypothesis]]:
+        limits = (settings.max_len_a, settings.max_len_b, settings.min_len)
+        if settings.beam == 1:
+            return [[h] for h in legacy_search.greedy_search(model, src, src_lengths, *limits)]
+        return legacy_search.beam_search(
+            model, src, src_lengths, settings.beam, settings.alpha, *limits, settings.nbest
+        )
+
+    current = translator_module.decode
+    translator_module.decode = decode
+    try:
+        yield
+    finally:
+        translator_module.decode = current
+
+
+def levers(args: argparse.Namespace, test, beam: DecodingSettings) -> None:
+    """Beam search today and with each lever of issue 45, side by side (see the module's docstring)."""
+    sources, references = test.src[: args.limit], test.tgt[: args.limit]
+    rows = [
+        (f"{name}", precision, legacy, dataclasses.replace(beam, **options))
+        for precision in args.precisions
+        for name, legacy, options in LEVERS
+    ]
+    translators = {p: Translator.from_checkpoint(args.ckpt, args.device, p) for p in args.precisions}
+    for translator in translators.values():  # the shortlist and the int8 model, made before timing
+        translator.lexical_table()
+        translator.translate(sources[:2], quantize="int8")
+    print(
+        f"{len(sources)} test sentences ({test.origin}); beam {beam.beam}, alpha {beam.alpha}; device"
+        f" {args.device}; torch threads: {torch.get_num_threads()}; the fastest of {args.repeats} per chunk"
+        f" of {args.chunk or len(sources)}"
+    )
+    chunk = args.chunk or len(sources)
+    texts = [[] for _ in rows]
+    wall, cpu = [0.0] * len(rows), [0.0] * len(rows)
+    for number, start in enumerate(range(0, len(sources), chunk)):
+        part = sources[start : start + chunk]
+        fastest = [(float("inf"), float("inf"))] * len(rows)
+        for _ in range(args.repeats):
+            for index in [(number + k) % len(rows) for k in range(len(rows))]:
+                name, precision, legacy, settings = rows[index]
+                with search_before_issue_45() if legacy else contextlib.nullcontext():
+                    started, started_cpu = time.perf_counter(), time.process_time()
+                    out = translators[precision].translate(part, **dataclasses.asdict(settings))
+                    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
+                fastest[index] = min(fastest[index], (seconds, cpu_seconds))
+                if len(texts[index]) == start:
+                    texts[index] += out
+        for index, (seconds, cpu_seconds) in enumerate(fastest):
+            wall[index] += seconds
+            cpu[index] += cpu_seconds
+    print(
+        f"{'decoding':<34}{'precision':<10}{'seconds':>9}{'sentences/s':>13}{'speed-up':>10}"
+        f"{'CPU s':>8}{'speed-up':>10}{'BLEU':>7}{'same':>6}"
+    )
+    for index, (name, precision, _, _) in enumerate(rows):
+        today = index - index % len(LEVERS)  # the first row of this precision
+        same = sum(a == b for a, b in zip(texts[index], texts[today], strict=True))
+        print(
+            f"{name:<34}{precision:<10}{wall[index]:>9.1f}{len(sources) / wall[index]:>13.1f}"
+            f"{wall[today] / wall[index]:>9.2f}x{cpu[index]:>8.1f}{cpu[today] / cpu[index]:>9.2f}x"
+            f"{corpus_scores(texts[index], references).bleu:>7.2f}{same:>6}"
+        )
 
 
 def alpha_cost(translator: Translator, valid, beam: DecodingSettings, grid: list[float], limit: int) -> None:

@@ -136,6 +136,8 @@ def test_ibm_model_1_finds_the_translations_of_a_word_for_word_lexicon():
 
 def test_int8_decoding_quantizes_the_lstms_and_the_output_layer_and_stays_close():
     model = tiny_model(seed=6, bidirectional=True, bridge=True, embed_size=32, hidden_size=64)
+    with torch.no_grad():  # PAD and BOS, which a shortlist leaves out, get no probability (as once trained)
+        model.decoder.output.bias[[PAD_ID, BOS_ID]] = -1e4
     quantized = quantize_int8(model)
     kinds = {
         type(m).__module__ for m in (quantized.encoder.rnn, quantized.decoder.rnn, quantized.decoder.output)
@@ -152,6 +154,15 @@ def test_int8_decoding_quantizes_the_lstms_and_the_output_layer_and_stays_close(
         approximate, _ = quantized.decode_step(tokens, quantized.encode(src, lengths))
     assert (approximate - exact).abs().max() < 0.05
     assert not torch.equal(approximate, exact)
+    # its shortlisted projection packs the int8 rows of the shortlist: the same outputs for a full one
+    sources = [[4, 5, 6, 7], [8, 9], [10, 11, 4]]
+    src, lengths = pad(sources), torch.tensor([len(s) for s in sources])
+    shortlist = lexicon_table().shortlist(sources, k=1, frequent=12)
+    plain = beam_search(quantized, src, lengths, beam_size=3, max_len_a=1.0, max_len_b=5)
+    listed = beam_search(
+        quantized, src, lengths, beam_size=3, max_len_a=1.0, max_len_b=5, shortlist=shortlist
+    )
+    assert [hyps[0].tokens for hyps in listed] == [hyps[0].tokens for hyps in plain]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,21 +51,29 @@ class ShortlistOutput:
 
     ids: (U,) the union, EOS first; weight: (U, hidden_size) and bias: (U,) their projection rows;
     mask: (batch, 1, U) 0 where the sentence may write the id, -inf elsewhere. The rows a step decodes
-    are grouped by sentence: rows / batch consecutive ones each (the hypotheses of a beam).
+    are grouped by sentence: rows / batch consecutive ones each (the hypotheses of a beam). ``int8``:
+    the rows packed for an int8 product, when the projection is int8 (dynamic quantization).
     """
 
     ids: Tensor
     weight: Tensor
     bias: Tensor
     mask: Tensor
+    int8: Any = None
 
     def select(self, sentences: Tensor) -> ShortlistOutput:
         """Keep the shortlists of ``sentences`` (indices into the batch), in that order."""
-        return ShortlistOutput(self.ids, self.weight, self.bias, self.mask.index_select(0, sentences))
+        return ShortlistOutput(
+            self.ids, self.weight, self.bias, self.mask.index_select(0, sentences), self.int8
+        )
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden: (rows, H) decoder outputs, rows / batch consecutive ones per sentence -> (rows, U)."""
-        logits = torch.addmm(self.bias, hidden, self.weight.t())  # (rows, U)
+        if self.int8 is None:
+            logits = torch.addmm(self.bias, hidden, self.weight.t())  # (rows, U)
+        else:
+            # as the int8 projection computes (activations quantized to 7 bits: fbgemm's reduce_range)
+            logits = torch.ops.quantized.linear_dynamic(hidden, self.int8, reduce_range=True)
         return (logits.view(self.mask.size(0), -1, logits.size(-1)) + self.mask).view(logits.shape)
 
     def token_ids(self, columns: Tensor) -> Tensor:
@@ -203,14 +212,17 @@ class Decoder(nn.Module):
         """The projection cut to ``ids`` (U,), of which sentence i may write those ``allowed[i]`` (batch,
         U) says. Under autocast the rows are cast once here, not at every step."""
         weight, bias = self.output.weight, self.output.bias
-        if callable(weight):  # an int8 projection (dynamic quantization): its rows are read as floats
-            weight, bias = weight().dequantize(), bias()
-        weight, bias = weight[ids], bias[ids]  # (U, H), (U,)
+        int8 = None
+        if callable(weight):  # an int8 projection (dynamic quantization): its rows, packed as it packs
+            weight, bias = weight()[ids], bias()[ids]
+            int8 = torch.ops.quantized.linear_prepack(weight, bias)
+        else:
+            weight, bias = weight[ids], bias[ids]  # (U, H), (U,)
         device = ids.device.type
         if torch.is_autocast_enabled(device):
             weight, bias = (t.to(torch.get_autocast_dtype(device)) for t in (weight, bias))
         mask = torch.zeros(allowed.shape, device=ids.device).masked_fill(~allowed, float("-inf"))
-        return ShortlistOutput(ids, weight, bias, mask.unsqueeze(1))
+        return ShortlistOutput(ids, weight, bias, mask.unsqueeze(1), int8)
 
     def step(
         self, tokens: Tensor, state: DecoderState, output: ShortlistOutput | None = None
