@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -334,3 +335,24 @@ class RaiseInTrainingStep(L.Callback):
             return training_step(*args, **kwargs)
 
         pl_module.training_step = failing_step
+
+
+class SignalAfterStep(L.Callback):
+    """Sends SIGUSR1 (SLURM's warning) to this process right after the optimizer step of the batch after
+    ``step`` optimizer steps, where its handler then runs: the batch trained, not yet counted as
+    processed, its learning rate not yet stepped (as ``CtrlCAtStep(where="after step")``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        optimization = trainer.fit_loop.epoch_loop.automatic_optimization
+        run = optimization.run
+
+        def run_then_signal(*args: Any, **kwargs: Any) -> Any:
+            output = run(*args, **kwargs)
+            if trainer.global_step == self.step + 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return output
+
+        optimization.run = run_then_signal

@@ -190,47 +190,53 @@ def last_step(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_slurm_requeue_signal_on_two_ranks_saves_at_a_batch_start_and_resumes_exactly(tmp_path):
-    """SIGUSR1 reaches the second of 2 tasks of a SLURM job (the signal reaches the tasks at different
-    moments of their steps; here the other not at all): the handler only notes it; at the next logging
-    step both tasks save ``hpc_ckpt_1.ckpt`` at the same batch's start and the first calls ``scontrol
-    requeue`` once. Before, the second task saved inside its handler, whose barrier met the first's
-    all-reduce: the job hung and no HPC checkpoint was written. Killed later (SLURM's time limit), the
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_slurm_requeue_signal_saves_at_a_batch_start_and_resumes_exactly(tmp_path, tasks):
+    """SLURM's SIGUSR1 reaches the last task of a job of 1 or 2 tasks: the handler only notes it; before
+    the next batch (with 2 tasks: of a logging step) every task saves ``hpc_ckpt_1.ckpt`` at the same
+    batch's start and the first calls ``scontrol requeue`` once. Killed later (SLURM's time limit), the
     requeued job resumes from the HPC checkpoint and trains, on each rank, the batches at the learning
-    rates of a job never stopped."""
+    rates of a job never stopped. Before, each task saved inside its handler, wherever it was. With 2
+    tasks the signal goes to the second only (it reaches tasks at different moments of their steps):
+    its save's barrier met the first's all-reduce and the job hung, no HPC checkpoint written. With 1,
+    it comes right after a batch's optimizer step, before the batch is counted: the checkpoint counted
+    it as untrained, and the requeued job trained it again."""
     job, requeues = slurm_job(tmp_path)
-    every = 5
-    common = ["experiment=smoke", "trainer=ddp_cpu", f"paths.cache_dir={tmp_path / 'cache'}", *QUIET]
-    common += [
-        *STOP_ONLY,
-        "trainer.max_steps=400",
-        f"trainer.log_every_n_steps={every}",
-        "evaluate.test=false",
-    ]
+    every, ranks = 5, range(tasks)
+    common = ["experiment=smoke", f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, *STOP_ONLY]
+    common += ["trainer.max_steps=400", f"trainer.log_every_n_steps={every}", "evaluate.test=false"]
+    common += ["trainer=ddp_cpu"] if tasks == 2 else []
     run, out = tmp_path / "slurm-4242", tmp_path / "job"
-    tasks = start_tasks(job, out, *common, f"hydra.run.dir={run}")
-    wait_for(lambda: last_step(out) >= 3, "progress to step 3", tasks)
-    tasks[1].send_signal(signal.SIGUSR1)
+    after_step = ["+callbacks.usr1._target_=tests.fault_callbacks.SignalAfterStep", "+callbacks.usr1.step=3"]
+    started = start_tasks(
+        job, out, *common, f"hydra.run.dir={run}", *after_step[: 2 * (tasks == 1)], tasks=tasks
+    )
+    wait_for(lambda: last_step(out) >= 3, "progress to step 3", started)
+    if tasks == 2:
+        started[-1].send_signal(signal.SIGUSR1)
     hpc, said = run / "hpc_ckpt_1.ckpt", re.compile(r"Saved (\S+) at step (\d+)")
-    wait_for(lambda: all(said.search(output(out, rank)) for rank in (0, 1)), "a save on both tasks", tasks)
-    saved = [said.findall(output(out, rank)) for rank in (0, 1)]
-    assert saved[0] == saved[1] == [(str(hpc), saved[0][0][1])]
+    wait_for(lambda: all(said.search(output(out, rank)) for rank in ranks), "a save on every task", started)
+    saved = [said.findall(output(out, rank)) for rank in ranks]
     step = int(saved[0][0][1])
-    assert (step + 1) % every == 0  # agreed on before the batch of a logging step
+    assert all(found == [(str(hpc), str(step))] for found in saved)
+    assert tasks == 1 or (step + 1) % every == 0  # agreed on before the batch of a logging step
     assert checkpoint_state(hpc)[0] == step
-    wait_for(lambda: last_step(out) >= step + 3, "training going on", tasks)
+    wait_for(lambda: last_step(out) >= step + 3, "training going on", started)
     assert requeues.read_text() == "requeue 4242\n"
-    kill(tasks)  # SLURM's time limit: no time to save again
+    kill(started)  # SLURM's time limit: no time to save again
 
     stop = ["+callbacks.stop._target_=tests.fault_callbacks.StopAtStep", f"+callbacks.stop.step={step + 4}"]
-    again = tmp_path / "requeued"
-    requeued = start_tasks(job, again, *common, f"hydra.run.dir={run}", *stop, *record(tmp_path / "r"))
-    assert finish_tasks(requeued) == [0, 0], output(again, 0)[-3000:]
+    again, never = tmp_path / "requeued", tmp_path / "straight"
+    requeued = start_tasks(
+        job, again, *common, f"hydra.run.dir={run}", *stop, *record(tmp_path / "r"), tasks=tasks
+    )
+    assert finish_tasks(requeued) == [0] * tasks, output(again, 0)[-3000:]
     assert f"Requeued SLURM job: resuming from {hpc}" in output(again, 0)
-    never = tmp_path / "straight"
-    straight = start_tasks(job, never, *common, f"hydra.run.dir={never}", *stop, *record(tmp_path / "s"))
-    assert finish_tasks(straight) == [0, 0], output(never, 0)[-3000:]
-    for rank in (0, 1):
+    straight = start_tasks(
+        job, never, *common, f"hydra.run.dir={never}", *stop, *record(tmp_path / "s"), tasks=tasks
+    )
+    assert finish_tasks(straight) == [0] * tasks, output(never, 0)[-3000:]
+    for rank in ranks:
         resumed = [(r["step"], r["indices"], r["lr"]) for r in read_records(tmp_path / "r", rank)]
         expected = [(r["step"], r["indices"], r["lr"]) for r in read_records(tmp_path / "s", rank)][step:]
         assert [s for s, _, _ in resumed] == list(range(step, step + 4)), rank
