@@ -162,10 +162,12 @@ def main() -> None:
     if args.levers:
         levers(args, corpus.test, beam)
         return
+    # The precisions compared as they are: no shortlist, no int8 (--levers measures those)
+    plain = dataclasses.replace(beam, shortlist=False, quantize="none")
     if not args.skip_speed:
-        speed(args, corpus.test, beam)
+        speed(args, corpus.test, plain)
     if not args.skip_alpha:
-        alpha_cost(translator, corpus.valid, beam, args.alpha_grid, args.limit)
+        alpha_cost(translator, corpus.valid, plain, args.alpha_grid, args.limit)
 
 
 def speed(args: argparse.Namespace, test, beam: DecodingSettings) -> None:
