@@ -29,7 +29,7 @@ FP32 = ["trainer.precision=32-true", "evaluate.precision=fp32"]
 
 # Module-scoped fixtures that train a model for several tests. Under pytest-xdist (``--dist loadgroup``)
 # the tests that use one run in one process, which trains it once instead of once per process.
-SHARED_RUNS = ("smoke_run", "attention_run", "reverse_checkpoint")
+SHARED_RUNS = ("smoke_run", "attention_run", "reverse_checkpoint", "served_checkpoint")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -78,3 +78,24 @@ def tiny_model(**options) -> Seq2Seq:
     torch.manual_seed(options.pop("seed", 0))
     settings = dict(embed_size=8, hidden_size=16, num_layers=1, dropout=0.0) | options
     return Seq2Seq(12, 12, **settings).eval()
+
+
+@pytest.fixture(scope="module")
+def served_checkpoint(tmp_path_factory) -> Path:
+    """A tiny attention model trained on the synthetic reverse task (the smoke experiment): the server's
+    tests (tests/test_serve.py, tests/test_serve_page.py) serve it."""
+    from seq2seq.training import train
+
+    root = tmp_path_factory.mktemp("served")
+    overrides = [
+        "experiment=smoke",
+        "model.attention=bahdanau",
+        "evaluate.test=false",
+        "trainer.enable_progress_bar=false",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "config", [f"paths.output_dir={root / 'run'}", f"paths.cache_dir={root / 'cache'}", *overrides]
+        )
+    train(cfg)
+    return next((root / "run" / "checkpoints").glob("best-*.ckpt"))

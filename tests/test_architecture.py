@@ -26,6 +26,7 @@ LAYERS = {
     "seq2seq.prepare": 1,
     "seq2seq.averaging": 1,
     "seq2seq.length_buckets": 1,
+    "seq2seq.serve.*": 1,  # python -m seq2seq.serve: the HTTP server, its batcher, the page
     "seq2seq.training": 2,
     "seq2seq.evaluation": 3,
     "seq2seq.translator": 4,
@@ -205,6 +206,8 @@ TRAINING = ("seq2seq.module", "seq2seq.callbacks", "seq2seq.training", "seq2seq.
 MUST_NOT_LOAD = {
     "seq2seq.cli": ("torch", "lightning", "numpy", "sentencepiece", "seq2seq.model", "seq2seq.search"),
     "seq2seq.checkpoints": ("torch", "lightning"),  # translate.py checks its paths with it first
+    # python -m seq2seq.serve checks its options and takes its port before loading torch and the web framework
+    "seq2seq.serve.__main__": ("torch", "fastapi", "uvicorn", "starlette", "seq2seq.model", "seq2seq.search"),
     "seq2seq.translator": ("lightning", "pytorch_lightning", "torchmetrics", *TRAINING_DATA, *TRAINING),
     "seq2seq.pruning": ("optuna", "seq2seq.sweeper"),
 }
@@ -225,7 +228,13 @@ def test_what_importing_a_module_loads_in_a_fresh_interpreter():
     """The same claims, measured: the modules are imported one after the other in one new process, and
     after each, nothing loaded so far may be what it must not load (third-party packages that import
     torch would show here). The order puts each module after those whose claims are stricter."""
-    order = ["seq2seq.cli", "seq2seq.checkpoints", "seq2seq.translator", "seq2seq.pruning"]
+    order = [
+        "seq2seq.cli",
+        "seq2seq.checkpoints",
+        "seq2seq.serve.__main__",
+        "seq2seq.translator",
+        "seq2seq.pruning",
+    ]
     assert sorted(order) == sorted(MUST_NOT_LOAD)
     script = (
         "import json, sys\n"
