@@ -91,40 +91,50 @@ def build_table(
     for src, tgt in _batched(pairs, chunk):
         frequency += np.bincount(np.concatenate(tgt), minlength=tgt_vocab)
         chunks.append(_couples(src, tgt, tgt_vocab))
-    if src_vocab * tgt_vocab <= DENSE_KEYS:
-        table_keys = np.arange(src_vocab * tgt_vocab)  # every pair has a slot: a key is its own index
+    dense = src_vocab * tgt_vocab <= DENSE_KEYS
+    if dense:  # every (source, target) pair has a slot: a key is its own index
+        size, source_of_key = src_vocab * tgt_vocab, None
     else:  # only the pairs that co-occur have one
         table_keys = np.unique(np.concatenate([np.unique(keys) for keys, _ in chunks]))
         chunks = [(np.searchsorted(table_keys, keys), per_token) for keys, per_token in chunks]
-    # Per chunk: each couple's key index, and which target token of the chunk it belongs to.
+        size, source_of_key = len(table_keys), torch.from_numpy(table_keys // tgt_vocab)
+    # Per chunk: each couple's key index, and which target token of the chunk it belongs to (int32: a
+    # Bible's 29,000 pairs have some 40 million couples).
     couples = [
         (
-            torch.from_numpy(keys),
-            torch.from_numpy(np.repeat(np.arange(len(per_token)), per_token)),
+            torch.from_numpy(keys.astype(np.int32)),
+            torch.from_numpy(np.repeat(np.arange(len(per_token), dtype=np.int32), per_token)),
             len(per_token),
         )
         for keys, per_token in chunks
     ]
-    probabilities = torch.ones(len(table_keys), dtype=torch.float64)
-    source_of_key = torch.from_numpy(table_keys // tgt_vocab)
+    probabilities = torch.ones(size)
     for _ in range(iterations):
-        counts = torch.zeros_like(probabilities)
+        counts = torch.zeros(size)
         for index, group, tokens in couples:
             # E-step: each target token's alignment over its sentence's source tokens.
             p = probabilities[index]
-            totals = torch.zeros(tokens, dtype=p.dtype).index_add_(0, group, p)
+            totals = torch.zeros(tokens).index_add_(0, group, p)
             counts.index_add_(0, index, p / totals[group])
-        totals = torch.zeros(src_vocab, dtype=counts.dtype).index_add_(0, source_of_key, counts)
-        probabilities = counts / totals[source_of_key].clamp(min=1e-30)  # M-step: p(t | s)
-    seen = (probabilities > 0).numpy()
-    table_keys, source_of_key = table_keys[seen], source_of_key.numpy()[seen]
-    probabilities = probabilities.numpy()[seen]
-    order = np.lexsort((-probabilities, source_of_key))
-    sources = source_of_key[order]
-    rank = np.arange(len(order)) - np.searchsorted(sources, sources)
-    kept = rank < DEPTH
+        # M-step: p(t | s), the counts normalized per source piece
+        if dense:
+            grid = counts.view(src_vocab, tgt_vocab)
+            probabilities = (grid / grid.sum(dim=1, keepdim=True).clamp(min=1e-30)).view(-1)
+        else:
+            totals = torch.zeros(src_vocab).index_add_(0, source_of_key, counts)
+            probabilities = counts / totals[source_of_key].clamp(min=1e-30)
     translations = np.full((src_vocab, DEPTH), -1, dtype=np.int64)
-    translations[sources[kept], rank[kept]] = (table_keys % tgt_vocab)[order][kept]
+    if dense:
+        best, ids = probabilities.view(src_vocab, tgt_vocab).topk(min(DEPTH, tgt_vocab), dim=1)
+        translations[:, : ids.size(1)] = torch.where(best > 0, ids, -1).numpy()
+    else:
+        seen = (probabilities > 0).numpy()
+        table_keys, sources_of_keys = table_keys[seen], source_of_key.numpy()[seen]
+        order = np.lexsort((-probabilities.numpy()[seen], sources_of_keys))
+        sources = sources_of_keys[order]
+        rank = np.arange(len(order)) - np.searchsorted(sources, sources)
+        kept = rank < DEPTH
+        translations[sources[kept], rank[kept]] = (table_keys % tgt_vocab)[order][kept]
     return LexicalTable(translations, np.argsort(-frequency, kind="stable"))
 
 
