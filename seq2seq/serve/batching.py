@@ -1,5 +1,6 @@
 """Requests that arrive together are decoded together: one asyncio task drains a queue of requests in
-rounds, each round one call of the decoder in a worker thread (so the event loop keeps accepting).
+rounds, each round one call of the decoder in a worker thread (so the event loop keeps accepting;
+torch releases the GIL in its kernels).
 
 A round waits a short window after the first request of an idle spell, then takes lines from the
 waiting requests that share the oldest one's decoding settings, in turns (a line of each, then again),
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -61,6 +63,9 @@ class Batcher(Generic[T]):
         self._waiting: list[_Waiting[T]] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
+        # One worker thread for every round: torch's per-thread state and the allocator's arena are
+        # made once (a pool of threads grows the server's memory with each thread that decodes).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="decoding")
         self.rounds = 0  # decoder calls so far
         self.lines = 0  # lines decoded so far
 
@@ -77,6 +82,7 @@ class Batcher(Generic[T]):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._thread.shutdown()
 
     async def translate(self, lines: Sequence[str], settings: DecodingSettings, attention: bool) -> list[T]:
         """Queue ``lines`` and wait for their outputs, in order."""
@@ -126,7 +132,8 @@ class Batcher(Generic[T]):
         lines = [waiting.lines[i] for waiting, i in taken]
         flags = [waiting.attention for waiting, _ in taken]
         try:
-            outputs = await asyncio.to_thread(self._decode, lines, settings, flags)
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self._thread, self._decode, lines, settings, flags)
         except Exception as error:  # a bug: the requests of this round fail, the server stays up
             log.exception("decoding failed")
             for waiting in {id(w): w for w, _ in taken}.values():
