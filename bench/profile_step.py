@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 GROUPS = (
     ("LSTM kernels", r"lstm|rnn|_thnn_fused"),
     ("matrix products", r"addmm|\bmm\b|aten::mm|bmm|matmul|linear|_mkldnn|onednn"),
-    ("softmax / loss", r"softmax|nll|cross_entropy|logsumexp|gather|scatter"),
+    ("softmax / loss", r"softmax|nll|cross_?entropy|logsumexp|gather|scatter"),
     ("elementwise", r"tanh|add|mul|sub|div|sigmoid|masked_fill|exp|where|neg|sum|mean"),
     ("copies / concatenations", r"cat|copy|to\b|_to_copy|clone|contiguous|stack|index|select|slice|view|"
      r"expand|unsqueeze|squeeze|reshape|transpose|permute|empty|zeros|fill|nonzero"),
