@@ -1,9 +1,9 @@
 """The documentation's commands and links stay true to the code.
 
-Every `python train.py`, `python -m seq2seq.prepare` and `python translate.py` command in a shell block
-of README.md or docs/ has its overrides composed with the config it names, so an unknown key or a
-missing group option fails naming the page and line; every relative link points to a file (and a
-heading) that exists.
+Every `python train.py`, `python -m seq2seq.prepare`, `python translate.py` and `python -m seq2seq.serve`
+command in a shell block of README.md or docs/ has its overrides composed with the config it names, so
+an unknown key or a missing group option fails naming the page and line; every relative link points to
+a file (and a heading) that exists.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ CONF_DIR = REPO / "conf"
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 # The words after `python` that start a command, and the config (conf/NAME.yaml) it composes.
-COMMANDS = {("train.py",): "config", ("-m", "seq2seq.prepare"): "prepare", ("translate.py",): "translate"}
+COMMANDS = {
+    ("train.py",): "config",
+    ("-m", "seq2seq.prepare"): "prepare",
+    ("translate.py",): "translate",
+    ("-m", "seq2seq.serve"): "serve",
+}
 SHELL_OPERATOR = re.compile(r"^[();<>|&]+$")
 # Values a reader fills in: outputs/.../x.ckpt, best-step…-bleu….ckpt, ${SLURM_JOB_ID}, $N.
 PLACEHOLDER = re.compile(r"\.\.\.|…|\$")
@@ -141,7 +146,7 @@ DOC_COMMANDS = doc_commands()
 
 def test_the_docs_show_each_command_with_overrides():
     names = {command.config_name for command in DOC_COMMANDS}
-    assert names == {"config", "prepare", "translate"}
+    assert names == {"config", "prepare", "translate", "serve"}
     assert any(command.where.startswith("README.md:") for command in DOC_COMMANDS)
     # The data page's command for your own files, with its continuation lines joined.
     assert any(

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-# SCREENSHOT=docs/img/serve_page.png python -m pytest tests/test_serve_page.py: the page as the docs show it.
+# SCREENSHOT=docs/img/serve_heatmap.png python -m pytest tests/test_serve_page.py: the heat map the docs show.
 SCREENSHOT = os.environ.get("SCREENSHOT")
 
 
@@ -69,6 +69,6 @@ def test_the_page_translates_as_you_type_and_shows_the_heat_map(served_checkpoin
         assert columns == attention["source"] and rows == attention["target"]
         assert len(table.find_elements(By.CSS_SELECTOR, "tbody td")) == len(rows) * len(columns)
         if SCREENSHOT:
-            Path(SCREENSHOT).write_bytes(browser.get_screenshot_as_png())
+            Path(SCREENSHOT).write_bytes(browser.find_element(By.ID, "attention").screenshot_as_png)
     finally:
         server.stop()
