@@ -9,7 +9,9 @@ The ``key=value`` options go to both commands (decoding settings, ``precision``,
 the seconds spent translating, without loading the model); then ``python -m seq2seq.serve`` starts on a
 free port and ``--clients`` clients (asyncio tasks, each keeping its connection) send ``--requests``
 requests of ``--lines-per-request`` consecutive lines each, going round the lines. Every answer is
-checked against translate.py's lines: nothing lost, nothing reordered. Prints sentences/s, latency
+checked against translate.py's lines: nothing lost, nothing reordered (with ``precision=fp32
+quantize=none`` exactly; in bf16 or int8 a line's translation can follow the lines decoded with it,
+in translate.py as in the server, and the answers that differ are counted). Prints sentences/s, latency
 (p50, p99), the server's resident memory after start-up and after each tenth of the requests, and the
 served throughput as a share of translate.py's.
 """
@@ -74,7 +76,8 @@ async def load(
     """Send the requests from ``args.clients`` clients; latencies, wrong answers and memory samples."""
     todo = iter(range(args.requests))
     latencies: list[float] = []
-    wrong: list[int] = []
+    wrong: list[int] = []  # answered, but not with translate.py's lines
+    failed: list[int] = []  # an error, or not one translation per line
     memory: list[float] = []  # after each tenth of the requests
     tenth = max(1, args.requests // 10)
 
@@ -87,7 +90,9 @@ async def load(
                 started = time.perf_counter()
                 answer = await http.post("/translate", json={"src": [lines[row] for row in rows]})
                 latencies.append(time.perf_counter() - started)
-                if answer.status_code != 200 or answer.json()["tgt"] != [expected[row] for row in rows]:
+                if answer.status_code != 200 or len(answer.json()["tgt"]) != len(rows):
+                    failed.append(request)
+                elif answer.json()["tgt"] != [expected[row] for row in rows]:
                     wrong.append(request)
                 if len(latencies) % tenth == 0:
                     memory.append(megabytes(server))
@@ -98,6 +103,7 @@ async def load(
         "seconds": time.perf_counter() - started,
         "latencies": latencies,
         "wrong": wrong,
+        "failed": failed,
         "memory": memory,
     }
 
@@ -141,13 +147,15 @@ def main() -> None:
         f"server memory (RSS, MB): {started_mb:.0f} after start-up; after each tenth of the requests:"
         f" {tenths}"
     )
-    print(
-        f"answers: {len(latencies) - len(result['wrong'])} of {args.requests} equal to translate.py's lines"
-    )
-    if result["wrong"]:
-        sys.exit(
-            f"{len(result['wrong'])} answers differ from translate.py's, e.g. request {result['wrong'][0]}"
-        )
+    wrong, failed = result["wrong"], result["failed"]
+    equal = len(latencies) - len(wrong) - len(failed)
+    print(f"answers: {equal} of {args.requests} equal to translate.py's lines, {len(failed)} failed")
+    if wrong:
+        # In bf16 or int8 a line's translation can follow the lines decoded with it (docs/translating.md);
+        # precision=fp32 quantize=none makes this check exact.
+        print(f"{len(wrong)} answers differ from translate.py's, e.g. request {wrong[0]}")
+    if failed:
+        sys.exit(f"{len(failed)} requests failed or lost lines, e.g. request {failed[0]}")
 
 
 if __name__ == "__main__":
