@@ -99,3 +99,31 @@ def test_one_position_at_a_time_as_search_runs_matches_teacher_forcing(attention
     expected = (outputs, weights, final.hidden, final.cell, final.feed)
     got = (torch.cat(steps, dim=1), torch.cat(step_weights, dim=1), state.hidden, state.cell, state.feed)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_a_search_step_written_out_matches_nn_lstm_and_the_next_search_takes_changed_weights(num_layers):
+    """At inference one position runs as cells with the weights prepared as the search starts
+    (InferenceStep): the same output and states as nn.LSTM, and after the weights change (a training
+    step between two validations) the next search's."""
+    torch.manual_seed(0)
+    decoder = Decoder(30, 8, 16, num_layers).eval()
+    hidden, cell = torch.randn(num_layers, 3, 16), torch.randn(num_layers, 3, 16)
+    tokens = torch.randint(4, 30, (3, 1))
+    encoded = EncoderOutput(torch.zeros(3, 2, 16), hidden, cell, torch.ones(3, 2, dtype=torch.bool))
+
+    def search_step():
+        with torch.no_grad():
+            outputs, final, _ = decoder(tokens, decoder.init_state(hidden, cell, encoded))
+            expected, (expected_hidden, expected_cell) = decoder.rnn(
+                decoder.embedding(tokens), (hidden, cell)
+            )
+        torch.testing.assert_close(
+            (outputs, final.hidden, final.cell), (expected, expected_hidden, expected_cell)
+        )
+        return outputs
+
+    before = search_step()
+    with torch.no_grad():
+        decoder.rnn.weight_hh_l0.mul_(0.5)
+    assert not torch.allclose(search_step(), before)

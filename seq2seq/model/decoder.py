@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from seq2seq.errors import UserError
 from seq2seq.model.attention import Attention
 from seq2seq.model.encoder import EncoderOutput
-from seq2seq.model.recurrence import LoopOperand
+from seq2seq.model.recurrence import InferenceStep, LoopOperand, lstm_cell
 from seq2seq.tokenization import PAD_ID
 
 
@@ -122,11 +122,15 @@ class Decoder(nn.Module):
             self.attention = Attention(attention, hidden_size, memory_size)
             self.combine = nn.Linear(hidden_size + memory_size, hidden_size, bias=False)
         self.output = nn.Linear(hidden_size, vocab_size)
+        self._inference_step = InferenceStep(self.rnn)  # prepared as each search starts (init_state)
         if tie_embeddings:
             self.output.weight = self.embedding.weight
 
     def init_state(self, hidden: Tensor, cell: Tensor, encoded: EncoderOutput) -> DecoderState:
         """The state before the first target token: (hidden, cell) and, with attention, the memory."""
+        if self._searching():  # a search starts: the weights its steps use
+            self._inference_step = InferenceStep(self.rnn)
+            self._inference_step.prepare(hidden)
         if self.attention is None:
             return DecoderState(hidden, cell)
         memory = encoded.outputs
@@ -143,9 +147,12 @@ class Decoder(nn.Module):
         embedded = self.dropout(self.embedding(tgt_in))  # (B, T, E)
         if self.input_feeding and tgt_in.size(1) > 1:
             return self._input_feeding(embedded, state)
-        if self.input_feeding:  # one position (a search step): the LSTM's own kernel, nothing to share
+        if self.input_feeding:  # one position (a search step): nothing to share over positions
             embedded = torch.cat([embedded, state.feed.unsqueeze(1)], dim=-1)
-        outputs, (hidden, cell) = self.rnn(embedded, (state.hidden, state.cell))
+        if tgt_in.size(1) == 1 and self._searching():  # oneDNN would lay its weights out at each step
+            outputs, hidden, cell = self._inference_step(embedded, state.hidden, state.cell)
+        else:
+            outputs, (hidden, cell) = self.rnn(embedded, (state.hidden, state.cell))
         state = replace(state, hidden=hidden, cell=cell)
         if self.attention is None:
             return self.dropout(outputs), state, None
@@ -153,6 +160,10 @@ class Decoder(nn.Module):
         if self.input_feeding:
             state = replace(state, feed=attentional.squeeze(1))
         return self.dropout(attentional), state, weights
+
+    def _searching(self) -> bool:
+        """Inference with a float LSTM (not int8's): one position at a time runs as :class:`InferenceStep`."""
+        return not (torch.is_grad_enabled() or self.training) and isinstance(self.rnn, nn.LSTM)
 
     def _input_feeding(self, embedded: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState, Tensor]:
         """Teacher forcing with input feeding: the LSTM runs one position at a time, its cells written out
@@ -186,9 +197,7 @@ class Decoder(nn.Module):
             for layer, (weight, bias) in enumerate(zip(recurrent, biases, strict=True)):
                 gates = weight.product(torch.cat([layer_input, hidden[layer]], dim=1))
                 gates = gates + (step_gates if bias is None else bias)
-                in_gate, forget_gate, cell_input, out_gate = gates.chunk(4, dim=1)
-                cell[layer] = forget_gate.sigmoid() * cell[layer] + in_gate.sigmoid() * cell_input.tanh()
-                hidden[layer] = out_gate.sigmoid() * cell[layer].tanh()
+                hidden[layer], cell[layer] = lstm_cell(gates, cell[layer])
                 layer_input = hidden[layer]
                 if layer < rnn.num_layers - 1 and rnn.dropout and self.training:  # as nn.LSTM, between layers
                     layer_input = torch.nn.functional.dropout(layer_input, rnn.dropout, training=True)

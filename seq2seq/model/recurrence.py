@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class LoopOperand:
@@ -79,3 +79,55 @@ class _StepProduct(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         ctx.loop.output_grads[ctx.step] = grad
         return grad @ ctx.loop.transposed, None, None
+
+
+def lstm_cell(gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
+    """One LSTM cell update: gates (B, 4H) before their activations, in PyTorch's order i, f, g, o, and
+    the previous cell (B, H) -> the new hidden state and cell, (B, H) each."""
+    in_gate, forget_gate, cell_input, out_gate = gates.chunk(4, dim=1)
+    cell = forget_gate.sigmoid() * cell + in_gate.sigmoid() * cell_input.tanh()
+    return out_gate.sigmoid() * cell.tanh(), cell
+
+
+class InferenceStep:
+    """``nn.LSTM`` over one position at inference (a search step), its cells written out.
+
+    oneDNN's LSTM casts (under autocast) and lays out its weights again at every call, most of a bf16
+    search step's time; here each layer's [W_ih; W_hh] and summed biases are prepared once per search,
+    in the compute dtype (:meth:`prepare`, which the decoder calls as a search starts).
+    """
+
+    def __init__(self, rnn: nn.LSTM) -> None:
+        self.rnn = rnn
+        self.dtype: torch.dtype | None = None
+        self.layers: list[tuple[Tensor, Tensor]] = []
+
+    def prepare(self, state: Tensor) -> None:
+        """Take the weights as they are now, in the dtype that steps on ``state`` compute in."""
+        device = state.device.type
+        self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else state.dtype
+        rnn = self.rnn
+        self.layers = []
+        for layer in range(rnn.num_layers):
+            weights = [getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")]
+            bias = getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}")
+            self.layers.append(
+                (torch.cat(weights, dim=1).t().to(self.dtype).contiguous(), bias.to(self.dtype))
+            )
+
+    def __call__(self, inputs: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """inputs: (B, 1, input_size); hidden, cell: (layers, B, H) -> the output (B, 1, H) and the new
+        hidden and cell states, as ``nn.LSTM`` in eval mode returns them."""
+        device = inputs.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        if dtype != self.dtype:  # not prepared for this search's precision
+            self.prepare(hidden)
+        layer_input, hiddens, cells = inputs.squeeze(1).to(dtype), [], []
+        for (weight, bias), layer_hidden, layer_cell in zip(
+            self.layers, hidden.to(dtype), cell.to(dtype), strict=True
+        ):
+            gates = torch.addmm(bias, torch.cat([layer_input, layer_hidden], dim=1), weight)
+            layer_input, layer_cell = lstm_cell(gates, layer_cell)
+            hiddens.append(layer_input)
+            cells.append(layer_cell)
+        return layer_input.unsqueeze(1), torch.stack(hiddens), torch.stack(cells)
