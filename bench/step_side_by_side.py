@@ -58,7 +58,7 @@ def first_batches(datamodule: Any, count: int) -> list:
 
 
 def new_module(cfg: Any, datamodule: Any) -> Any:
-    """The model to train, from seed 0, in training mode."""
+    """The model to train, from seed 0, in training mode, with the data's tokenizer."""
     import torch
     from hydra.utils import instantiate
 
@@ -70,6 +70,7 @@ def new_module(cfg: Any, datamodule: Any) -> Any:
         tgt_vocab_size=tokenizer.tgt_vocab_size,
         _convert_="all",
     )
+    module.tokenizer = tokenizer
     return module.train()
 
 

@@ -28,13 +28,13 @@ import torch
 from flops import peak_flops
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from step_side_by_side import new_module
 from torch.utils.data import DataLoader
 
 from seq2seq.data.collate import Batch
 from seq2seq.data.datamodule import TranslationDataModule
 from seq2seq.data.sampler import padding_efficiency
 from seq2seq.flops import training_flops
-from seq2seq.module import TranslationModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,19 +83,6 @@ def build(model_name: str, overrides: list[str]) -> tuple[TranslationDataModule,
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     return datamodule, cfg, float(cfg.trainer.gradient_clip_val)
-
-
-def new_module(cfg, datamodule: TranslationDataModule) -> TranslationModule:
-    torch.manual_seed(0)
-    tokenizer = datamodule.tokenizer
-    module = instantiate(
-        cfg.module,
-        src_vocab_size=tokenizer.src_vocab_size,
-        tgt_vocab_size=tokenizer.tgt_vocab_size,
-        _convert_="all",
-    )
-    module.tokenizer = tokenizer
-    return module
 
 
 def accelerator(device: torch.device) -> tuple[str, list[int] | int]:
