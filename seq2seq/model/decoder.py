@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from seq2seq.errors import UserError
 from seq2seq.model.attention import Attention
 from seq2seq.model.encoder import EncoderOutput
-from seq2seq.model.recurrence import InferenceStep, LoopOperand, lstm_cell
+from seq2seq.model.recurrence import InferenceStep, LoopOperand, layer_weights, lstm_cell
 from seq2seq.tokenization import PAD_ID
 
 
@@ -122,15 +122,14 @@ class Decoder(nn.Module):
             self.attention = Attention(attention, hidden_size, memory_size)
             self.combine = nn.Linear(hidden_size + memory_size, hidden_size, bias=False)
         self.output = nn.Linear(hidden_size, vocab_size)
-        self._inference_step = InferenceStep(self.rnn)  # prepared as each search starts (init_state)
+        self._inference_step = InferenceStep()  # prepared as each search starts (init_state)
         if tie_embeddings:
             self.output.weight = self.embedding.weight
 
     def init_state(self, hidden: Tensor, cell: Tensor, encoded: EncoderOutput) -> DecoderState:
         """The state before the first target token: (hidden, cell) and, with attention, the memory."""
         if self._searching():  # a search starts: the weights its steps use
-            self._inference_step = InferenceStep(self.rnn)
-            self._inference_step.prepare(hidden)
+            self._inference_step.prepare(self.rnn, hidden)
         if self.attention is None:
             return DecoderState(hidden, cell)
         memory = encoded.outputs
@@ -150,7 +149,7 @@ class Decoder(nn.Module):
         if self.input_feeding:  # one position (a search step): nothing to share over positions
             embedded = torch.cat([embedded, state.feed.unsqueeze(1)], dim=-1)
         if tgt_in.size(1) == 1 and self._searching():  # oneDNN would lay its weights out at each step
-            outputs, hidden, cell = self._inference_step(embedded, state.hidden, state.cell)
+            outputs, hidden, cell = self._inference_step(self.rnn, embedded, state.hidden, state.cell)
         else:
             outputs, (hidden, cell) = self.rnn(embedded, (state.hidden, state.cell))
         state = replace(state, hidden=hidden, cell=cell)
@@ -176,17 +175,15 @@ class Decoder(nn.Module):
         """
         rnn, embed_size = self.rnn, self.embedding.embedding_dim
         # layer 0's input is [embedding; feed]: the embedding's product for all positions at once
-        first = rnn.weight_ih_l0
-        gates_in = torch.nn.functional.linear(
-            embedded, first[:, :embed_size], rnn.bias_ih_l0 + rnn.bias_hh_l0
-        )
+        first, first_bias = layer_weights(rnn, 0)  # (4H, E + H + H)
+        gates_in = torch.nn.functional.linear(embedded, first[:, :embed_size], first_bias)
         # per layer, the weight of [its input this step; its own previous output] and the summed biases
-        recurrent = [LoopOperand(torch.cat([first[:, embed_size:], rnn.weight_hh_l0], dim=1).t())]
+        recurrent = [LoopOperand(first[:, embed_size:].t())]
         biases: list[Tensor | None] = [None]
         for layer in range(1, rnn.num_layers):
-            weights = [getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")]
-            recurrent.append(LoopOperand(torch.cat(weights, dim=1).t()))
-            biases.append(getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}"))
+            weight, bias = layer_weights(rnn, layer)
+            recurrent.append(LoopOperand(weight.t()))
+            biases.append(bias)
         combine = LoopOperand(self.combine.weight.t())
         attend = self.attention.loop(state.keys, state.memory, state.mask)
         hidden, cell = list(state.hidden.unbind(0)), list(state.cell.unbind(0))  # per layer (B, H)

@@ -25,8 +25,7 @@ class LoopOperand:
     """
 
     def __init__(self, operand: Tensor) -> None:
-        device = operand.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else operand.dtype
+        dtype = compute_dtype(operand)
         self.record = torch.is_grad_enabled() and operand.requires_grad
         self.inputs: list[Tensor] = []
         self.output_grads: dict[int, Tensor] = {}
@@ -81,6 +80,20 @@ class _StepProduct(torch.autograd.Function):
         return grad @ ctx.loop.transposed, None, None
 
 
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype that products on ``tensor`` compute in: autocast's where it is on for the tensor's
+    device, else the tensor's own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+def layer_weights(rnn: nn.LSTM, layer: int) -> tuple[Tensor, Tensor]:
+    """Layer ``layer`` of ``rnn`` as one product: [W_ih, W_hh] side by side, (4H, input_size + H), which
+    multiplies [the layer's input; its previous output], and the two biases summed, (4H,)."""
+    weights = [getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")]
+    return torch.cat(weights, dim=1), getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}")
+
+
 def lstm_cell(gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
     """One LSTM cell update: gates (B, 4H) before their activations, in PyTorch's order i, f, g, o, and
     the previous cell (B, H) -> the new hidden state and cell, (B, H) each."""
@@ -93,35 +106,30 @@ class InferenceStep:
     """``nn.LSTM`` over one position at inference (a search step), its cells written out.
 
     oneDNN's LSTM casts (under autocast) and lays out its weights again at every call, most of a bf16
-    search step's time; here each layer's [W_ih; W_hh] and summed biases are prepared once per search,
+    search step's time; here each layer's weights (:func:`layer_weights`) are prepared once per search,
     in the compute dtype (:meth:`prepare`, which the decoder calls as a search starts).
     """
 
-    def __init__(self, rnn: nn.LSTM) -> None:
-        self.rnn = rnn
+    def __init__(self) -> None:
         self.dtype: torch.dtype | None = None
         self.layers: list[tuple[Tensor, Tensor]] = []
 
-    def prepare(self, state: Tensor) -> None:
-        """Take the weights as they are now, in the dtype that steps on ``state`` compute in."""
-        device = state.device.type
-        self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else state.dtype
-        rnn = self.rnn
+    def prepare(self, rnn: nn.LSTM, state: Tensor) -> None:
+        """Take ``rnn``'s weights as they are now, in the dtype that steps on ``state`` compute in."""
+        self.dtype = compute_dtype(state)
         self.layers = []
         for layer in range(rnn.num_layers):
-            weights = [getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")]
-            bias = getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}")
-            self.layers.append(
-                (torch.cat(weights, dim=1).t().to(self.dtype).contiguous(), bias.to(self.dtype))
-            )
+            weight, bias = layer_weights(rnn, layer)
+            self.layers.append((weight.t().to(self.dtype).contiguous(), bias.to(self.dtype)))
 
-    def __call__(self, inputs: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """inputs: (B, 1, input_size); hidden, cell: (layers, B, H) -> the output (B, 1, H) and the new
-        hidden and cell states, as ``nn.LSTM`` in eval mode returns them."""
-        device = inputs.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    def __call__(
+        self, rnn: nn.LSTM, inputs: Tensor, hidden: Tensor, cell: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``rnn`` over inputs: (B, 1, input_size); hidden, cell: (layers, B, H) -> the output (B, 1, H) and
+        the new hidden and cell states, as ``nn.LSTM`` in eval mode returns them."""
+        dtype = compute_dtype(hidden)
         if dtype != self.dtype:  # not prepared for this search's precision
-            self.prepare(hidden)
+            self.prepare(rnn, hidden)
         layer_input, hiddens, cells = inputs.squeeze(1).to(dtype), [], []
         for (weight, bias), layer_hidden, layer_cell in zip(
             self.layers, hidden.to(dtype), cell.to(dtype), strict=True
