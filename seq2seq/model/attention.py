@@ -46,13 +46,15 @@ class Attention(nn.Module):
         which sum to 1 over the real source positions.
         """
         if self.kind == "bahdanau":
-            # (B, T, 1, A) + (B, 1, S, A) -> (B, T, S)
-            hidden = torch.tanh(self.query_layer(queries).unsqueeze(2) + keys.unsqueeze(1))
-            scores = self.energy(hidden).squeeze(-1)
+            scores = self.additive_scores(self.query_layer(queries), keys)
         else:
             scores = queries @ keys.transpose(1, 2)  # (B, T, S)
-        weights = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        weights = masked_softmax(scores, mask)
         return weights @ memory, weights
+
+    def additive_scores(self, projected: Tensor, keys: Tensor) -> Tensor:
+        """Bahdanau's v^T tanh(W_q q + W_k k): projected queries (B, T, A), keys (B, S, A) -> (B, T, S)."""
+        return self.energy(torch.tanh(projected.unsqueeze(2) + keys.unsqueeze(1))).squeeze(-1)
 
     def loop(self, keys: Tensor, memory: Tensor, mask: Tensor) -> AttentionLoop:
         """This attention for a decoder that queries one position at a time (input feeding); arguments
@@ -66,20 +68,24 @@ class AttentionLoop:
     so that their gradients are one product over all steps rather than a sum of T."""
 
     def __init__(self, attention: Attention, keys: Tensor, memory: Tensor, mask: Tensor) -> None:
+        self.attention = attention
         self.memory = LoopOperand(memory)  # (B, S, M)
         self.mask = mask  # (B, S)
         if attention.kind == "bahdanau":
-            self.query = LoopOperand(attention.query_layer.weight.t())  # (Q, A)
-            self.keys, self.energy = keys, attention.energy
+            self.query, self.keys = LoopOperand(attention.query_layer.weight.t()), keys  # (Q, A), (B, S, A)
         else:
             self.query, self.keys = None, LoopOperand(keys.transpose(1, 2))  # (B, Q, S)
 
     def step(self, query: Tensor) -> tuple[Tensor, Tensor]:
         """query: (B, Q) -> the context (B, M) and the weights (B, S)."""
         if self.query is not None:
-            hidden = torch.tanh(self.query.product(query).unsqueeze(1) + self.keys)  # (B, S, A)
-            scores = self.energy(hidden).squeeze(-1)
+            scores = self.attention.additive_scores(self.query.product(query).unsqueeze(1), self.keys)
         else:
-            scores = self.keys.product(query.unsqueeze(1)).squeeze(1)  # (B, 1, Q) @ (B, Q, S)
-        weights = scores.masked_fill(~self.mask, float("-inf")).softmax(dim=-1)  # (B, S)
-        return self.memory.product(weights.unsqueeze(1)).squeeze(1), weights
+            scores = self.keys.product(query.unsqueeze(1))  # (B, 1, Q) @ (B, Q, S)
+        weights = masked_softmax(scores, self.mask)  # (B, 1, S)
+        return self.memory.product(weights).squeeze(1), weights.squeeze(1)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """scores: (B, T, S), mask: (B, S) True at real source tokens -> weights summing to 1 over those."""
+    return scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(dim=-1)
