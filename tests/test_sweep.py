@@ -139,6 +139,7 @@ def test_pruning_on_seconds_without_a_time_budget_is_a_one_line_error(tmp_path):
     "search_name, pruner_overrides",
     [
         ("bible_recipe_halving", ["hydra.sweeper.pruner.min_resource=1"]),
+        ("attn_recipe_halving", ["hydra.sweeper.pruner.min_resource=1"]),
         (
             "bible_recipe_hyperband",
             ["hydra.sweeper.pruner.min_resource=1", "hydra.sweeper.pruner.max_resource=300"],
@@ -146,7 +147,7 @@ def test_pruning_on_seconds_without_a_time_budget_is_a_one_line_error(tmp_path):
     ],
 )
 def test_the_pruned_recipe_searches_report_training_seconds(tmp_path, search_name, pruner_overrides):
-    """conf/hparams_search/bible_recipe_{halving,hyperband}.yaml, shrunk to the toy task: their trials
+    """conf/hparams_search/{bible,attn}_recipe_halving.yaml and bible_recipe_hyperband.yaml, shrunk to the toy task: their trials
     report where they are in seconds of training (hydra.sweeper.prune_on=seconds), so the pruner's rungs
     compare them at equal time; result.json still lists the validations by step."""
     pytest.importorskip("optuna")
