@@ -2,6 +2,12 @@
 831,654 pairs) against bilingual models of the same size and budget, on this machine.
 
     python bench/many_to_en.py --languages 5 --bilingual-run e=outputs/recipe_s4/e-k/default
+    python bench/many_to_en.py --languages 5 --override model.attention=bahdanau \
+        --many-override data.subword.vocab_size=8000 --bilingual-run e=sweeps/attn_recipe_halving/0
+
+``--override`` goes to every model trained here (a recipe: both kinds get it), ``--many-override`` to
+the many-to-English model alone (its joint vocabulary's size); their ``data.*`` keys also choose the
+prepared caches.
 
 1. Prepares the many-to-English data alone (sentencepiece on all 27 languages, then the ids), timed,
    with its peak memory (``/usr/bin/time``).
@@ -73,17 +79,23 @@ def prepare_command(overrides: list[str], log: Path) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def prepare(out: Path, languages: list[str]) -> dict:
+def data_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that choose the prepared data (``seq2seq.prepare`` knows no model keys)."""
+    return [override for override in overrides if override.startswith("data.")]
+
+
+def prepare(out: Path, languages: list[str], overrides: list[str], many_overrides: list[str]) -> dict:
     """The many-to-English cache, built alone and timed (reused when built before: then from its run);
     the bilingual ones too, so that no timed run builds one beside another."""
     for src in languages:
-        prepare_command([f"data.corpus.src_version={src}", f"data.corpus.tgt_version={TARGET}"],
-                        out / f"prepare-{src}-{TARGET}.log")  # fmt: skip
+        pair = [f"data.corpus.src_version={src}", f"data.corpus.tgt_version={TARGET}"]
+        prepare_command([*pair, *data_overrides(overrides)], out / f"prepare-{src}-{TARGET}.log")
     record = out / "prepare.json"
     if record.exists():
         return json.loads(record.read_text())
     start = time.perf_counter()
-    cache = Path(prepare_command(["experiment=bible_many_to_en"], out / "prepare.log"))
+    many = ["experiment=bible_many_to_en", *data_overrides([*overrides, *many_overrides])]
+    cache = Path(prepare_command(many, out / "prepare.log"))
     manifest = json.loads((cache / "manifest.json").read_text())
     fields = {
         "seconds": time.perf_counter() - start,
@@ -97,14 +109,17 @@ def prepare(out: Path, languages: list[str]) -> dict:
     return fields
 
 
-def train_side_by_side(out: Path, languages: list[str], minutes: float) -> None:
+def train_side_by_side(
+    out: Path, languages: list[str], minutes: float, overrides: list[str], many_overrides: list[str]
+) -> None:
     """The many-to-English model on core 0; the bilingual models one after another on core 1."""
     many = out / "many"
     many.mkdir(parents=True, exist_ok=True)
     jobs = []
     if not trained(many):
         # no test decoding in the run: this script scores both kinds of model on the same verses
-        command = timed_train_command(many, minutes, ["experiment=bible_many_to_en", "evaluate.test=false"])
+        many_run = ["experiment=bible_many_to_en", "evaluate.test=false", *overrides, *many_overrides]
+        command = timed_train_command(many, minutes, many_run)
         jobs.append((many, run_logged(command, many / "run.log", core=0)))
     for src in languages:
         folder = out / f"{src}-{TARGET}"
@@ -112,7 +127,8 @@ def train_side_by_side(out: Path, languages: list[str], minutes: float) -> None:
         if trained(folder):
             continue
         pair = [f"data.corpus.src_version={src}", f"data.corpus.tgt_version={TARGET}"]
-        process = run_logged(timed_train_command(folder, minutes, pair), folder / "run.log", core=1)
+        command = timed_train_command(folder, minutes, [*pair, *overrides])
+        process = run_logged(command, folder / "run.log", core=1)
         if process.wait() != 0:
             sys.exit(f"{folder}: training failed, see {folder / 'run.log'}")
     for folder, process in jobs:
@@ -185,6 +201,10 @@ def main() -> None:
         help="a bilingual X-k train.py run made earlier on this machine, side by side (repeatable)",
     )  # fmt: skip
     parser.add_argument("--minutes", type=float, default=28.0)
+    parser.add_argument("--override", action="append", default=[], help="for every model trained here")
+    parser.add_argument(
+        "--many-override", action="append", default=[], help="for the many-to-English model alone"
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/many_to_en"))
     parser.add_argument("--score-only", action="store_true", help="train nothing: score and report the runs")
     args = parser.parse_args()
@@ -198,8 +218,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     prep = json.loads((args.out / "prepare.json").read_text()) if args.score_only else None
     if not args.score_only:
-        prep = prepare(args.out, languages)
-        train_side_by_side(args.out, languages, args.minutes)
+        prep = prepare(args.out, languages, args.override, args.many_override)
+        train_side_by_side(args.out, languages, args.minutes, args.override, args.many_override)
     text = report(args.out, bilingual, prep)
     (args.out / "results.md").write_text(text + "\n")
     print(text)

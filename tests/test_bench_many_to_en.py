@@ -1,4 +1,5 @@
-"""bench/many_to_en.py: its runs resume, and it reads peak memory from /usr/bin/time's report."""
+"""bench/many_to_en.py: its runs resume, it reads peak memory from /usr/bin/time's report, and it prepares
+with a recipe's data keys."""
 
 import pytest
 
@@ -28,3 +29,9 @@ def test_peak_memory_is_read_from_the_time_report(many_to_en, tmp_path):
         "\tUser time (seconds): 2.0\n\tMaximum resident set size (kbytes): 1048576\n"  # resumed: appended
     )
     assert many_to_en.peak_memory_gib(report) == pytest.approx(3.0)
+
+
+def test_a_recipes_data_keys_choose_the_prepared_cache_and_its_model_keys_do_not(many_to_en):
+    """seq2seq.prepare has no model group: a recipe's model.* overrides would fail it."""
+    recipe = ["model.attention=bahdanau", "data.subword.vocab_size=8000", "module.optimizer.lr=0.003"]
+    assert many_to_en.data_overrides(recipe) == ["data.subword.vocab_size=8000"]
