@@ -147,9 +147,9 @@ def test_pruning_on_seconds_without_a_time_budget_is_a_one_line_error(tmp_path):
     ],
 )
 def test_the_pruned_recipe_searches_report_training_seconds(tmp_path, search_name, pruner_overrides):
-    """conf/hparams_search/{bible,attn}_recipe_halving.yaml and bible_recipe_hyperband.yaml, shrunk to the toy task: their trials
-    report where they are in seconds of training (hydra.sweeper.prune_on=seconds), so the pruner's rungs
-    compare them at equal time; result.json still lists the validations by step."""
+    """conf/hparams_search/{bible,attn}_recipe_halving.yaml and bible_recipe_hyperband.yaml, shrunk to the
+    toy task: their trials report where they are in seconds of training (hydra.sweeper.prune_on=seconds),
+    so the pruner's rungs compare them at equal time; result.json still lists the validations by step."""
     pytest.importorskip("optuna")
     # no baseline: the smoke experiment's tiny model is outside the search space
     search = [f"hparams_search={search_name}", "hydra.sweeper.n_trials=2", "hydra.sweeper.fixed_points=[]"]
