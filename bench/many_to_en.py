@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from runs import best_checkpoint, train_command, trained
+from runs import best_checkpoint, data_overrides, train_command, trained
 
 from seq2seq.data.corpora import BIBLE_LANGUAGES, load_bible
 from seq2seq.data.text import read_lines
@@ -79,17 +79,18 @@ def prepare_command(overrides: list[str], log: Path) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def data_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that choose the prepared data (``seq2seq.prepare`` knows no model keys)."""
-    return [override for override in overrides if override.startswith("data.")]
+def pair_overrides(src: str) -> list[str]:
+    """The Bible pair of the bilingual model from ``src`` into the target."""
+    return [f"data.corpus.src_version={src}", f"data.corpus.tgt_version={TARGET}"]
 
 
 def prepare(out: Path, languages: list[str], overrides: list[str], many_overrides: list[str]) -> dict:
     """The many-to-English cache, built alone and timed (reused when built before: then from its run);
     the bilingual ones too, so that no timed run builds one beside another."""
     for src in languages:
-        pair = [f"data.corpus.src_version={src}", f"data.corpus.tgt_version={TARGET}"]
-        prepare_command([*pair, *data_overrides(overrides)], out / f"prepare-{src}-{TARGET}.log")
+        prepare_command(
+            [*pair_overrides(src), *data_overrides(overrides)], out / f"prepare-{src}-{TARGET}.log"
+        )
     record = out / "prepare.json"
     if record.exists():
         return json.loads(record.read_text())
@@ -126,8 +127,7 @@ def train_side_by_side(
         folder.mkdir(parents=True, exist_ok=True)
         if trained(folder):
             continue
-        pair = [f"data.corpus.src_version={src}", f"data.corpus.tgt_version={TARGET}"]
-        command = timed_train_command(folder, minutes, [*pair, *overrides])
+        command = timed_train_command(folder, minutes, [*pair_overrides(src), *overrides])
         process = run_logged(command, folder / "run.log", core=1)
         if process.wait() != 0:
             sys.exit(f"{folder}: training failed, see {folder / 'run.log'}")

@@ -28,7 +28,7 @@ import sys
 import threading
 from pathlib import Path
 
-from runs import best_checkpoint, train_command, trained
+from runs import best_checkpoint, data_overrides, train_command, trained
 
 from seq2seq.data.corpora import BIBLE_LANGUAGES
 from seq2seq.data.text import read_lines
@@ -115,7 +115,7 @@ def data_choices(settings: list[str], overrides: list[str]) -> list[tuple[str, .
     subwords): one prepared cache each."""
     return sorted(
         {
-            tuple(o for o in [*overrides, *setting_overrides(setting)] if o.startswith("data."))
+            tuple(data_overrides([*overrides, *setting_overrides(setting)]))
             for setting in settings
             if setting != "plain_loop"
         }
@@ -255,10 +255,10 @@ def main() -> None:
     if not args.report:
         for pair in pairs:  # the prepared data first, so that no timed run builds it beside another's
             src, tgt = pair.split("-")
-            for data_overrides in data_choices(settings, args.override):
+            for data_choice in data_choices(settings, args.override):
                 subprocess.run(
                     [sys.executable, "-m", "seq2seq.prepare", f"data.corpus.src_version={src}",
-                     f"data.corpus.tgt_version={tgt}", *data_overrides],
+                     f"data.corpus.tgt_version={tgt}", *data_choice],
                     check=True, stdout=subprocess.DEVNULL,
                 )  # fmt: skip
         jobs: queue.Queue = queue.Queue()

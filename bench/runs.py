@@ -1,5 +1,6 @@
 """What the bench scripts that train with train.py share: a timed run in its own folder that resumes from
-its last.ckpt when started again, whether it has finished, and its best checkpoint."""
+its last.ckpt when started again, the overrides that choose its prepared data, whether it has finished,
+and its best checkpoint."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ def train_command(folder: Path, minutes: float, overrides: list[str]) -> list[st
         f"trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
         f"hydra.run.dir={folder}", *([f"ckpt_path={last}"] if last.exists() else []),
     ]  # fmt: skip
+
+
+def data_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that choose the prepared data (``seq2seq.prepare`` knows no model keys)."""
+    return [override for override in overrides if override.startswith("data.")]
 
 
 def trained(folder: Path) -> bool:
