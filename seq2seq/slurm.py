@@ -92,6 +92,8 @@ class SlurmRequeue:
             logger.save()
         older = hpc_checkpoints(self.run_dir)
         number = int(older[-1].stem.rsplit("_", 1)[1]) + 1 if older else 1
+        # The first process's number for all: a later one may already see the first's new file.
+        number = trainer.strategy.broadcast(number, src=0)
         path = self.run_dir / f"hpc_ckpt_{number}.ckpt"
         save_resume_checkpoint(trainer, path, "training goes on")
         log.info("Saved %s at step %d", path, trainer.global_step)

@@ -1,4 +1,5 @@
-"""Callbacks that tests add to real training runs through the config (``+callbacks.NAME._target_=...``).
+"""Callbacks (and a logger) that tests add to real training runs through the config
+(``+callbacks.NAME._target_=...``, ``+logger.NAME._target_=...``).
 
 ``python train.py`` runs from the repository root, so ``tests.fault_callbacks`` is importable there.
 """
@@ -18,6 +19,7 @@ import lightning as L
 import torch
 from hydra.experimental.callback import Callback
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 
@@ -356,3 +358,32 @@ class SignalAfterStep(L.Callback):
             return output
 
         optimization.run = run_then_signal
+
+
+class SlowToSaveLogs(Logger):
+    """A logger that logs nothing and takes ``seconds`` to save on the process of SLURM task ``rank``: that
+    task reaches what follows a save of the logs (as at a requeue signal's checkpoint) this much later
+    than the others."""
+
+    def __init__(self, rank: int, seconds: float) -> None:
+        super().__init__()
+        self.slow = int(os.environ.get("SLURM_PROCID", 0)) == rank
+        self.seconds = seconds
+
+    @property
+    def name(self) -> str:
+        return "slow_to_save"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def save(self) -> None:
+        if self.slow:
+            time.sleep(self.seconds)

@@ -200,12 +200,15 @@ def test_slurm_requeue_signal_saves_at_a_batch_start_and_resumes_exactly(tmp_pat
     tasks the signal goes to the second only (it reaches tasks at different moments of their steps):
     its save's barrier met the first's all-reduce and the job hung, no HPC checkpoint written. With 1,
     it comes right after a batch's optimizer step, before the batch is counted: the checkpoint counted
-    it as untrained, and the requeued job trained it again."""
+    it as untrained, and the requeued job trained it again. The second task saves its logs 2 s later than
+    the first: before, it then found the first's ``hpc_ckpt_1.ckpt`` already written and named its own
+    save ``hpc_ckpt_2.ckpt`` (each task numbered the checkpoint from the files it saw)."""
     job, requeues = slurm_job(tmp_path)
     every, ranks = 5, range(tasks)
     common = ["experiment=smoke", f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, *STOP_ONLY]
     common += ["trainer.max_steps=400", f"trainer.log_every_n_steps={every}", "evaluate.test=false"]
-    common += ["trainer=ddp_cpu"] if tasks == 2 else []
+    slow_second = ["+logger.slow._target_=tests.fault_callbacks.SlowToSaveLogs", "+logger.slow.rank=1"]
+    common += ["trainer=ddp_cpu", *slow_second, "+logger.slow.seconds=2"] if tasks == 2 else []
     run, out = tmp_path / "slurm-4242", tmp_path / "job"
     after_step = ["+callbacks.usr1._target_=tests.fault_callbacks.SignalAfterStep", "+callbacks.usr1.step=3"]
     started = start_tasks(
@@ -218,7 +221,7 @@ def test_slurm_requeue_signal_saves_at_a_batch_start_and_resumes_exactly(tmp_pat
     wait_for(lambda: all(said.search(output(out, rank)) for rank in ranks), "a save on every task", started)
     saved = [said.findall(output(out, rank)) for rank in ranks]
     step = int(saved[0][0][1])
-    assert all(found == [(str(hpc), str(step))] for found in saved)
+    assert all(found == [(str(hpc), str(step))] for found in saved), saved
     assert tasks == 1 or (step + 1) % every == 0  # agreed on before the batch of a logging step
     assert checkpoint_state(hpc)[0] == step
     wait_for(lambda: last_step(out) >= step + 3, "training going on", started)

@@ -3,6 +3,8 @@ and of a time budget, in real training runs, and across a resume."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -98,12 +100,24 @@ def expected_linear(used: float, warmup_end: float) -> float:
     return PEAK * (1 - min(max((used - warmup_end) / (1 - warmup_end), 0.0), 1.0))
 
 
+def assert_on_the_linear_curve(records: list[dict], warmup_end: float) -> None:
+    """Each record's rate was set from the budget share its scheduler read, between the share read with
+    the record before and its own: on the linear curve between those two shares (however slow the
+    machine, and the last rate is not exactly zero when the time limit passes just after that read)."""
+    for before, record in itertools.pairwise(records):
+        highest, lowest = (expected_linear(r["used"], warmup_end) for r in (before, record))
+        assert lowest - 1e-12 <= record["lr"] <= highest + 1e-12, (before, record)
+
+
 @pytest.mark.slow
 def test_a_time_budget_decays_with_the_time_used_and_a_resumed_run_continues_the_curve(
     compose_config, tmp_path
 ):
-    """Checked against the budget share read right after each scheduler step, so it holds however fast
-    the machine is (the exact 50 % point is in the test with a given clock above)."""
+    """Checked against the budget shares read just before and just after each scheduler step, so it holds
+    however fast or loaded the machine is (the exact 50 % point is in the test with a given clock above).
+    Before, the rate was compared with the share read after the step within 0.1 % of the budget, and a
+    CI run under load failed there: the time limit passed between the scheduler's read and the record's,
+    the last rate 2e-7, not 0."""
     budget = [
         "module.scheduler.name=linear", "module.scheduler.warmup_steps=5", "trainer.max_steps=-1",
         "trainer.max_time='00:00:00:20'", "trainer.val_check_interval=10",
@@ -116,15 +130,13 @@ def test_a_time_budget_decays_with_the_time_used_and_a_resumed_run_continues_the
     assert 0 < warmup_end < first[-1]["used"]
     assert [r["lr"] for r in first[:5]] == pytest.approx([PEAK * s / 5 for s in range(1, 6)])
     assert first[4]["lr"] == PEAK  # the decay starts from the peak
-    for r in first[5:]:
-        assert r["lr"] == pytest.approx(expected_linear(r["used"], warmup_end), abs=PEAK * 1e-3)
+    assert_on_the_linear_curve(first[4:], warmup_end)
 
     resumed = run(compose_config, tmp_path, "resumed", *budget, f"ckpt_path={last}")
     # The time already used is in the checkpoint: the curve goes on from it, down to zero.
     assert resumed[0]["lr"] == first[-1]["lr"] and resumed[1]["lr"] < first[-1]["lr"]
-    for r in resumed[1:]:
-        assert r["lr"] == pytest.approx(expected_linear(r["used"], warmup_end), abs=PEAK * 1e-3)
-    assert resumed[-1]["used"] >= 1.0 and resumed[-1]["lr"] == 0.0
+    assert_on_the_linear_curve(resumed, warmup_end)
+    assert resumed[-1]["used"] >= 1.0 and resumed[-1]["lr"] < PEAK * 1e-3
 
 
 def resumed(saved: BudgetDecay, max_steps: int | None, seconds: float | None, elapsed=None) -> BudgetDecay:
