@@ -352,6 +352,7 @@ def test_the_command_answers_help_and_mistakes_in_one_line(served_checkpoint, tm
         "ckpt=missing.ckpt": "Checkpoint not found: missing.ckpt",
         f"ckpt={served_checkpoint} +beems=3": "unknown option beems; did you mean beam?",
         f"ckpt={served_checkpoint} port=70000": "port must be an integer from 0 to 65535",
+        f"ckpt={served_checkpoint} round_batches=0": "round_batches must be an integer of at least 1, got 0",
         f"ckpt={served_checkpoint} beam=0": "beam must be an integer of at least 1",
         f"ckpt={served_checkpoint} api_keys_file={keys}": "holds no key",
         f"ckpt={served_checkpoint} max_output_len=20": "this server allows at most 20 (max_output_len)",

@@ -36,6 +36,8 @@ def check_options(cfg: DictConfig) -> list[str]:
     for name in ("batch_window_ms", "shutdown_timeout"):
         if not (is_number(cfg[name]) and 0 <= cfg[name] < math.inf):
             raise UserError(f"{name} must be a number >= 0, got {cfg[name]!r}")
+    if not (is_int(cfg.round_batches) and cfg.round_batches >= 1):
+        raise UserError(f"round_batches must be an integer of at least 1, got {cfg.round_batches!r}")
     origins = OmegaConf.to_container(cfg.cors_origins) if OmegaConf.is_list(cfg.cors_origins) else None
     if origins is None or not all(isinstance(o, str) for o in origins):
         raise UserError(f"cors_origins must be a list of origins, e.g. ['*'], got {cfg.cors_origins!r}")
@@ -72,6 +74,7 @@ def main(cfg: DictConfig) -> None:
         raise UserError(
             f"the server needs the serve extra ({err.name} is missing): pip install -e '.[serve]'"
         ) from None
+    from seq2seq.serve.batching import decoding_thread
     from seq2seq.serve.protocol import Limits, RequestError
     from seq2seq.serve.service import TranslationService
     from seq2seq.translator import Translator
@@ -81,14 +84,22 @@ def main(cfg: DictConfig) -> None:
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    translator = Translator.from_checkpoints(paths, device, cfg.precision)
+    thread = decoding_thread()  # loads and decodes: the process's one thread that runs torch
+    translator = thread.submit(Translator.from_checkpoints, paths, device, cfg.precision).result()
     limits = Limits.from_config(cfg, translator.max_src_len)
     try:
         limits.check_settings(defaults)
     except RequestError as err:  # the server's own settings break its own limits
         raise UserError(f"the decoding options: {err.message}") from None
     service = TranslationService(
-        paths, translator, defaults, limits, cfg.batch_window_ms / 1000, (cfg.source_lang, cfg.target_lang)
+        paths,
+        translator,
+        defaults,
+        limits,
+        window=cfg.batch_window_ms / 1000,
+        round_batches=cfg.round_batches,
+        thread=thread,
+        languages=(cfg.source_lang, cfg.target_lang),
     )
     source, target = service.languages
     log.info(

@@ -1,5 +1,5 @@
 """Requests that arrive together are decoded together: one asyncio task drains a queue of requests in
-rounds, each round one call of the decoder in a worker thread (so the event loop keeps accepting;
+rounds, each round one call of the decoder in the decoding thread (so the event loop keeps accepting;
 torch releases the GIL in its kernels).
 
 A round waits a short window after the first request of an idle spell, then takes lines from the
@@ -28,6 +28,20 @@ T = TypeVar("T")
 Decode = Callable[[list[str], DecodingSettings, list[bool]], list[T]]
 
 
+def decoding_thread() -> ThreadPoolExecutor:
+    """The one thread that runs the server's torch operations, the model's loading included.
+
+    Each thread that runs a parallel torch operation gets an OpenMP team of its own. With a second team
+    (the model loaded on the main thread, decoded on another) a process has more OpenMP threads than
+    cores, and libgomp then spins 100 times instead of 300,000 before a waiting thread sleeps
+    (``GOMP_SPINCOUNT``): every operation of a beam step waits for its threads to wake. Decoding ran at
+    1.1 cores and about half the speed (120-146 against 229-267 test verses a second on 2 cores). One
+    thread also keeps torch's per-thread state and the allocator's arena to one (a pool's threads each
+    grew the server's memory).
+    """
+    return ThreadPoolExecutor(1, thread_name_prefix="decoding")
+
+
 @dataclass(eq=False)
 class _Waiting(Generic[T]):
     """A request in the queue: its lines, their costs in source tokens, and how far it has got."""
@@ -44,9 +58,10 @@ class _Waiting(Generic[T]):
 class Batcher(Generic[T]):
     """The queue and its one decoding task.
 
-    ``decode`` translates lines (in a worker thread); ``costs(lines)`` gives each line's cost in source
-    tokens; ``round_tokens(settings)`` is a round's budget of them; ``window`` (seconds) is how long the
-    first request of an idle spell waits for others.
+    ``decode`` translates lines (in ``thread``, the :func:`decoding_thread` the model was loaded in,
+    shut down when the batcher stops); ``costs(lines)`` gives each line's cost in source tokens;
+    ``round_tokens(settings)`` is a round's budget of them; ``window`` (seconds) is how long the first
+    request of an idle spell waits for others.
     """
 
     def __init__(
@@ -55,6 +70,7 @@ class Batcher(Generic[T]):
         costs: Callable[[Sequence[str]], list[int]],
         round_tokens: Callable[[DecodingSettings], int],
         window: float,
+        thread: ThreadPoolExecutor,
     ) -> None:
         self._decode = decode
         self._costs = costs
@@ -63,9 +79,7 @@ class Batcher(Generic[T]):
         self._waiting: list[_Waiting[T]] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # One worker thread for every round: torch's per-thread state and the allocator's arena are
-        # made once (a pool of threads grows the server's memory with each thread that decodes).
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="decoding")
+        self._thread = thread
         self.rounds = 0  # decoder calls so far
         self.lines = 0  # lines decoded so far
 

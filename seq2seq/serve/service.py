@@ -8,6 +8,7 @@ line's answer is what translate.py writes for it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,9 @@ class Translation:
 
 
 class TranslationService:
-    """The translator, the server's decoding defaults and limits, and the batcher in front of them."""
+    """The translator, the server's decoding defaults and limits, and the batcher in front of them;
+    ``thread`` is the :func:`~seq2seq.serve.batching.decoding_thread` that loaded the translator, and a
+    round decodes up to ``round_batches`` translator batches."""
 
     def __init__(
         self,
@@ -50,9 +53,13 @@ class TranslationService:
         defaults: DecodingSettings,
         limits: Limits,
         window: float,
+        round_batches: int,
+        thread: ThreadPoolExecutor,
         languages: tuple[str | None, str | None] = (None, None),
     ) -> None:
         self.translator = translator
+        self.round_batches = round_batches
+        self.thread = thread
         self.defaults = defaults
         self.limits = limits
         self.window = window
@@ -63,7 +70,7 @@ class TranslationService:
 
     def start(self) -> None:
         """Start the decoding task (in the server's event loop)."""
-        self.batcher = Batcher(self.decode, self.costs, self.round_tokens, self.window)
+        self.batcher = Batcher(self.decode, self.costs, self.round_tokens, self.window, self.thread)
         self.batcher.start()
 
     async def stop(self) -> None:
@@ -87,7 +94,7 @@ class TranslationService:
     def decode(
         self, lines: list[str], settings: DecodingSettings, attention: list[bool]
     ) -> list[Translation]:
-        """Translate ``lines`` as translate.py does (in the batcher's worker thread); the attention of
+        """Translate ``lines`` as translate.py does (in the decoding thread); the attention of
         the lines flagged in ``attention``."""
         results = self.translator.translate_nbest(lines, settings)
         return [
@@ -104,5 +111,8 @@ class TranslationService:
         return [max(1, min(len(seq), self.translator.max_src_len)) for seq in ids]
 
     def round_tokens(self, settings: DecodingSettings) -> int:
-        """A round's budget: one batch of the translator (its source tokens shrink with the beam)."""
-        return max(settings.batch_tokens // settings.beam, self.translator.max_src_len)
+        """A round's budget: ``round_batches`` batches of the translator (their source tokens shrink with
+        the beam). The translator sorts a round's lines by length into its batches: with one batch's
+        worth a round of mixed lengths made one full batch and a small one, which costs nearly as much."""
+        batch = max(settings.batch_tokens // settings.beam, self.translator.max_src_len)
+        return self.round_batches * batch
