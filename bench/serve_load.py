@@ -12,8 +12,9 @@ requests of ``--lines-per-request`` consecutive lines each, going round the line
 checked against translate.py's lines: nothing lost, nothing reordered (with ``precision=fp32
 quantize=none`` exactly; in bf16 or int8 a line's translation can follow the lines decoded with it,
 in translate.py as in the server, and the answers that differ are counted). Prints sentences/s, latency
-(p50, p99), the server's resident memory after start-up and after each tenth of the requests, and the
-served throughput as a share of translate.py's.
+(p50, p99), the cores the server and the clients kept busy (on one machine they share its cores), the
+server's resident memory after start-up and after each tenth of the requests, and the served
+throughput as a share of translate.py's.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def megabytes(process: subprocess.Popen) -> float:
     return psutil.Process(process.pid).memory_info().rss / 2**20
 
 
+def cpu_seconds(process: subprocess.Popen) -> float:
+    times = psutil.Process(process.pid).cpu_times()
+    return times.user + times.system
+
+
 async def load(
     url: str, lines: list[str], expected: list[str], args: argparse.Namespace, server: subprocess.Popen
 ) -> dict:
@@ -90,17 +96,21 @@ async def load(
                 started = time.perf_counter()
                 answer = await http.post("/translate", json={"src": [lines[row] for row in rows]})
                 latencies.append(time.perf_counter() - started)
-                if answer.status_code != 200 or len(answer.json()["tgt"]) != len(rows):
+                translations = answer.json()["tgt"] if answer.status_code == 200 else None
+                if translations is None or len(translations) != len(rows):
                     failed.append(request)
-                elif answer.json()["tgt"] != [expected[row] for row in rows]:
+                elif translations != [expected[row] for row in rows]:
                     wrong.append(request)
                 if len(latencies) % tenth == 0:
                     memory.append(megabytes(server))
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), (time.process_time(), cpu_seconds(server))
     await asyncio.gather(*(client() for _ in range(args.clients)))
+    seconds = time.perf_counter() - started
     return {
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
+        "client_cores": (time.process_time() - cpu_started[0]) / seconds,
+        "server_cores": (cpu_seconds(server) - cpu_started[1]) / seconds,
         "latencies": latencies,
         "wrong": wrong,
         "failed": failed,
@@ -141,6 +151,10 @@ def main() -> None:
         f"served: {args.requests} requests of {args.lines_per_request} line(s) from {args.clients} clients in"
         f" {result['seconds']:.1f} s: {rate:.1f} sentences/s ({rate / file_rate:.0%} of translate.py's);"
         f" latency p50 {statistics.median(latencies) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"
+    )
+    print(
+        f"CPU (cores busy on average): the server {result['server_cores']:.2f}, the clients (this process)"
+        f" {result['client_cores']:.2f}"
     )
     tenths = " ".join(f"{mb:.0f}" for mb in result["memory"])
     print(
