@@ -13,10 +13,11 @@ starts on a free port and ``--clients`` clients (asyncio tasks, each keeping its
 ``--requests`` requests of ``--lines-per-request`` consecutive lines each, going round the lines.
 Every answer is checked against translate.py's lines: nothing lost, nothing reordered (with
 ``precision=fp32 quantize=none`` exactly; in bf16 or int8 a line's translation can follow the lines
-decoded with it, in translate.py as in the server, and the answers that differ are counted). Prints sentences/s, latency
-(p50, p99), the cores the server and the clients kept busy (on one machine they share its cores), the
-server's decoding rounds (lines per round: how well requests met), its resident memory after start-up
-and after each tenth of the requests, and the served throughput as a share of translate.py's.
+decoded with it, in translate.py as in the server, and the answers that differ are counted). Prints
+sentences/s, latency (p50, p99), the cores the server and the clients kept busy (on one machine they
+share its cores), the server's decoding rounds (lines per round: how well requests met), its resident
+memory after start-up and after each tenth of the requests, and the served throughput as a share of
+translate.py's.
 """
 
 from __future__ import annotations
