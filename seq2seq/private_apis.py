@@ -129,6 +129,49 @@ def check_sigterm_on_logging_steps(trainer: L.Trainer, requeue: RequeueRequest |
     loop.advance = agree_then_advance
 
 
+def agree_on_timed_validation(trainer: L.Trainer) -> None:
+    """Under DDP with a validation interval in seconds (``trainer.val_check_interval='DD:HH:MM:SS'``),
+    validate when any process's clock says the interval has passed, checked on logging steps, in every
+    process at the same step.
+
+    Lightning 2.6 asks each process's own clock after every batch (``_should_check_val_fx``); the clocks
+    start as each process gets its training loader and restart after each validation, so one process
+    went to validate while another trained on, and their collectives met out of order (a hang). Here the
+    clock's answer is all-reduced on logging steps (a collective every ``trainer.log_every_n_steps``
+    steps, not every step) and Lightning's own decision is then asked with that answer in place of its
+    clock's; the other reasons to validate (an epoch's end, a stop) are the same on every process.
+
+    Private: the epoch loop's ``_should_check_val_fx`` is wrapped on the instance, and it reads the
+    trainer's ``_val_check_time_interval`` and ``_last_val_time`` (checked against Lightning 2.6.6).
+    """
+    import math
+    import time
+
+    import torch
+
+    loop = trainer.fit_loop.epoch_loop
+    decide = loop._should_check_val_fx
+
+    def agreed(*args: Any, **kwargs: Any) -> bool:
+        interval = trainer._val_check_time_interval
+        if interval is None or trainer.world_size == 1:
+            return decide(*args, **kwargs)
+        due = False
+        if should_update_logs(trainer):
+            passed = time.monotonic() - trainer._last_val_time >= interval
+            flag = torch.tensor([float(passed)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            due = bool(flag.item())
+        started = trainer._last_val_time
+        trainer._last_val_time = -math.inf if due else math.inf  # the clock answers as agreed
+        try:
+            return decide(*args, **kwargs)
+        finally:
+            trainer._last_val_time = started
+
+    loop._should_check_val_fx = agreed
+
+
 def settle_unfinished_batch(trainer: L.Trainer) -> None:
     """Make the run's loop counts say where training stopped, before a checkpoint is saved while a batch
     was under way (Ctrl-C or an error), so that the resumed run trains each batch once and validates at

@@ -29,7 +29,7 @@ from seq2seq.errors import UserError
 from seq2seq.evaluation import evaluate_best_checkpoint, evaluation_settings
 from seq2seq.module import TranslationModule
 from seq2seq.precision import resolve_decoding_precision, resolve_trainer_precision
-from seq2seq.private_apis import check_sigterm_on_logging_steps
+from seq2seq.private_apis import agree_on_timed_validation, check_sigterm_on_logging_steps
 from seq2seq.progress import ProgressBar, ProgressLog
 from seq2seq.pruning import trial_pruning
 from seq2seq.run_clock import clock_callbacks
@@ -164,6 +164,7 @@ def train(cfg: DictConfig) -> float:
         enable_progress_bar=progress_bar,
     )
     check_sigterm_on_logging_steps(trainer, slurm)  # not a collective before every batch under DDP
+    agree_on_timed_validation(trainer)  # a validation interval in seconds: one decision for all processes
     # The test split is decoded where training ran: checked there, before training.
     resolve_decoding_precision(cfg.evaluate.precision, trainer.strategy.root_device, "evaluate.precision")
     started = time.perf_counter()

@@ -20,3 +20,37 @@ class SleepAtTrainStart(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.global_rank == self.rank:
             time.sleep(self.seconds)
+
+
+class RecordValidationSteps(L.Callback):
+    """Appends the step of each validation while training to ``path``.rankN, one line each."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            with open(f"{self.path}.rank{trainer.global_rank}", "a", encoding="utf-8") as f:
+                f.write(f"{trainer.global_step}\n")
+
+
+class SlowTrainLoader(L.Callback):
+    """Process ``rank`` takes ``seconds`` longer to make its training loader (as a rank that sorts a large
+    split more slowly, or reads it from a slower disk): Lightning asks for the loader after the processes
+    meet to start training and before it starts the clock of a validation interval in seconds."""
+
+    def __init__(self, rank: int, seconds: float) -> None:
+        self.rank = rank
+        self.seconds = seconds
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if trainer.global_rank != self.rank or datamodule is None:
+            return
+        make = datamodule.train_dataloader
+
+        def slowly() -> Any:
+            time.sleep(self.seconds)
+            return make()
+
+        datamodule.train_dataloader = slowly

@@ -1,6 +1,7 @@
 """Cluster runs resumed and requeued: whole ``fit`` runs on 1-3 gloo processes resumed on another number
-of processes, the time-budget rate on ranks whose clocks differ, a requeued or retried run whose time
-budget is spent (a budget schedule resumed with another budget: tests/test_schedules.py)."""
+of processes, the time-budget rate and a validation interval in seconds on ranks whose clocks differ,
+a requeued or retried run whose time budget is spent (a budget schedule resumed with another budget:
+tests/test_schedules.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 from seq2seq.data.sampler import ResumableDataLoader
 from seq2seq.trial import TRIAL_ENV, StudySpec
 from tests.fault_callbacks import read_records
-from tests.test_distributed import PAIRS, checkpoint_state, record, record_weights, sampler, smoke
+from tests.test_cluster_signals import BACKGROUND, finish
+from tests.test_distributed import PAIRS, STOP_ONLY, checkpoint_state, record, record_weights, sampler, smoke
 from tests.test_robustness import fake_slurm
 from tests.test_training import QUIET, REPO
 
@@ -108,6 +110,32 @@ def test_ranks_whose_clocks_differ_apply_the_same_time_budget_rate_and_stay_equa
     assert rates[0] == rates[1]
     weights = [read_records(tmp_path / "w", rank) for rank in (0, 1)]
     assert len(weights[0]) == 14 and weights[0] == weights[1]
+
+
+@pytest.mark.slow
+def test_ranks_whose_clocks_differ_validate_a_duration_interval_at_the_same_steps(tmp_path):
+    """2 gloo processes validating every 4 s of training (``trainer.val_check_interval='00:00:00:04'``);
+    the second takes 3 s longer to make its training loader, so its clock for the interval starts 3 s
+    after the first's. Both validate at the same steps and the job ends. Before, each process asked
+    its own clock after every batch (Lightning's epoch loop): the first to see the interval pass went to
+    validate while the other trained on, their collectives met out of order, and the job hung."""
+    steps = tmp_path / "validations"
+    options = [
+        "evaluate.test=false", "decoding.beam=1", "trainer.max_steps=-1", "trainer.max_time='00:00:00:14'",
+        "trainer.val_check_interval='00:00:00:04'", "trainer.log_every_n_steps=2", *STOP_ONLY,
+        "+callbacks.late._target_=tests.cluster_callbacks.SlowTrainLoader", "+callbacks.late.rank=1",
+        "+callbacks.late.seconds=3",
+        "+callbacks.validations._target_=tests.cluster_callbacks.RecordValidationSteps",
+        f"+callbacks.validations.path={steps}",
+    ]  # fmt: skip
+    run = tmp_path / "run"
+    command = [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={run}"]
+    command += [f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, *on_ranks(2), *options]
+    result = finish(subprocess.Popen(command, **BACKGROUND))
+    assert result.returncode == 0, result.stderr[-3000:]
+    validated = [Path(f"{steps}.rank{rank}").read_text().split() for rank in (0, 1)]
+    assert validated[0] == validated[1]
+    assert len(validated[0]) >= 3, validated  # two or more while training, one at its end
 
 
 # A time budget that ends training: 6 seconds of the smoke run, then validation and the evaluation.

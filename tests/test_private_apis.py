@@ -127,6 +127,19 @@ def test_the_sigterm_broadcast_and_handler_are_still_what_check_sigterm_on_loggi
     assert trainer.received_sigterm
 
 
+def test_the_epoch_loop_still_asks_the_clock_that_agree_on_timed_validation_answers_for():
+    # The epoch loop asks its instance's decision after each batch, and the decision compares the clock
+    # with the trainer's last validation time, which a duration interval sets.
+    assert "self._should_check_val_fx(data_fetcher)" in inspect.getsource(_TrainingEpochLoop)
+    decide = inspect.getsource(_TrainingEpochLoop._should_check_val_fx)
+    assert "self.trainer._val_check_time_interval" in decide
+    assert "now - self.trainer._last_val_time >= interval" in decide
+    trainer = L.Trainer(accelerator="cpu", logger=False, val_check_interval="00:00:00:05")
+    assert trainer._val_check_time_interval == 5
+    private_apis.agree_on_timed_validation(trainer)
+    assert trainer.fit_loop.epoch_loop._should_check_val_fx.__name__ == "agreed"
+
+
 def test_trainer_save_checkpoint_still_ends_in_a_barrier_that_save_checkpoint_alone_leaves_out(tmp_path):
     assert "barrier" in inspect.getsource(L.Trainer.save_checkpoint)
     trainer = L.Trainer(
