@@ -191,7 +191,9 @@ class CarryBestCheckpoint(L.Callback):
             if not callback.monitor or not best or score is None:
                 move_checkpoint_state(state, callback.dirpath)
                 continue
-            if not Path(best).is_file():
+            # The first process's answer for all: a process on another node may not see the file (a
+            # node's own disk), and processes whose callbacks differ pair their collectives wrongly.
+            if not trainer.strategy.broadcast(Path(best).is_file(), src=0):
                 log.warning(
                     "The best checkpoint of the resumed run, %s, is gone: its score is forgotten", best
                 )

@@ -54,3 +54,36 @@ class SlowTrainLoader(L.Callback):
             return make()
 
         datamodule.train_dataloader = slowly
+
+
+class BestCheckpointElsewhere(L.Callback):
+    """On process ``rank``, the resumed checkpoint's best checkpoint is not there (as one kept on another
+    node's own disk): its saved path is changed to one that does not exist, before the run's own
+    callbacks read it."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        for state in checkpoint.get("callbacks", {}).values():
+            if isinstance(state, dict) and state.get("best_model_path"):
+                state["best_model_path"] += ".on-another-node"
+
+
+class RecordBestCheckpoint(L.Callback):
+    """Writes, per process, what its monitored checkpoint callbacks hold as best when training ends:
+    ``path``.rankN, one line per callback (its monitor, best path and score)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        lines = [
+            f"{c.monitor} {c.best_model_path} {float(c.best_model_score):.6f}"
+            for c in trainer.checkpoint_callbacks
+            if c.monitor and c.best_model_score is not None
+        ]
+        with open(f"{self.path}.rank{trainer.global_rank}", "w", encoding="utf-8") as f:
+            f.write("".join(f"{line}\n" for line in lines))

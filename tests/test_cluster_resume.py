@@ -138,6 +138,33 @@ def test_ranks_whose_clocks_differ_validate_a_duration_interval_at_the_same_step
     assert len(validated[0]) >= 3, validated  # two or more while training, one at its end
 
 
+@pytest.mark.slow
+def test_a_resume_into_a_new_folder_where_one_rank_misses_the_best_checkpoint_goes_on(tmp_path):
+    """A run resumed on 2 gloo processes into a new run directory, where the second process does not see
+    the first run's best checkpoint (kept on another node's own disk): both carry it on as the first
+    process sees it, validate and finish with the same best checkpoint. Before, each process checked for
+    the file itself: the second forgot the best score, the checkpoint callbacks' collectives paired up
+    wrongly at the next validation, and the first kept the resumed best (step 20, BLEU 3.25) over step
+    30's (18.79, never saved) while the second held step 30's as its best."""
+    first, resumed, cache = tmp_path / "first", tmp_path / "resumed", tmp_path / "cache"
+    quick = [*SHORT[:2], "trainer.val_check_interval=10", *STOP_ONLY]
+    smoke(first, cache, *quick, "trainer.max_steps=20")
+    last = first / "checkpoints" / "last.ckpt"
+    elsewhere = ["+callbacks.elsewhere._target_=tests.cluster_callbacks.BestCheckpointElsewhere"]
+    command = [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={resumed}"]
+    command += [f"paths.cache_dir={cache}", *QUIET, *on_ranks(2), *quick, "trainer.max_steps=30"]
+    command += [f"ckpt_path={last}", *elsewhere, "+callbacks.elsewhere.rank=1"]
+    best = [
+        "+callbacks.best._target_=tests.cluster_callbacks.RecordBestCheckpoint",
+        f"+callbacks.best.path={tmp_path / 'best'}",
+    ]
+    result = finish(subprocess.Popen([*command, *best], **BACKGROUND))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed with the best checkpoint so far" in (resumed / "train.log").read_text()
+    held = [Path(f"{tmp_path / 'best'}.rank{rank}").read_text() for rank in (0, 1)]
+    assert held[0] == held[1] and held[0].strip(), held
+
+
 # A time budget that ends training: 6 seconds of the smoke run, then validation and the evaluation.
 TIME_BUDGET = ["trainer.max_steps=-1", "trainer.max_time='00:00:00:06'", "trainer.val_check_interval=1000"]
 
