@@ -13,8 +13,8 @@ with SIGTERM's note, in one all-reduce), and there all save ``hpc_ckpt_N.ckpt`` 
 together (keeping only the newest), at the same point as a SIGTERM's ``last.ckpt``; then the first asks
 for the requeue. Lightning leaves a signal that already has a handler to it, and restores it after
 ``fit``. The requeued job, started in the same run directory, resumes from :func:`newest_checkpoint`:
-the HPC checkpoint or the ``last.ckpt`` saved when SLURM stopped the job, whichever is newer; a job
-whose training had ended goes straight to the evaluation after it.
+the HPC checkpoint or the ``last.ckpt`` saved when SLURM stopped the job, whichever holds the later
+step; a job whose training had ended goes straight to the evaluation after it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from seq2seq.checkpoints import save_resume_checkpoint
@@ -46,11 +47,22 @@ def hpc_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a requeued job resumes from: the newest of the HPC checkpoints and
-    ``checkpoints/last.ckpt`` (None if there is neither)."""
+    """The checkpoint a requeued job resumes from: of the HPC checkpoints and ``checkpoints/last.ckpt``,
+    the one saved at the latest training step (at a tie ``last.ckpt``, saved when the job was stopped,
+    then the HPC checkpoint numbered highest); None if there is none.
+
+    Every process of the job chooses before they can talk to each other, so the choice reads what the
+    files hold, alike on every node: their modification times can differ between nodes (a network file
+    system's cached attributes), and processes that resumed different checkpoints would train apart.
+    """
     candidates = [*hpc_checkpoints(run_dir), run_dir / "checkpoints" / "last.ckpt"]
     existing = [path for path in candidates if path.is_file()]
-    return max(existing, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+    def saved_step(order: int) -> tuple[int, int]:
+        checkpoint = torch.load(existing[order], map_location="cpu", mmap=True, weights_only=False)
+        return int(checkpoint["global_step"]), order
+
+    return existing[max(range(len(existing)), key=saved_step)] if existing else None
 
 
 class SlurmRequeue:

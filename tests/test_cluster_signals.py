@@ -23,6 +23,7 @@ from seq2seq.data.prepared import cache as cache_module
 from seq2seq.data.prepared.build import write_manifest
 from seq2seq.data.prepared.cache import cache_key
 from seq2seq.errors import UserError
+from seq2seq.slurm import newest_checkpoint
 from tests.fault_callbacks import read_records
 from tests.test_distributed import STOP_ONLY, checkpoint_state, record
 from tests.test_prepared import FILES, toy_files
@@ -187,6 +188,24 @@ def last_step(out: Path) -> int:
     """The last step that the first task's progress lines report (0 before the first)."""
     steps = re.findall(r"\] - step (\d+) \| epoch", output(out, 0))
     return int(steps[-1]) if steps else 0
+
+
+def test_a_requeued_job_resumes_the_checkpoint_of_the_latest_step_whatever_the_file_times(tmp_path):
+    """Every task chooses before they can agree, so by what the files hold: a node's network file system
+    can show stale modification times (here: made older or newer by hand, against their steps)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert newest_checkpoint(run) is None
+    saved = {"hpc_ckpt_1.ckpt": 40, "hpc_ckpt_2.ckpt": 80, "checkpoints/last.ckpt": 60}
+    for seconds, (name, step) in enumerate(saved.items()):
+        torch.save({"global_step": step}, run / name)
+        os.utime(run / name, (1e9 - seconds * 100, 1e9 - seconds * 100))  # the later step, the older file
+    assert newest_checkpoint(run) == run / "hpc_ckpt_2.ckpt"
+    torch.save({"global_step": 80}, run / "checkpoints" / "last.ckpt")  # stopped right after that save
+    assert newest_checkpoint(run) == run / "checkpoints" / "last.ckpt"
+    (run / "checkpoints" / "last.ckpt").unlink()
+    torch.save({"global_step": 80}, run / "hpc_ckpt_3.ckpt")
+    assert newest_checkpoint(run) == run / "hpc_ckpt_3.ckpt"
 
 
 @pytest.mark.slow
