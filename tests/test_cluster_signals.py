@@ -126,14 +126,16 @@ def slurm_job(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return {**os.environ, **job}, requeues
 
 
-def start_tasks(job: dict[str, str], out: Path, *args: str, tasks: int = 2) -> list[subprocess.Popen]:
-    """``python train.py ARGS`` once per task of ``job``, with the variables ``srun`` gives each task;
-    each task's output goes to ``out``.taskN."""
+def start_tasks(
+    job: dict[str, str], out: Path, *args: str, tasks: int = 2, ranks: list[int] | None = None
+) -> list[subprocess.Popen]:
+    """``python train.py ARGS`` once per task of ``job`` (or only those of ``ranks``), with the variables
+    ``srun`` gives each task; each task's output goes to ``out``.taskN."""
     with socket.socket() as probe:  # a free port for the process group's rendezvous
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     started = []
-    for rank in range(tasks):
+    for rank in range(tasks) if ranks is None else ranks:
         env = {**job, "SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(tasks), "MASTER_PORT": port}
         env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
         with open(f"{out}.task{rank}", "w") as output:
@@ -270,7 +272,10 @@ def test_a_rank_waiting_for_the_data_gives_up_when_the_preparer_fails(tmp_path):
     """2 tasks of a SLURM job on a corpus with a bad line in the training file (found only by the task
     that prepares, which streams it): the preparer fails with the line's error, and the other task,
     which waits for the prepared data, gives up in seconds with one line naming the preparer's host
-    and pid and its error (before, it checked the cache once a second until the job's time limit)."""
+    and pid and its error (at first, it checked the cache once a second until the job's time limit).
+    The second task starts only once the first has failed, as a task of a job may start seconds after
+    another: before, it took that failure for an earlier run's and waited 5 minutes (a CI run under
+    load timed out so)."""
     job, _ = slurm_job(tmp_path)
     corpus = toy_files(tmp_path)
     train_src = Path(corpus[0].split("=", 1)[1])
@@ -279,8 +284,12 @@ def test_a_rank_waiting_for_the_data_gives_up_when_the_preparer_fails(tmp_path):
     train_src.write_bytes(b"\n".join(lines))
     out = tmp_path / "job"
     args = ["trainer=ddp_cpu", *FILES, *corpus, f"hydra.run.dir={tmp_path / 'run'}", *QUIET]
-    tasks = start_tasks(job, out, *args, f"paths.cache_dir={tmp_path / 'cache'}")
-    assert finish_tasks(tasks, timeout=90) == [2, 2], output(out, 1)[-3000:]
+    args += [f"paths.cache_dir={tmp_path / 'cache'}"]
+    (preparer,) = start_tasks(job, out, *args, ranks=[0])
+    assert finish_tasks([preparer], timeout=90) == [2], output(out, 0)[-3000:]
+    (waiter,) = start_tasks(job, out, *args, ranks=[1])
+    assert finish_tasks([waiter], timeout=90) == [2], output(out, 1)[-3000:]
+    tasks = [preparer, waiter]
     assert "line 201: invalid UTF-8" in output(out, 0)
     waiter = [line for line in output(out, 1).splitlines() if line.startswith("error: ")]
     preparer_pid = tasks[0].pid

@@ -63,8 +63,28 @@ NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 # preparation for NO_PREPARER_SECONDS (the preparer failed before it reached the cache).
 CLAIM_STALE_SECONDS = 5 * 60
 NO_PREPARER_SECONDS = 5 * 60
-# A claim that stopped after this process started is the one this process was waiting for.
+# A claim that stopped after this process started is the one this process was waiting for (where the
+# claim does not name this launch of the job: see launch_id).
 PROCESS_STARTED = time.time()
+
+
+def launch_id() -> str | None:
+    """What the processes of one launch of a job share and no other launch does, from the launcher's
+    environment: SLURM's job, step and restart count, or torchrun's run id and restart count; None
+    elsewhere (Lightning's own launcher starts the other processes after the data is prepared).
+
+    A claim marked failed by the same launch is the one a waiting process waits for, even if it failed
+    before that process started (the tasks of a job start seconds apart, and a bad line fails a
+    preparation in less); without it, a failed claim older than this process is taken for an earlier
+    run's, and the process waited NO_PREPARER_SECONDS before giving up without the preparer's error.
+    """
+    if job := os.environ.get("SLURM_JOB_ID"):
+        step, restart = os.environ.get("SLURM_STEP_ID", ""), os.environ.get("SLURM_RESTART_COUNT", "0")
+        return f"slurm-{job}.{step}-{restart}"
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run and run != "none":
+        return f"torchrun-{run}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return None
 
 
 def build_or_reuse(
@@ -190,12 +210,14 @@ def move_into_place(tmp: Path, folder: Path) -> bool:
 
 @dataclass
 class Claim:
-    """A process's claim of a preparation (``<key>.preparer-<host>-<pid>.json``): who, whether it failed
-    (the error's first line), and when its file last changed (its heartbeat, by the file system's clock)."""
+    """A process's claim of a preparation (``<key>.preparer-<host>-<pid>.json``): who, in which launch of
+    a job (:func:`launch_id`), whether it failed (the error's first line), and when its file last changed
+    (its heartbeat, by the file system's clock)."""
 
     path: Path
     host: str
     pid: int
+    launch: str | None
     failed: str | None
     beat: float
 
@@ -205,7 +227,8 @@ class Claim:
         try:
             beat = path.stat().st_mtime
             record = json.loads(path.read_text(encoding="utf-8"))
-            return cls(path, record["host"], int(record["pid"]), record.get("failed"), beat)
+            launch, failed = record.get("launch"), record.get("failed")
+            return cls(path, record["host"], int(record["pid"]), launch, failed, beat)
         except (OSError, ValueError, KeyError):
             return None
 
@@ -247,7 +270,7 @@ def preparing(root: Path, key: str) -> Iterator[None]:
         if not old.alive():
             old.path.unlink(missing_ok=True)
     path = root / f"{key}.preparer-{this_build()}.json"
-    record = {"host": socket.gethostname(), "pid": os.getpid()}
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "launch": launch_id()}
     write_manifest(path, record)
     try:
         with heartbeat(path):
@@ -276,11 +299,13 @@ def wait_for_prepared(
     lock or hashing anything.
 
     A UserError naming the preparer (host, pid) if it stops without finishing: a claim seen preparing,
-    or one that stopped after this process started, that failed or whose process is gone (on another
-    host: whose heartbeat stopped); if no process has claimed the preparation for NO_PREPARER_SECONDS;
-    or after ``limit_seconds`` (``data.prepare_wait_seconds``; None: no limit).
+    or one that stopped after this process started or in this launch of the job, that failed or whose
+    process is gone (on another host: whose heartbeat stopped); if no process has claimed the
+    preparation for NO_PREPARER_SECONDS; or after ``limit_seconds`` (``data.prepare_wait_seconds``;
+    None: no limit).
     """
     folder = Path(cache_dir) / "prepared" / cache_key(corpus, settings, max_len, tokenizer)
+    launch = launch_id()
     started = last_said = unclaimed_since = time.monotonic()
     seen: set[Path] = set()  # claims seen preparing
     while (reason := stale_reason(folder, hash_modified=False)) is not None:
@@ -290,7 +315,9 @@ def wait_for_prepared(
         seen.update(claim.path for claim in alive)
         if alive:
             unclaimed_since = now
-        elif stopped := [c for c in found if c.path in seen or c.beat >= PROCESS_STARTED]:
+        elif stopped := [
+            c for c in found if c.path in seen or c.beat >= PROCESS_STARTED or (launch and c.launch == launch)
+        ]:
             claim = stopped[0]
             raise UserError(
                 f"{preparer} ({claim}) stopped preparing {folder} without finishing it"
