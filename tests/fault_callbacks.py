@@ -361,14 +361,16 @@ class SignalAfterStep(L.Callback):
 
 
 class SlowToSaveLogs(Logger):
-    """A logger that logs nothing and takes ``seconds`` to save on the process of SLURM task ``rank``: that
-    task reaches what follows a save of the logs (as at a requeue signal's checkpoint) this much later
-    than the others."""
+    """A logger that logs nothing and, on the process of SLURM task ``rank``, takes ``seconds`` for a save
+    that no logging came just before: not Lightning's after each logging step, but one asked for apart
+    (as before a requeue signal's checkpoint), which that task then gets past this much later than the
+    others."""
 
     def __init__(self, rank: int, seconds: float) -> None:
         super().__init__()
         self.slow = int(os.environ.get("SLURM_PROCID", 0)) == rank
         self.seconds = seconds
+        self.logged = False  # metrics logged since the last save
 
     @property
     def name(self) -> str:
@@ -379,11 +381,12 @@ class SlowToSaveLogs(Logger):
         return 0
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
+        self.logged = True
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         pass
 
     def save(self) -> None:
-        if self.slow:
+        if self.slow and not self.logged:
             time.sleep(self.seconds)
+        self.logged = False

@@ -228,13 +228,13 @@ def test_slurm_requeue_signal_saves_at_a_batch_start_and_resumes_exactly(tmp_pat
     every, ranks = 5, range(tasks)
     common = ["experiment=smoke", f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, *STOP_ONLY]
     common += ["trainer.max_steps=400", f"trainer.log_every_n_steps={every}", "evaluate.test=false"]
+    common += ["trainer=ddp_cpu"] if tasks == 2 else []
     slow_second = ["+logger.slow._target_=tests.fault_callbacks.SlowToSaveLogs", "+logger.slow.rank=1"]
-    common += ["trainer=ddp_cpu", *slow_second, "+logger.slow.seconds=2"] if tasks == 2 else []
+    slow_second += ["+logger.slow.seconds=2"]
     run, out = tmp_path / "slurm-4242", tmp_path / "job"
     after_step = ["+callbacks.usr1._target_=tests.fault_callbacks.SignalAfterStep", "+callbacks.usr1.step=3"]
-    started = start_tasks(
-        job, out, *common, f"hydra.run.dir={run}", *after_step[: 2 * (tasks == 1)], tasks=tasks
-    )
+    signal_or_delay = after_step if tasks == 1 else slow_second
+    started = start_tasks(job, out, *common, f"hydra.run.dir={run}", *signal_or_delay, tasks=tasks)
     wait_for(lambda: last_step(out) >= 3, "progress to step 3", started)
     if tasks == 2:
         started[-1].send_signal(signal.SIGUSR1)
