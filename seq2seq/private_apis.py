@@ -66,6 +66,15 @@ class RequeueRequest(Protocol):
     def save_and_requeue(self) -> None: ...
 
 
+def any_process(trainer: L.Trainer, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true in any process: one all-reduce (call it in every process at once)."""
+    import torch
+
+    values = torch.tensor([float(flag) for flag in flags], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
+
+
 def check_sigterm_on_logging_steps(trainer: L.Trainer, requeue: RequeueRequest | None = None) -> None:
     """Under DDP, agree on a SIGTERM (and on SLURM's requeue signal) on logging steps only, not before
     every training batch, and act on them there, at a batch's start, in every process together.
@@ -88,7 +97,6 @@ def check_sigterm_on_logging_steps(trainer: L.Trainer, requeue: RequeueRequest |
     before the batch is fetched and counted), and the signal connector's notifier is replaced on the
     instance; no public hook replaces Lightning's handler.
     """
-    import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     connector = trainer._signal_connector
@@ -107,9 +115,7 @@ def check_sigterm_on_logging_steps(trainer: L.Trainer, requeue: RequeueRequest |
         if trainer.world_size == 1:
             stop, requeue_now = False, requeue_noted  # Lightning stops a single process on its SIGTERM
         elif should_update_logs(trainer):
-            flags = torch.tensor([float(noted[0]), float(requeue_noted)], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            stop, requeue_now = (bool(flag) for flag in flags.tolist())
+            stop, requeue_now = any_process(trainer, noted[0], requeue_noted)
         else:
             return
         if requeue_now:
@@ -147,8 +153,6 @@ def agree_on_timed_validation(trainer: L.Trainer) -> None:
     import math
     import time
 
-    import torch
-
     loop = trainer.fit_loop.epoch_loop
     decide = loop._should_check_val_fx
 
@@ -158,10 +162,7 @@ def agree_on_timed_validation(trainer: L.Trainer) -> None:
             return decide(*args, **kwargs)
         due = False
         if should_update_logs(trainer):
-            passed = time.monotonic() - trainer._last_val_time >= interval
-            flag = torch.tensor([float(passed)], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            due = bool(flag.item())
+            (due,) = any_process(trainer, time.monotonic() - trainer._last_val_time >= interval)
         started = trainer._last_val_time
         trainer._last_val_time = -math.inf if due else math.inf  # the clock answers as agreed
         try:

@@ -28,10 +28,9 @@ from pathlib import Path
 from types import FrameType
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from seq2seq.checkpoints import save_resume_checkpoint
+from seq2seq.checkpoints import read_checkpoint, save_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +58,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     existing = [path for path in candidates if path.is_file()]
 
     def saved_step(order: int) -> tuple[int, int]:
-        checkpoint = torch.load(existing[order], map_location="cpu", mmap=True, weights_only=False)
-        return int(checkpoint["global_step"]), order
+        return int(read_checkpoint(existing[order], required=("global_step",))["global_step"]), order
 
     return existing[max(range(len(existing)), key=saved_step)] if existing else None
 

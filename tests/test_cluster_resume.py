@@ -18,7 +18,7 @@ import torch
 from seq2seq.data.sampler import ResumableDataLoader
 from seq2seq.trial import TRIAL_ENV, StudySpec
 from tests.fault_callbacks import read_records
-from tests.test_cluster_signals import BACKGROUND, finish
+from tests.test_cluster_signals import train_two_ranks
 from tests.test_distributed import PAIRS, STOP_ONLY, checkpoint_state, record, record_weights, sampler, smoke
 from tests.test_robustness import fake_slurm
 from tests.test_training import QUIET, REPO
@@ -122,16 +122,13 @@ def test_ranks_whose_clocks_differ_validate_a_duration_interval_at_the_same_step
     steps = tmp_path / "validations"
     options = [
         "evaluate.test=false", "decoding.beam=1", "trainer.max_steps=-1", "trainer.max_time='00:00:00:14'",
-        "trainer.val_check_interval='00:00:00:04'", "trainer.log_every_n_steps=2", *STOP_ONLY,
+        "trainer.val_check_interval='00:00:00:04'", "trainer.log_every_n_steps=2",
         "+callbacks.late._target_=tests.cluster_callbacks.SlowTrainLoader", "+callbacks.late.rank=1",
         "+callbacks.late.seconds=3",
         "+callbacks.validations._target_=tests.cluster_callbacks.RecordValidationSteps",
         f"+callbacks.validations.path={steps}",
     ]  # fmt: skip
-    run = tmp_path / "run"
-    command = [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={run}"]
-    command += [f"paths.cache_dir={tmp_path / 'cache'}", *QUIET, *on_ranks(2), *options]
-    result = finish(subprocess.Popen(command, **BACKGROUND))
+    result = train_two_ranks(tmp_path / "run", tmp_path / "cache", *options)
     assert result.returncode == 0, result.stderr[-3000:]
     validated = [Path(f"{steps}.rank{rank}").read_text().split() for rank in (0, 1)]
     assert validated[0] == validated[1]
@@ -147,18 +144,14 @@ def test_a_resume_into_a_new_folder_where_one_rank_misses_the_best_checkpoint_go
     wrongly at the next validation, and the first kept the resumed best (step 20, BLEU 3.25) over step
     30's (18.79, never saved) while the second held step 30's as its best."""
     first, resumed, cache = tmp_path / "first", tmp_path / "resumed", tmp_path / "cache"
-    quick = [*SHORT[:2], "trainer.val_check_interval=10", *STOP_ONLY]
-    smoke(first, cache, *quick, "trainer.max_steps=20")
-    last = first / "checkpoints" / "last.ckpt"
+    quick = [*SHORT[:2], "trainer.val_check_interval=10"]
+    smoke(first, cache, *quick, *STOP_ONLY, "trainer.max_steps=20")
     elsewhere = ["+callbacks.elsewhere._target_=tests.cluster_callbacks.BestCheckpointElsewhere"]
-    command = [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={resumed}"]
-    command += [f"paths.cache_dir={cache}", *QUIET, *on_ranks(2), *quick, "trainer.max_steps=30"]
-    command += [f"ckpt_path={last}", *elsewhere, "+callbacks.elsewhere.rank=1"]
-    best = [
-        "+callbacks.best._target_=tests.cluster_callbacks.RecordBestCheckpoint",
-        f"+callbacks.best.path={tmp_path / 'best'}",
-    ]
-    result = finish(subprocess.Popen([*command, *best], **BACKGROUND))
+    elsewhere += ["+callbacks.elsewhere.rank=1"]
+    best = ["+callbacks.best._target_=tests.cluster_callbacks.RecordBestCheckpoint"]
+    best += [f"+callbacks.best.path={tmp_path / 'best'}"]
+    resume = [f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=30"]
+    result = train_two_ranks(resumed, cache, *quick, *resume, *elsewhere, *best)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed with the best checkpoint so far" in (resumed / "train.log").read_text()
     held = [Path(f"{tmp_path / 'best'}.rank{rank}").read_text() for rank in (0, 1)]
