@@ -118,7 +118,8 @@ def test_ranks_whose_clocks_differ_validate_a_duration_interval_at_the_same_step
     the second takes 3 s longer to make its training loader, so its clock for the interval starts 3 s
     after the first's. Both validate at the same steps and the job ends. Before, each process asked
     its own clock after every batch (Lightning's epoch loop): the first to see the interval pass went to
-    validate while the other trained on, their collectives met out of order, and the job hung."""
+    validate while the other trained on, their collectives met out of order, and the job hung (in 2 of 3
+    runs of the old code; the third happened to pass)."""
     steps = tmp_path / "validations"
     options = [
         "evaluate.test=false", "decoding.beam=1", "trainer.max_steps=-1", "trainer.max_time='00:00:00:14'",
