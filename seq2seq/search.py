@@ -125,7 +125,8 @@ def beam_search(
     EOS is not allowed before ``min_len`` tokens, or before the length limit where that is shorter.
     With a ``shortlist`` each sentence's beams extend only with its own target ids.
 
-    Returns, per sentence in input order, its ``nbest`` hypotheses, best first.
+    Returns, per sentence in input order, its ``nbest`` hypotheses, best first (fewer where fewer
+    outputs exist within the limits and the shortlist).
     """
     if beam_size < 1:
         raise ValueError(f"beam size must be at least 1, got {beam_size}")
@@ -258,8 +259,11 @@ def _finished_hypotheses(
         tokens = top_tokens.gather(1, pick).view(-1)
         reorder = (torch.arange(n, device=device).unsqueeze(1) * k + top_beams.gather(1, pick)).view(-1)
 
-        cannot_improve = scores.max(dim=1).values / best_penalty[active] <= nth_best[active]
-        done = (count >= k) | ((count >= nbest) & cannot_improve)
+        best_open = scores.max(dim=1).values
+        cannot_improve = best_open / best_penalty[active] <= nth_best[active]
+        # No open hypothesis left (-inf): fewer than nbest outputs exist (a short limit, a small
+        # shortlist or vocabulary), and waiting for more would never end.
+        done = (count >= k) | ((count >= nbest) & cannot_improve) | (best_open == -math.inf)
         if done.any():
             keep = (~done).nonzero().squeeze(1)
             keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)

@@ -144,7 +144,8 @@ class Translator:
     def translate_nbest(
         self, sentences: Sequence[str], settings: DecodingSettings | None = None, first_line: int = 1
     ) -> list[list[tuple[str, Hypothesis]]]:
-        """Per sentence, its ``settings.nbest`` best (text, hypothesis) pairs, best first.
+        """Per sentence, its ``settings.nbest`` best (text, hypothesis) pairs, best first (fewer where
+        fewer exist).
 
         ``first_line`` is the line number of ``sentences[0]`` in its file, for warnings.
         """
@@ -333,9 +334,10 @@ def translate_file(
     """Translate a file (``-`` is stdin/stdout) line by line, streaming ``chunk_lines`` at a time.
 
     Writes exactly one output line per input line, in order (with ``nbest > 1``, ``nbest`` lines of
-    ``index ||| translation ||| score`` per input line, index counted from 0). A file output appears
-    only when complete (written to a temporary file, then renamed). With ``ref_path``, scores the
-    translations against it with sacrebleu (BLEU tokenized for the translator's target language).
+    ``index ||| translation ||| score`` per input line, index counted from 0; fewer where fewer exist
+    within the length limit and the shortlist). A file output appears only when complete (written to a
+    temporary file, then renamed). With ``ref_path``, scores the translations against it with
+    sacrebleu (BLEU tokenized for the translator's target language).
     ``prompt`` is written to stderr before each line is read (a terminal on stdin). The report's time is
     the time spent translating, not waiting for input.
     """

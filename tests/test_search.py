@@ -18,6 +18,7 @@ from seq2seq.search import (
     length_penalty,
     output_limits,
 )
+from seq2seq.shortlist import Shortlist
 from seq2seq.tokenization import BOS_ID, EOS_ID
 
 from .conftest import tiny_model
@@ -183,6 +184,26 @@ def test_min_len_near_or_beyond_the_length_limit_ends_at_the_limit(beam, extra):
     for (h,), g in zip(results, greedy, strict=True):
         assert min(limit + extra, limit) <= len(h.tokens) <= limit
         assert min(limit + extra, limit) <= len(g.tokens) <= limit
+
+
+@pytest.mark.parametrize("shortlisted", [False, True])
+def test_a_search_asked_for_more_outputs_than_exist_returns_each_of_them_once(shortlisted):
+    """nbest above the number of outputs that the length limit (and the shortlist) allow: all of them,
+    best first. The search used to wait for more forever (a request could hang the server)."""
+    model = tiny_model(seed=1)
+    src, lengths = batch()
+    if shortlisted:  # each sentence may write EOS and word 5 only
+        shortlist = Shortlist(torch.tensor([EOS_ID, 5]), torch.ones(len(SOURCES), 2, dtype=torch.bool))
+        beam, outputs = 3, [[], [5]]
+    else:  # at most one of the 11 symbols other than EOS
+        shortlist, beam, outputs = None, 16, [[], *([t] for t in range(12) if t != EOS_ID)]
+    with deadline(20):
+        results = beam_search(
+            model, src, lengths, beam_size=beam, nbest=beam, max_len_a=0.0, max_len_b=1, shortlist=shortlist
+        )
+    for hyps in results:
+        assert sorted(h.tokens for h in hyps) == sorted(outputs)
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
 
 
 small_sources = st.lists(st.lists(st.integers(4, 11), min_size=1, max_size=6), min_size=1, max_size=4)
