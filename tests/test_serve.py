@@ -155,13 +155,16 @@ def test_concurrent_requests_are_decoded_together_each_answer_in_its_order(
     assert after["rounds"] - before["rounds"] < len(requests) / 2  # requests that came together met
 
 
-def test_a_long_request_does_not_hold_up_a_short_one(server):
+# The short request with the long one's settings, and with others (the page asks for an n-best list):
+# rounds used to serve only the oldest request's settings, so the second waited for all of the long one.
+@pytest.mark.parametrize("short_settings", [{}, {"beam": 2, "nbest": 2}], ids=["same settings", "others"])
+def test_a_long_request_does_not_hold_up_a_short_one(server, short_settings):
     long_lines = [f"w{i % 20} w{(i * 7) % 20} w{(i * 3) % 20} w5 w6 w7 w8 w9" for i in range(200)]
     timings: dict[str, float] = {}
 
-    def send(name: str, lines: list[str]) -> None:
+    def send(name: str, lines: list[str], **settings) -> None:
         with httpx.Client(base_url=server.url, timeout=60) as client:
-            assert client.post("/translate", json={"src": lines}).status_code == 200
+            assert client.post("/translate", json={"src": lines, **settings}).status_code == 200
         timings[name] = time.monotonic()
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -170,7 +173,7 @@ def test_a_long_request_does_not_hold_up_a_short_one(server):
         while server.client.get("/health").json()["lines"] == decoded:
             time.sleep(0.01)  # until the long request is being decoded, a round at a time
         assert not long.done(), "the long request finished too soon to test anything"
-        pool.submit(send, "short", ["w1 w2 w3"]).result()
+        pool.submit(send, "short", ["w1 w2 w3"], **short_settings).result()
         long.result()
     assert timings["short"] < timings["long"]
 
@@ -203,6 +206,12 @@ BAD_REQUESTS = [
     ({"json": {"q": ["w1", 2], **PAIR}}, 400, "q must be a string or a list of strings"),
     ({"json": {"q": "w1", **PAIR, "apiKey": "k"}}, 400, "unknown key 'apiKey'; did you mean 'api_key'?"),
     ({"data": {"src": "w1"}}, 400, "src needs a JSON body"),
+    # These five answered 500 (an exception escaped): a limit overflowed, or Python's own errors.
+    ({"json": {"src": ["w1"], "max_len_a": 1e308}}, 400, "allow inf output subwords"),
+    ({"content": b'{"q": "w1", "source": "de", "target": "en", "alternatives": 1e400}'}, 400, "not a number"),
+    ({"content": b"[" * 5000}, 400, "malformed JSON: nested too deeply"),
+    ({"content": b'{"src": ["w1 \\ud800"]}'}, 400, "src[0] holds a lone surrogate (character 3)"),
+    ({"content": b'{"q": "\\ud800", "source": "de", "target": "en"}'}, 400, "q holds a lone surrogate"),
 ]
 
 
@@ -291,7 +300,7 @@ def test_libretranslate_clients_get_its_shapes(server):
 
 def test_api_keys_guard_every_route_but_health(served_checkpoint, tmp_path):
     keys = tmp_path / "keys.txt"
-    keys.write_text("# our clients\nsecret-1\n\n")
+    keys.write_text("\ufeffsecret-1\n# our clients\n\n", encoding="utf-8")  # saved with a byte order mark
     server = Server(served_checkpoint, tmp_path / "server.log", f"api_keys_file={keys}")
     try:
         client = server.client
@@ -309,6 +318,11 @@ def test_api_keys_guard_every_route_but_health(served_checkpoint, tmp_path):
             client.post("/translate", content=b"{", headers={"Content-Type": "application/json"}).status_code
             == 403
         )
+        no_boundary = {"Content-Type": "multipart/form-data"}  # the form parser's own refusal
+        assert client.post("/translate", content=b"q=w1", headers=no_boundary).status_code == 403
+        surrogate = b'{"src": ["w1"], "api_key": "\\udc80"}'
+        json_type = {"Content-Type": "application/json"}
+        assert client.post("/translate", content=surrogate, headers=json_type).status_code == 403
         form = {"q": "w1", "source": "auto", "target": "en", "api_key": "secret-1"}
         # This model's languages are unknown (the toy corpus names none, and none were given).
         answer = client.post("/translate", data=form)

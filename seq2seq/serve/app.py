@@ -82,6 +82,8 @@ async def request_values(request: Request, max_bytes: int) -> tuple[Any, bool]:
         return json.loads(body), False
     except (ValueError, UnicodeDecodeError) as err:
         raise RequestError(400, f"malformed JSON: {err}") from None
+    except RecursionError:
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
 
 
 def create_app(service: TranslationService, keys: ApiKeys, cors_origins: list[str]) -> FastAPI:
@@ -158,7 +160,7 @@ def create_app(service: TranslationService, keys: ApiKeys, cors_origins: list[st
     async def translate(request: Request) -> dict[str, Any]:
         try:
             values, from_form = await request_values(request, service.limits.max_bytes)
-        except RequestError:
+        except (RequestError, HTTPException):  # HTTPException: starlette's form parser refused the body
             authorize(request)  # a request without a key learns nothing about its body
             raise
         authorize(request, values.get("api_key") if isinstance(values, dict) else None)

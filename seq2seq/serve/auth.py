@@ -16,7 +16,7 @@ from seq2seq.errors import MissingFileError, UserError, user_path
 
 def read_keys(path: Path) -> frozenset[str]:
     with user_path(path, "api_keys_file"):
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte order mark is not a key
     keys = frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     if not keys:
         raise UserError(f"api_keys_file: {path} holds no key (one a line)")
@@ -58,4 +58,6 @@ class ApiKeys:
         if not key:
             return False
         self._reload()
-        return any(hmac.compare_digest(key.encode(), known.encode()) for known in self._keys)
+        # surrogatepass: a key sent with a lone surrogate (JSON's \\udc80) matches none, without an error
+        given = key.encode("utf-8", "surrogatepass")
+        return any(hmac.compare_digest(given, known.encode()) for known in self._keys)

@@ -3,10 +3,12 @@ rounds, each round one call of the decoder in the decoding thread (so the event 
 torch releases the GIL in its kernels).
 
 A round waits a short window after the first request of an idle spell, then takes lines from the
-waiting requests that share the oldest one's decoding settings, in turns (a line of each, then again),
-up to a token budget: a request of a thousand lines is decoded over several rounds, and a request that
-arrives meanwhile joins the next round instead of waiting for all of it. Each request's lines keep
-their order; the answer is complete when its last line has been decoded.
+waiting requests that share one decoding settings, in turns (a line of each, then again), up to a token
+budget: a request of a thousand lines is decoded over several rounds. The settings are those of the
+request that has waited longest since it last had lines in a round, so a request that arrives
+meanwhile is in the next round or the one after, whatever its settings, instead of waiting for all of
+the long one. Each request's lines keep their order; the answer is complete when its last line has
+been decoded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from seq2seq.decoding import DecodingSettings
+from seq2seq.errors import UserError
 from seq2seq.serve.protocol import RequestError
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class _Waiting(Generic[T]):
     settings: DecodingSettings
     attention: bool
     done: asyncio.Future
+    turn: int  # the rounds decoded when it arrived or last had lines in one: the lowest goes next
     outputs: list = field(default_factory=list)
     taken: int = 0  # lines handed to a round so far
 
@@ -107,7 +111,7 @@ class Batcher(Generic[T]):
                 503, "the decoding task has stopped: the server is stopping, or failed (its log says)"
             )
         done = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(lines, self._costs(lines), settings, attention, done))
+        self._waiting.append(_Waiting(lines, self._costs(lines), settings, attention, done, self.rounds))
         self._arrived.set()
         return await done
 
@@ -122,9 +126,10 @@ class Batcher(Generic[T]):
                 await self._one_round()
 
     def _take_round(self) -> list[tuple[_Waiting[T], int]]:
-        """(request, line index) pairs for one round: the requests with the oldest one's settings, a
-        line of each in turn, until the round's token budget is spent (at least one line)."""
-        settings = self._waiting[0].settings
+        """(request, line index) pairs for one round: the requests with the settings of the one whose
+        turn it is (the first of the lowest ``turn``), a line of each in turn, until the round's token
+        budget is spent (at least one line)."""
+        settings = min(self._waiting, key=lambda waiting: waiting.turn).settings
         members = [w for w in self._waiting if w.settings == settings]
         budget, spent = self._round_tokens(settings), 0
         taken: list[tuple[_Waiting[T], int]] = []
@@ -148,8 +153,11 @@ class Batcher(Generic[T]):
         try:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(self._thread, self._decode, lines, settings, flags)
-        except Exception as error:  # a bug: the requests of this round fail, the server stays up
-            log.exception("decoding failed")
+        except Exception as error:  # the requests of this round fail, the server stays up
+            if isinstance(error, UserError):  # settings this model or device cannot decode with
+                error = RequestError(400, str(error))
+            else:  # a bug
+                log.exception("decoding failed")
             for waiting in {id(w): w for w, _ in taken}.values():
                 if not waiting.done.done():
                     waiting.done.set_exception(error)
@@ -158,6 +166,7 @@ class Batcher(Generic[T]):
         self.lines += len(lines)
         for (waiting, _), output in zip(taken, outputs, strict=True):
             waiting.outputs.append(output)  # a request's lines are taken, and come back, in order
+            waiting.turn = self.rounds
         for waiting in {id(w): w for w, _ in taken}.values():
             if len(waiting.outputs) == len(waiting.lines) and not waiting.done.done():
                 waiting.done.set_result(waiting.outputs)

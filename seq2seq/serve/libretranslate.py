@@ -19,7 +19,7 @@ from typing import Any
 
 from seq2seq.decoding import DecodingSettings
 from seq2seq.serve.info import language_name
-from seq2seq.serve.protocol import Job, Limits, RequestError, request_settings, unknown_key
+from seq2seq.serve.protocol import Job, Limits, RequestError, check_text, request_settings, unknown_key
 
 # "secret" is what LibreTranslate's own web page sends with each request (we have no use for it).
 KEYS = ("q", "source", "target", "format", "alternatives", "api_key", "secret")
@@ -132,6 +132,8 @@ def parse_libre(
     texts = q if isinstance(q, list) else [q]
     if not all(isinstance(text, str) for text in texts):
         raise RequestError(400, "Invalid request: q must be a string or a list of strings")
+    for index, text in enumerate(texts):
+        check_text(text, f"q[{index}]" if isinstance(q, list) else "q")
     model_source, model_target = languages
     if model_source is None or model_target is None:
         raise RequestError(
@@ -147,7 +149,7 @@ def parse_libre(
         raise RequestError(400, f"{text_format} format is not supported (text or html)")
     try:
         alternatives = max(0, int(values.get("alternatives") or 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
         raise RequestError(400, "Invalid request: alternatives parameter is not a number") from None
     if alternatives >= defaults.beam:
         raise RequestError(

@@ -64,13 +64,13 @@ class Limits:
         """Refuse settings that would let one request hold the decoder for long."""
         if settings.beam > self.max_beam:
             raise RequestError(400, f"beam={settings.beam}: this server allows at most {self.max_beam}")
-        longest = int(settings.max_len_a * self.max_src_len + settings.max_len_b)
-        if longest > self.max_output_len:
+        longest = settings.max_len_a * self.max_src_len + settings.max_len_b  # inf for a huge max_len_a
+        if longest >= self.max_output_len + 1:
             raise RequestError(
                 400,
-                f"max_len_a={settings.max_len_a} and max_len_b={settings.max_len_b} allow {longest} output"
-                f" subwords for the longest source ({self.max_src_len} subwords); this server allows at"
-                f" most {self.max_output_len} (max_output_len)",
+                f"max_len_a={settings.max_len_a} and max_len_b={settings.max_len_b} allow {longest:.0f}"
+                f" output subwords for the longest source ({self.max_src_len} subwords); this server allows"
+                f" at most {self.max_output_len} (max_output_len)",
             )
 
 
@@ -106,13 +106,22 @@ def request_settings(
     return settings
 
 
+def check_text(value: str, where: str) -> str:
+    """Text that UTF-8 can hold: JSON's escapes can send a lone surrogate (\\ud800), which no file holds."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(400, f"{where} holds a lone surrogate (character {err.start}), not text") from None
+    return value
+
+
 def check_line(value: Any, where: str) -> str:
     """One line of a request: a string without a line break (translate.py reads a file's lines)."""
     if not isinstance(value, str):
         raise RequestError(400, f"{where} must be a string, got {type(value).__name__}")
     if "\n" in value:
         raise RequestError(400, f"{where} holds a line break: send each line as its own string")
-    return value
+    return check_text(value, where)
 
 
 def parse_native(body: Any, defaults: DecodingSettings, limits: Limits) -> Job:
