@@ -519,6 +519,106 @@ def test_a_continued_study_does_not_repeat_the_proposals_of_its_seed():
     assert worker_sampler(None, 0, resumed=True) is None  # Optuna's default sampler
 
 
+def test_a_retry_records_the_rungs_where_its_attempt_passed_them():
+    """A retry of an interrupted trial reports its attempt's validations again. Reported alone, the
+    successive-halving pruner recorded the retry's first new value (after more training) at every rung the
+    attempt had passed, against the other trials' values at those rungs: the retry always went on."""
+    optuna = pytest.importorskip("optuna")
+    from seq2seq.sweeper.workers import replay_reports
+
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=10, reduction_factor=3)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for value in (1.0, 2.0, 3.0):  # three trials that passed the first rung (step 10) and ended there
+        other = study.ask()
+        other.report(value, 10)
+        other.should_prune()
+        study.tell(other, value)
+    attempt = study.ask()
+    for step, value in ((10, 3.5), (20, 3.6)):  # the best at the first rung: it goes on
+        attempt.report(value, step)
+        assert not attempt.should_prune()
+    study.tell(attempt, state=optuna.trial.TrialState.FAIL)  # interrupted
+    retry = study.ask()
+    replay_reports(study, retry, study.trials[attempt.number], pruner)
+    retry.report(9.0, 25)  # trained on: far better than anything at step 10
+    retry.should_prune()
+    rungs = study.trials[retry.number].system_attrs
+    assert rungs["completed_rung_0"] == 3.5  # the attempt's value at the rung, not 9.0
+    assert study.trials[retry.number].intermediate_values == {10: 3.5, 20: 3.6, 25: 9.0}
+
+
+def test_a_trial_whose_worker_died_asking_for_it_is_failed(tmp_path, monkeypatch):
+    """A worker killed between asking for a trial and naming itself in it left the trial running for good
+    (no worker, no process to find gone): counted toward n_trials by every command after."""
+    pytest.importorskip("optuna")
+    from seq2seq.sweeper import storage
+    from seq2seq.trial import JOURNAL_FILE, StudySpec
+
+    spec = StudySpec(str(tmp_path / JOURNAL_FILE), "orphans", "maximize")
+    study = spec.load()
+    unnamed = study.ask()
+    named = study.ask()
+    named.set_user_attr(storage.WORKER, "a-0")
+    named.set_user_attr(storage.HOST_PID, f"{socket.gethostname()}:{os.getpid()}")  # alive: this process
+    storage.fail_orphaned_trials(study, spec, tmp_path)
+    assert states(study) == ["RUNNING", "RUNNING"]  # the unnamed one may still be being named
+    monkeypatch.setattr(storage, "ORPHAN_AFTER", storage.datetime.timedelta(0))
+    storage.fail_orphaned_trials(study, spec, tmp_path)
+    assert states(study) == ["FAIL", "RUNNING"]
+    assert study.trials[unnamed.number].user_attrs["error"] == "its worker stopped while asking for it"
+
+
+def interrupted_trials(sweep_dir: Path, count: int) -> list:
+    """A smoke_pruning study whose first ``count`` trials were interrupted by stops of the sweep."""
+    optuna = pytest.importorskip("optuna")
+    from seq2seq.trial import JOURNAL_FILE, StudySpec
+
+    sweep_dir.mkdir(parents=True)
+    study = StudySpec(str(sweep_dir / JOURNAL_FILE), "smoke_pruning", "maximize").load()
+    lr = optuna.distributions.CategoricalDistribution([1e-7, 1e-3, 3e-3, 1e-2, 3e-2])
+    trials = []
+    for _ in range(count):
+        trial = study.ask({"module.optimizer.lr": lr})
+        trial.set_user_attr("error", "interrupted (KeyboardInterrupt)")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trials.append(trial)
+    return trials
+
+
+ONE_WORKER = ["hydra.sweeper.workers=1", "trainer.max_steps=30", "hydra.sweeper.fixed_points=[]"]
+
+
+@pytest.mark.slow
+def test_interrupted_trials_are_not_failures_that_stop_a_search(tmp_path):
+    """A search in pieces: each stop fails its running trials as interrupted. They counted toward
+    max_failed_trials (n_trials by default), so after a few pieces every worker stopped at once."""
+    sweep_dir = tmp_path / "sweep"
+    interrupted_trials(sweep_dir, 3)
+    command = smoke_search(tmp_path, *ONE_WORKER, "hydra.sweeper.n_trials=2")
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert states(study_of(sweep_dir, "smoke_pruning")).count("COMPLETE") == 2
+
+
+@pytest.mark.slow
+def test_a_retry_whose_checkpoint_was_cut_off_starts_afresh(tmp_path):
+    """A worker killed while saving leaves a truncated last.ckpt; the retry that resumed from it raised
+    before its trial began, and the worker died with it (the sweep ended short)."""
+    sweep_dir = tmp_path / "sweep"
+    (attempt,) = interrupted_trials(sweep_dir, 1)
+    study = study_of(sweep_dir, "smoke_pruning")
+    study.enqueue_trial(attempt.params, user_attrs={"retry_of": attempt.number})
+    checkpoint = sweep_dir / str(attempt.number) / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"PK\x03\x04 cut")
+    command = smoke_search(tmp_path, *ONE_WORKER, "hydra.sweeper.n_trials=1")
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    retry = study_of(sweep_dir, "smoke_pruning").trials[1]
+    assert retry.state.name == "COMPLETE" and "resumed_from" not in retry.user_attrs
+    assert f"trial {attempt.number}'s checkpoint cannot be read" in result.stderr + result.stdout
+
+
 def test_a_baseline_outside_the_search_space_is_one_line(tmp_path):
     pytest.importorskip("optuna")
     result, _ = sweep(tmp_path, "hparams_search=smoke_pruning", "module.optimizer.lr=choice(0.003,0.03)")

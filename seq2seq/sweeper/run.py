@@ -56,12 +56,14 @@ def run_sweep(
     )
     spec = StudySpec.of(sweeper, sweep_dir)
     study = spec.load()
-    resumed = bool(study.trials)
+    # Under the lock: two commands that start together on one study must not both see it new (both
+    # keeping the sampler's seed, both enqueueing the fixed points).
     with study_lock(sweep_dir):
+        resumed = bool(study.trials)
         fail_orphaned_trials(study, spec, sweep_dir)
-    enqueue_fixed_points(
-        study, OmegaConf.to_container(sweeper.fixed_points) if sweeper.fixed_points else [], space, config
-    )
+        enqueue_fixed_points(
+            study, OmegaConf.to_container(sweeper.fixed_points) if sweeper.fixed_points else [], space, config
+        )
     log.info(
         "Study %s in %s: %d trials so far; %d workers until %d trials are complete, pruned or running",
         spec.name,

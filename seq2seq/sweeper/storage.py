@@ -3,6 +3,7 @@ the trials that a dead or stopped worker left running, failed (and queued again 
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -44,6 +45,22 @@ def fail_trial(
     if read_status(output_dir) != status:
         write_result(output_dir, status=status, error=error, overrides=trial_overrides([], trial.params))
     requeue(study, trial, spec.retry_killed)
+
+
+# A running trial that names no worker this long after it started was left by a worker that died asking.
+ORPHAN_AFTER = datetime.timedelta(minutes=1)
+
+
+def started_before(trial: optuna.trial.FrozenTrial, age: datetime.timedelta) -> bool:
+    """Whether ``trial`` started more than ``age`` ago (a storage's start time may be naive or not)."""
+    start = trial.datetime_start
+    return start is not None and datetime.datetime.now(start.tzinfo) - start > age
+
+
+def interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a failed trial was ended by a stop of its sweep (Ctrl-C, a job's time limit), not by its
+    recipe: its error says so, as :func:`fail_trial` records it."""
+    return str(trial.user_attrs.get(ERROR, "")).startswith("interrupted")
 
 
 def read_status(output_dir: Path) -> str | None:
@@ -124,6 +141,9 @@ def fail_orphaned_trials(
             error = f"its worker ({worker}) stopped during the trial"
             if stopped:  # the sweep's stop ended it before it could record the trial
                 error, status = f"interrupted ({error})", "interrupted"
+        elif worker is None and started_before(trial, ORPHAN_AFTER):
+            # a worker names its trial right after asking for it (milliseconds): this one died in between
+            error = "its worker stopped while asking for it"
         elif trial_host == host and pid.isdigit() and not pid_alive(int(pid)):
             error = f"its worker (process {pid} on {host}) is gone"
         else:

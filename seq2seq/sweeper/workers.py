@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seq2seq import private_apis
-from seq2seq.private_apis import failed_job_error, study_storage
+from seq2seq.private_apis import failed_job_error, study_storage, trial_id
 from seq2seq.sweeper.space import override_value, trial_overrides
 from seq2seq.sweeper.storage import (
     ERROR,
@@ -28,6 +28,7 @@ from seq2seq.sweeper.storage import (
     WORKER,
     fail_orphaned_trials,
     fail_trial,
+    interrupted,
     optuna_state,
     study_lock,
 )
@@ -87,13 +88,17 @@ class Worker:
             # A trial whose worker died still counts as running until someone fails it: do it here, so
             # that this worker takes its place rather than stopping short of n_trials.
             fail_orphaned_trials(study, self.spec, sweep_dir)
-            states = [t.state.name for t in study.get_trials(deepcopy=False)]
+            trials = study.get_trials(deepcopy=False)
+            states = [t.state.name for t in trials]
             claimed = sum(states.count(s) for s in ("COMPLETE", "PRUNED", "RUNNING"))
+            # A trial interrupted by a stop (Ctrl-C, a job's time limit) is no failure of its recipe: a
+            # search run in many pieces would otherwise stop for good after n_trials / workers pieces.
+            failed = sum(t.state.name == "FAIL" and not interrupted(t) for t in trials)
             max_failed = self.sweeper.max_failed_trials
             if claimed >= self.sweeper.n_trials:
                 return None
-            if states.count("FAIL") >= (self.sweeper.n_trials if max_failed is None else max_failed):
-                log.error("Worker %d stops: the study has %d failed trials", self.index, states.count("FAIL"))
+            if failed >= (self.sweeper.n_trials if max_failed is None else max_failed):
+                log.error("Worker %d stops: the study has %d failed trials", self.index, failed)
                 return None
             trial = study.ask(self.space)
             trial.set_user_attr(WORKER, self.token)
@@ -154,17 +159,24 @@ class Worker:
             for t in study.get_trials(deepcopy=False)
             if t.number < trial.number and original in (t.number, t.user_attrs.get(RETRY_OF))
         ]
+        from seq2seq.errors import UserError
         from seq2seq.slurm import newest_checkpoint  # imports Lightning: only where a trial runs
 
         for attempt in sorted(attempts, key=lambda t: t.number, reverse=True):
             # what a stopped run resumes from: last.ckpt, or a newer HPC checkpoint of a preempted job
-            checkpoint = newest_checkpoint(Path(self.config.hydra.sweep.dir, str(attempt.number)))
+            try:
+                checkpoint = newest_checkpoint(Path(self.config.hydra.sweep.dir, str(attempt.number)))
+            except UserError as error:  # a save cut off by a kill: an older attempt's, or afresh
+                log.warning(
+                    "Trial %d: trial %d's checkpoint cannot be read: %s", trial.number, attempt.number, error
+                )
+                continue
             if checkpoint is not None:
                 break
         else:
             return []
-        for position, value in sorted(attempt.intermediate_values.items()):
-            trial.report(value, position)
+        pruner = instantiate(self.sweeper.pruner) if self.sweeper.pruner else None
+        replay_reports(study, trial, attempt, pruner)
         trial.set_user_attr(RESUMED_FROM, attempt.number)
         log.info("Trial %d resumes trial %d from %s", trial.number, attempt.number, checkpoint)
         return [f"ckpt_path={override_value(str(checkpoint.resolve()))}"]
@@ -187,6 +199,20 @@ class Worker:
         else:
             trial.set_user_attr(ERROR, f"the task returned {value!r}, not a number")
             study.tell(trial, state=optuna_state("FAIL"))
+
+
+def replay_reports(
+    study: optuna.Study, trial: optuna.Trial, attempt: optuna.trial.FrozenTrial, pruner: Any
+) -> None:
+    """Report ``attempt``'s validations again as ``trial``'s (its retry), each followed by the pruner, so
+    that the pruner records the rungs they passed at the positions the attempt reached them. Reported
+    alone, a successive-halving pruner would record the retry's first new value at every rung passed
+    before it, against the other trials' values at those rungs: a late value that always wins. The
+    replay's own answers are not acted on: the attempt was promoted when it got there."""
+    for position, value in sorted(attempt.intermediate_values.items()):
+        trial.report(value, position)
+        if pruner is not None:
+            pruner.prune(study, study_storage(study).get_trial(trial_id(trial)))
 
 
 def worker_sampler(config: DictConfig | None, index: int, resumed: bool) -> Any:
