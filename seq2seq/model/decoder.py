@@ -76,7 +76,7 @@ class ShortlistOutput:
             # as the int8 projection computes (activations quantized to 7 bits: fbgemm's reduce_range)
             logits = torch.ops.quantized.linear_dynamic(hidden, self.int8, reduce_range=True)
         # Cast, then add the fp32 mask in place: a bf16 + fp32 broadcast add takes a slow mixed-dtype path
-        # (1.7 ms against 0.1 ms for 300 rows of 1,700 pieces here), most of a bf16 search step's output.
+        # (1.7 ms against 0.1 ms for 300 rows of 1,700 pieces in a probe; bf16 translate.py 4% faster).
         logits = logits.float()
         return logits.view(self.mask.size(0), -1, logits.size(-1)).add_(self.mask).view(logits.shape)
 

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seq2seq import private_apis
+from seq2seq.errors import UserError
 from seq2seq.private_apis import failed_job_error, study_storage, trial_id
 from seq2seq.sweeper.space import override_value, trial_overrides
 from seq2seq.sweeper.storage import (
@@ -159,7 +160,6 @@ class Worker:
             for t in study.get_trials(deepcopy=False)
             if t.number < trial.number and original in (t.number, t.user_attrs.get(RETRY_OF))
         ]
-        from seq2seq.errors import UserError
         from seq2seq.slurm import newest_checkpoint  # imports Lightning: only where a trial runs
 
         for attempt in sorted(attempts, key=lambda t: t.number, reverse=True):
